@@ -1,0 +1,208 @@
+"""``marketrank`` command line: thin Typer commands over the step functions; errors become one line + exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from marketrank import ui, workspace
+from training.hparams import HParams
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
+
+app = typer.Typer(help="marketrank: learning-to-rank for a second-hand fashion marketplace.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Simulated marketplace logs.", no_args_is_help=True)
+features_app = typer.Typer(help="The Spark feature job.", no_args_is_help=True)
+report_app = typer.Typer(help="Run reports.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
+app.add_typer(report_app, name="report")
+
+#: Exceptions that are the user's input, not a bug: shown as one line.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def _one_line_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            ui.console.print(f"[red]error:[/red] {message}")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _quiet_logs(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("py4j", "absl", "tensorflow", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+Scorer = Annotated[str, typer.Option(help="dnn | din (document-interaction attention)")]
+Loss = Annotated[str, typer.Option(help="softmax | approx_ndcg | pairwise_logistic")]
+DEFAULT = HParams()
+
+
+def _hparams(scorer: str, loss: str, epochs: int, learning_rate: float, batch_size: int, ipw_eta: float | None,
+             seed: int):
+    from training.hparams import HParams
+
+    return HParams(scorer=scorer, loss=loss, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                   ipw_eta=ipw_eta, seed=seed)
+
+
+@app.command()
+@_one_line_errors
+def run(
+    size: Annotated[str, typer.Option(help="simulated data size: tiny | small | default | large")] = "default",
+    seed: Annotated[int, typer.Option(help="simulator seed")] = 7,
+    dataset: Annotated[str | None, typer.Option(help="workspace dataset name (default <size>-seed<seed>)")] = None,
+    scorer: Scorer = DEFAULT.scorer,
+    loss: Loss = DEFAULT.loss,
+    epochs: int = DEFAULT.epochs,
+    learning_rate: float = DEFAULT.learning_rate,
+    batch_size: int = DEFAULT.batch_size,
+    ipw_eta: Annotated[float | None, typer.Option(help="position-bias exponent; default: estimated")] = None,
+    train_seed: int = DEFAULT.seed,
+    fresh: Annotated[bool, typer.Option(help="regenerate data and features")] = False,
+    verbose: bool = False,
+) -> None:
+    """The local end-to-end job: data -> Spark features -> TF-Ranking -> SavedModel -> evaluation -> report."""
+    _quiet_logs(verbose)
+    from pipelines.local import LocalRunConfig, run_local
+
+    config = LocalRunConfig(size=size, seed=seed, dataset=dataset, fresh=fresh,
+                            hparams=_hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, train_seed))
+    report = run_local(config)
+    ui.console.print(ui.quality_table(report))
+    ratio = report.get("oracle_ratio")
+    ui.console.print(f"run {report['run_id']}: report {workspace.runs_dir() / report['run_id'] / 'report.json'}"
+                     + (f"; challenger reaches {ratio:.1%} of the oracle's NDCG@10" if ratio else ""))
+
+
+@data_app.command("generate")
+@_one_line_errors
+def data_generate(
+    out: Annotated[str, typer.Option(help="local directory or s3:// URI")],
+    size: str = "default",
+    seed: int = 7,
+) -> None:
+    """Simulate marketplace logs and write the five raw Parquet tables."""
+    import tempfile
+
+    from marketrank import simulator
+    from training import storage
+
+    if size not in simulator.SIZE_PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(simulator.SIZE_PRESETS)}")
+    config = simulator.SIZE_PRESETS[size].__class__(**{**simulator.SIZE_PRESETS[size].__dict__, "seed": seed})
+    with ui.step(f"simulate {config.requests:,} requests", total=config.requests) as s:
+        tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
+    target = Path(tempfile.mkdtemp()) if storage.is_s3(out) else Path(out)
+    simulator.write_tables(tables, target)
+    if storage.is_s3(out):
+        storage.stage_out(target, out)
+    ui.console.print(json.dumps({name: len(frame) for name, frame in tables.items()}))
+
+
+@features_app.command("build")
+@_one_line_errors
+def features_build(
+    raw: Annotated[str, typer.Option(help="raw tables: local directory or s3:// URI")],
+    out: Annotated[str, typer.Option(help="output: local directory or s3:// URI")],
+    list_size: int = 64,
+    verbose: bool = False,
+) -> None:
+    """Run the Spark feature job (local[*])."""
+    _quiet_logs(verbose)
+    from training.feature_job import FeatureJobConfig, run_feature_job
+
+    with ui.step("Spark feature job") as s:
+        stats = run_feature_job(raw, out, FeatureJobConfig(list_size=list_size),
+                                progress=lambda msg: s.note(f"Spark feature job: {msg}"))
+    ui.console.print(json.dumps(stats["splits"]))
+
+
+@app.command()
+@_one_line_errors
+def train(
+    output: Annotated[Path, typer.Option(help="output dir: model/ (TF Serving layout), training.json")],
+    features: Annotated[Path | None, typer.Option(help="feature job output (train/, valid/)")] = None,
+    letor: Annotated[Path | None, typer.Option(help="LETOR dir with train.txt, vali.txt, test.txt")] = None,
+    scorer: Scorer = DEFAULT.scorer,
+    loss: Loss = DEFAULT.loss,
+    epochs: int = DEFAULT.epochs,
+    learning_rate: float = DEFAULT.learning_rate,
+    batch_size: int = DEFAULT.batch_size,
+    ipw_eta: Annotated[float | None, typer.Option(help="position-bias exponent; default: estimated")] = None,
+    seed: int = DEFAULT.seed,
+    verbose: bool = False,
+) -> None:
+    """Train on the feature job's output, or on a LETOR/SVMlight dataset (then also evaluates its test split)."""
+    _quiet_logs(verbose)
+    from training import train as training
+
+    if (features is None) == (letor is None):
+        raise ValueError("give exactly one of --features or --letor")
+    hparams = _hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, seed)
+    with ui.step(f"train {scorer}/{loss}", total=epochs) as s:
+        def on_epoch(epoch: int, logs: dict) -> None:
+            s.advance(epoch, f"epoch {epoch}: val ndcg@10 {logs.get('val_ndcg_10', float('nan')):.4f}")
+
+        if letor is not None:
+            summary = training.train_letor(letor, output, hparams, tracking_uri=workspace.mlflow_uri(),
+                                           progress=on_epoch)
+            metrics = summary["evaluation"]["ranking_metrics"]
+        else:
+            from training.feature_spec import FeatureSpec
+
+            result = training.train(features / "train", features / "valid", FeatureSpec.load(features / "train"),
+                                    hparams, output / "model", output, tracking_uri=workspace.mlflow_uri(),
+                                    progress=on_epoch)
+            summary, metrics = {"export_dir": str(result.export_dir)}, None
+    ui.console.print(f"exported {summary['export_dir']}")
+    if metrics:
+        ui.console.print(f"test ndcg@10 {metrics['ndcg@10']['value']:.4f} -> {output / 'evaluation.json'}")
+
+
+@app.command()
+@_one_line_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="exported model dir (base, model or version dir)")],
+    test: Annotated[Path, typer.Option(help="test split directory")],
+    output: Annotated[Path, typer.Option(help="where evaluation.json goes")],
+    champion: Annotated[Path | None, typer.Option(help="champion model to compare against")] = None,
+    verbose: bool = False,
+) -> None:
+    """Evaluate a SavedModel on a test split (the processing step's entry point)."""
+    _quiet_logs(verbose)
+    from pipelines.local import summarize
+    from training.evaluate import evaluate as run_evaluation
+
+    with ui.step("evaluate"):
+        result = run_evaluation(model, test, output, champion)
+    ui.console.print(ui.quality_table({"eval_label": result["eval_label"], "lists": result["lists"],
+                                       **summarize(result)}))
+
+
+@report_app.command("show")
+@_one_line_errors
+def report_show(run_id: Annotated[str, typer.Argument(help="run id or 'latest'")] = workspace.LATEST) -> None:
+    """Print a run's quality table."""
+    report = workspace.read_report(run_id)
+    ui.console.print(ui.quality_table(report))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,294 @@
+"""Seeded simulator of a second-hand fashion marketplace.
+
+It writes the raw logs a real marketplace lands in S3 (users, items, requests, impressions, interactions) and,
+because it knows every user's latent taste, each impression's true relevance. The signals a real ranker uses
+drive that relevance: query intent, the user's styles / brands / size / price, item quality (visible through
+popularity and seller stats), recency, condition and seller location. The logging (legacy) policy orders
+impressions by popularity and recency only, and feedback is position-biased: examination falls with rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CATEGORIES = ["dresses", "tops", "jeans", "coats", "sneakers", "boots", "bags", "skirts", "knitwear", "jackets"]
+CATEGORY_BASE_PRICE = [28, 14, 24, 55, 45, 50, 40, 18, 22, 48]
+STYLES = ["vintage", "streetwear", "minimalist", "boho", "sporty", "classic"]
+COUNTRIES = ["FR", "DE", "ES", "IT", "NL", "PL", "LT", "GB"]
+COUNTRY_WEIGHTS = [0.24, 0.2, 0.12, 0.12, 0.08, 0.1, 0.06, 0.08]
+SIZES = ["XS", "S", "M", "L", "XL"]
+SIZE_WEIGHTS = [0.1, 0.25, 0.35, 0.2, 0.1]
+CONDITIONS = ["new_with_tags", "very_good", "good", "satisfactory"]
+CONDITION_WEIGHTS = [0.15, 0.4, 0.35, 0.1]
+CONDITION_PRICE = [1.3, 1.0, 0.8, 0.55]
+CONDITION_UTILITY = [0.3, 0.15, 0.0, -0.35]
+TIERS = ["budget", "mid", "premium", "luxury"]
+TIER_PRICE = [0.5, 1.0, 2.2, 6.0]
+EVENTS = ["click", "like", "add_to_bag", "purchase"]
+#: Graded label of an impression: the strongest feedback it received.
+EVENT_GRADE = {"click": 1, "like": 2, "add_to_bag": 3, "purchase": 4}
+DAY_MS = 86_400_000
+#: Lists hold 20-60 items, so the catalogue needs a margin above the largest list.
+MIN_ITEMS = 100
+START_MS = 1_760_000_000_000  # 2025-10-09, a fixed epoch keeps the output byte-stable per seed.
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    users: int = 1_200
+    items: int = 6_000
+    requests: int = 30_000
+    days: int = 28
+    seed: int = 7
+    #: Examination probability at 0-based position p is (1 + p) ** -position_bias.
+    position_bias: float = 0.8
+    #: Share of requests served in random order (the exploration bucket).
+    randomized_share: float = 0.05
+
+
+SIZE_PRESETS: dict[str, SimConfig] = {
+    "tiny": SimConfig(users=150, items=400, requests=600, days=10),
+    "small": SimConfig(users=800, items=2_500, requests=5_000, days=21),
+    "default": SimConfig(),
+    "large": SimConfig(users=10_000, items=30_000, requests=100_000, days=56),
+}
+
+
+def examination_probability(position: np.ndarray, position_bias: float) -> np.ndarray:
+    """The chance a user looks at the item shown at 0-based ``position``."""
+    return (1.0 + np.asarray(position, dtype=float)) ** -position_bias
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _weighted_sample(rng: np.random.Generator, weights: np.ndarray, k: int) -> np.ndarray:
+    """k indices without replacement, probability proportional to weights (Gumbel top-k)."""
+    keys = np.log(np.maximum(weights, 1e-12)) + rng.gumbel(size=weights.shape[0])
+    if k >= keys.shape[0]:
+        return np.argsort(-keys)
+    return np.argpartition(-keys, k)[:k]
+
+
+def _brands(rng: np.random.Generator, n: int = 120) -> pd.DataFrame:
+    stems = ["nord", "vela", "kora", "lumi", "sora", "tavi", "mira", "oslo", "brio", "zeta", "rivo", "amba"]
+    ends = ["wear", "lab", "studio", "co", "atelier", "denim", "line", "house", "craft", "works"]
+    names = [f"{stems[i % len(stems)]}{ends[(i // len(stems)) % len(ends)]}" for i in range(n)]
+    popularity = 1.0 / np.arange(1, n + 1) ** 1.1  # long tail
+    tier = rng.choice(len(TIERS), size=n, p=[0.35, 0.35, 0.2, 0.1])
+    style = rng.integers(0, len(STYLES), size=n)
+    return pd.DataFrame({"brand": names, "popularity": popularity / popularity.sum(), "tier": tier, "style": style})
+
+
+def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, pd.DataFrame]:
+    """Run the marketplace for ``config.days`` and return its raw log tables (see README, "Data schema")."""
+    if config.items < MIN_ITEMS or config.users < 1 or config.requests < 1:
+        raise ValueError(f"simulation needs at least {MIN_ITEMS} items, 1 user and 1 request: got {config}")
+    rng = np.random.default_rng(config.seed)
+    n_users, n_items, n_styles = config.users, config.items, len(STYLES)
+    brands = _brands(rng)
+    n_brands = len(brands)
+    end_ms = START_MS + config.days * DAY_MS
+
+    # Users: latent style mixture, preferred brands, size, price level and sensitivity, activity.
+    style_pref = rng.dirichlet(np.full(n_styles, 0.35), size=n_users)
+    main_style = style_pref.argmax(axis=1)
+    price_level = rng.lognormal(0.0, 0.5, size=n_users)
+    price_sensitivity = rng.uniform(0.2, 0.8, size=n_users)
+    brand_weight = brands["popularity"].to_numpy() ** 0.5
+    pref_brands = np.stack([
+        _weighted_sample(rng, brand_weight * np.where(brands["style"].to_numpy() == main_style[u], 3.0, 1.0), 5)
+        for u in range(n_users)
+    ])
+    user_country = rng.choice(len(COUNTRIES), size=n_users, p=COUNTRY_WEIGHTS)
+    user_size = rng.choice(len(SIZES), size=n_users, p=SIZE_WEIGHTS)
+    activity = rng.lognormal(0.0, 0.8, size=n_users)
+    # Onboarding: users declare the styles they mostly like and follow some of their brands (both noisy).
+    declared_styles = (style_pref > 0.2) & (rng.random((n_users, n_styles)) < 0.9)
+    declared_styles[np.arange(n_users), main_style] |= rng.random(n_users) < 0.8
+    fav_counts = rng.integers(1, 6, size=n_users)
+    users = pd.DataFrame({
+        "user_id": [f"u{u:06d}" for u in range(n_users)],
+        "country": np.array(COUNTRIES)[user_country],
+        "size": np.array(SIZES)[user_size],
+        "signup_ts": pd.to_datetime(START_MS - rng.integers(1, 720, n_users) * DAY_MS, unit="ms", utc=True),
+        "fav_styles": [[STYLES[s] for s in np.flatnonzero(row)] for row in declared_styles],
+        "fav_brands": [list(brands["brand"].to_numpy()[pref_brands[u, : fav_counts[u]]]) for u in range(n_users)],
+    })
+
+    # Items: category, brand (long tail), style, size, condition, price by tier, listing time, seller.
+    item_brand = rng.choice(n_brands, size=n_items, p=brands["popularity"].to_numpy())
+    item_style = np.where(rng.random(n_items) < 0.6, brands["style"].to_numpy()[item_brand],
+                          rng.integers(0, n_styles, n_items))
+    item_category = rng.integers(0, len(CATEGORIES), size=n_items)
+    item_size = rng.choice(len(SIZES), size=n_items, p=SIZE_WEIGHTS)
+    item_condition = rng.choice(len(CONDITIONS), size=n_items, p=CONDITION_WEIGHTS)
+    item_tier = brands["tier"].to_numpy()[item_brand]
+    price = (np.array(CATEGORY_BASE_PRICE)[item_category] * np.array(TIER_PRICE)[item_tier]
+             * np.array(CONDITION_PRICE)[item_condition] * rng.lognormal(0.0, 0.3, n_items)).round(2)
+    quality = rng.normal(0.0, 1.0, n_items)
+    n_sellers = max(n_items // 3, 1)
+    seller_skill = rng.normal(0.0, 1.0, n_sellers)
+    seller_country = rng.choice(len(COUNTRIES), size=n_sellers, p=COUNTRY_WEIGHTS)
+    seller = rng.integers(0, n_sellers, n_items)
+    quality = 0.7 * quality + 0.5 * seller_skill[seller]
+    # Listing effort (photos) is how a buyer sees quality before the item has any views.
+    photos = np.clip(np.round(4 + 1.8 * quality + rng.normal(0, 0.8, n_items)), 1, 12).astype(np.int32)
+    seller_rating = np.clip(4.3 + 0.35 * seller_skill[seller] + rng.normal(0, 0.1, n_items), 1.0, 5.0).round(2)
+    seller_sales = rng.poisson(np.exp(2.0 + 0.6 * seller_skill[seller]))
+    prelisted = rng.random(n_items) < 0.4
+    listed_ms = np.where(prelisted, START_MS - rng.integers(0, 60 * DAY_MS, n_items),
+                         rng.integers(START_MS, end_ms, n_items))
+    brand_pop_rank = np.log(brands["popularity"].to_numpy()[item_brand] * n_brands)
+    age_at_start = np.maximum(START_MS - listed_ms, 0) / DAY_MS
+    initial_views = np.where(prelisted, rng.poisson(np.exp(1.5 + 0.6 * quality + 0.3 * brand_pop_rank)
+                                                    * np.sqrt(1 + age_at_start)), 0)
+    initial_likes = rng.binomial(initial_views, _sigmoid(quality - 2.5))
+    titles = [f"{brands['brand'].iat[b]} {STYLES[s]} {CATEGORIES[c]}"
+              for b, s, c in zip(item_brand, item_style, item_category, strict=True)]
+    items = pd.DataFrame({
+        "item_id": [f"i{i:07d}" for i in range(n_items)],
+        "title": titles,
+        "category": np.array(CATEGORIES)[item_category],
+        "brand": brands["brand"].to_numpy()[item_brand],
+        "brand_tier": np.array(TIERS)[item_tier],
+        "style": np.array(STYLES)[item_style],
+        "size": np.array(SIZES)[item_size],
+        "condition": np.array(CONDITIONS)[item_condition],
+        "price": price,
+        "listed_ts": pd.to_datetime(listed_ms, unit="ms", utc=True),
+        "photos": photos,
+        "seller_id": [f"s{s:06d}" for s in seller],
+        "seller_rating": seller_rating,
+        "seller_sales": seller_sales,
+        "seller_country": np.array(COUNTRIES)[seller_country[seller]],
+        "views": initial_views,
+        "likes": initial_likes,
+    })
+
+    # Running counters the legacy policy ranks on (the feature job recomputes its own from the logs).
+    views = initial_views.astype(float)
+    likes = initial_likes.astype(float)
+    bags = np.zeros(n_items)
+    order = np.argsort(listed_ms, kind="stable")
+    listed_sorted = listed_ms[order]
+    is_pref_brand = np.zeros((n_users, n_brands), dtype=bool)
+    is_pref_brand[np.arange(n_users)[:, None], pref_brands] = True
+    same_country_item = seller_country[seller]
+    base_price = np.array(CATEGORY_BASE_PRICE, dtype=float)
+
+    request_ms = np.sort(rng.integers(START_MS, end_ms, config.requests))
+    request_user = rng.choice(n_users, size=config.requests, p=activity / activity.sum())
+    is_search = rng.random(config.requests) < 0.55
+    # A small exploration bucket shows results in random order: what lets position bias be measured from logs.
+    randomized = rng.random(config.requests) < config.randomized_share
+    req_rows, imp_rows, int_rows = [], [], []
+    for r in range(config.requests):
+        u, ts = request_user[r], request_ms[r]
+        available = order[: np.searchsorted(listed_sorted, ts)]
+        item_age = (ts - listed_ms[available]) / DAY_MS
+        style_match = style_pref[u, item_style[available]]
+        query, intent_cat, intent_brand, intent_style = None, -1, -1, -1
+        if is_search[r]:
+            intent_cat = rng.choice(len(CATEGORIES))
+            if rng.random() < 0.35:
+                intent_brand = pref_brands[u, rng.integers(0, 5)] if rng.random() < 0.7 else item_brand[
+                    available[rng.integers(0, len(available))]]
+            if rng.random() < 0.35:
+                intent_style = main_style[u] if rng.random() < 0.7 else rng.integers(0, n_styles)
+            words = ([brands["brand"].iat[intent_brand]] if intent_brand >= 0 else []) + (
+                [STYLES[intent_style]] if intent_style >= 0 else []) + [CATEGORIES[intent_cat]]
+            query = " ".join(words)
+            same_brand = item_brand[available] == intent_brand
+            same_style = item_style[available] == intent_style
+            retrieval = 0.05 + (item_category[available] == intent_cat) * (1 + 4 * same_brand + 2 * same_style)
+        else:
+            retrieval = np.log1p(views[available] + 3 * likes[available]) * np.exp(-item_age / 20) + 2 * style_match
+        n_shown = min(int(rng.integers(20, 61)), len(available))
+        shown = available[_weighted_sample(rng, retrieval + 1e-3, n_shown)]
+        age = (ts - listed_ms[shown]) / DAY_MS
+
+        # Legacy policy: popularity + recency, nothing personal.
+        legacy = np.log1p(views[shown] + 3 * likes[shown] + 5 * bags[shown]) - age / 14 + rng.normal(0, 0.3, n_shown)
+        shown = shown[rng.permutation(n_shown) if randomized[r] else np.argsort(-legacy, kind="stable")]
+        age = (ts - listed_ms[shown]) / DAY_MS
+
+        price_miss = np.abs(np.log(price[shown] / (base_price[item_category[shown]] * price_level[u])))
+        utility = (2.0 * style_pref[u, item_style[shown]] + 1.0 * is_pref_brand[u, item_brand[shown]]
+                   + np.where(item_size[shown] == user_size[u], 0.6, -0.4)
+                   - price_sensitivity[u] * price_miss
+                   + 0.35 * quality[shown] + np.array(CONDITION_UTILITY)[item_condition[shown]]
+                   + 0.5 * np.exp(-age / 7) + 0.4 * (seller_rating[shown] - 4.3)
+                   + 0.3 * (same_country_item[shown] == user_country[u]) + rng.normal(0, 0.15, n_shown))
+        if intent_cat >= 0:
+            utility += (np.where(item_category[shown] == intent_cat, 1.5, -1.5)
+                        + 1.0 * (item_brand[shown] == intent_brand) + 0.8 * (item_style[shown] == intent_style))
+
+        position = np.arange(n_shown)
+        examined = rng.random(n_shown) < examination_probability(position, config.position_bias)
+        click = examined & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 2.0)))
+        like = click & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 2.6)))
+        bag = click & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 3.0)))
+        purchase = bag & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 3.0)))
+
+        request_id = f"r{r:08d}"
+        req_rows.append((request_id, u, ts, "search" if is_search[r] else "feed", query,
+                         "random" if randomized[r] else "legacy"))
+        imp_rows.append((np.full(n_shown, r), shown, position, utility))
+        for name, mask, delay in (("click", click, 3_000), ("like", like, 9_000),
+                                  ("add_to_bag", bag, 15_000), ("purchase", purchase, 60_000)):
+            if mask.any():
+                hit = np.flatnonzero(mask)
+                int_rows.append((np.full(hit.size, r), shown[hit], ts + delay + position[hit] * 1_000
+                                 + rng.integers(0, 2_000, hit.size), name))
+        views[shown[examined]] += 1
+        likes[shown[like]] += 1
+        bags[shown[bag]] += 1
+        if progress is not None and (r % 500 == 0 or r == config.requests - 1):
+            progress(r + 1, config.requests)
+
+    user_ids, item_ids = users["user_id"].to_numpy(), items["item_id"].to_numpy()
+    requests = pd.DataFrame(req_rows, columns=["request_id", "user", "ts", "surface", "query", "policy"])
+    requests["user_id"] = user_ids[requests.pop("user").to_numpy()]
+    requests["ts"] = pd.to_datetime(requests["ts"], unit="ms", utc=True)
+    requests = requests[["request_id", "user_id", "ts", "surface", "query", "policy"]]
+
+    req_idx = np.concatenate([x[0] for x in imp_rows])
+    utility = np.concatenate([x[3] for x in imp_rows])
+    # True relevance grades 0..4 from global utility quantiles: ~55% irrelevant, 3% perfect.
+    cuts = np.quantile(utility, [0.55, 0.8, 0.92, 0.97])
+    impressions = pd.DataFrame({
+        "request_id": np.char.add("r", np.char.zfill(req_idx.astype(str), 8)),
+        "item_id": item_ids[np.concatenate([x[1] for x in imp_rows])],
+        "position": np.concatenate([x[2] for x in imp_rows]).astype(np.int32),
+        "relevance": np.digitize(utility, cuts).astype(np.int32),
+        "true_score": utility.round(5),
+    })
+    interactions = pd.DataFrame({
+        "request_id": np.char.add("r", np.char.zfill(np.concatenate([x[0] for x in int_rows]).astype(str), 8)),
+        "item_id": item_ids[np.concatenate([x[1] for x in int_rows])],
+        "ts": pd.to_datetime(np.concatenate([x[2] for x in int_rows]), unit="ms", utc=True),
+        "event": np.concatenate([np.full(len(x[0]), x[3]) for x in int_rows]),
+    })
+    interactions = interactions.merge(requests[["request_id", "user_id"]], on="request_id")
+    interactions = interactions.sort_values(["ts", "request_id", "item_id"], kind="stable").reset_index(drop=True)
+    interactions = interactions[["request_id", "user_id", "item_id", "ts", "event"]]
+    return {"users": users, "items": items, "requests": requests, "impressions": impressions,
+            "interactions": interactions}
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, Path]:
+    """Write each table as ``<out_dir>/<table>/part-0.parquet`` (the layout the feature job reads)."""
+    paths = {}
+    for name, frame in tables.items():
+        path = Path(out_dir) / name / "part-0.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path, index=False)
+        paths[name] = path
+    return paths

@@ -1,0 +1,66 @@
+"""Terminal output: rich progress for long steps and the quality table. Kept out of the step code."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+class Step:
+    def __init__(self, progress: Progress, task: int):
+        self._progress, self._task = progress, task
+
+    def total(self, total: float | None) -> None:
+        self._progress.update(self._task, total=total)
+
+    def advance(self, completed: float, description: str | None = None) -> None:
+        self._progress.update(self._task, completed=completed,
+                              **({"description": description} if description else {}))
+
+    def note(self, description: str) -> None:
+        self._progress.update(self._task, description=description)
+
+
+@contextlib.contextmanager
+def step(title: str, total: float | None = None) -> Iterator[Step]:
+    """A progress bar (or spinner when ``total`` is None) for one step; prints the elapsed time at the end."""
+    start = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(title, total=total)
+        yield Step(progress, task)
+    console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+
+
+def quality_table(report: dict[str, Any], metrics: tuple[str, ...] = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "map"),
+                  ) -> Table:
+    """Rankers (rows) x metrics (columns) of a run report, with the per-surface NDCG@10."""
+    rankers = [name for name in ("challenger", "champion", "legacy", "oracle") if report.get(name)]
+    segments = sorted({s for name in rankers for s in report[name].get("per_segment", {})})
+    label = report.get("eval_label", "label")
+    table = Table(title=f"Offline quality on the test split (label: {label}, lists: {report.get('lists', '?')})")
+    table.add_column("ranker")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for segment in segments:
+        table.add_column(f"ndcg@10 {segment}", justify="right")
+    for name in rankers:
+        overall = report[name]["overall"]
+        row = [name] + [_fmt(overall.get(m)) for m in metrics]
+        row += [_fmt(report[name].get("per_segment", {}).get(s, {}).get("ndcg@10")) for s in segments]
+        table.add_row(*row, style="bold" if name == "challenger" else None)
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value.get("value")
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,146 @@
+"""The local run: the pipeline's steps, in order, with local equivalents and the same entry points.
+
+generate data (simulator) -> PrepareFeatures (Spark ``local[*]``, ``training.feature_job``) -> Train
+(``training.train`` with SageMaker-style directories) -> Evaluate (``training.evaluate``) -> run report.
+Data and features are cached per dataset name in the workspace, so a second run only trains and evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from marketrank import simulator, ui, workspace
+from training import report as evaluation_report
+from training.feature_spec import SPEC_FILE, FeatureSpec
+from training.hparams import HParams
+
+log = logging.getLogger("marketrank.local")
+RANKERS = ("challenger", "champion", "legacy", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRunConfig:
+    size: str = "default"
+    seed: int = 7
+    #: Dataset name in the workspace (default ``<size>-seed<seed>``); reused when it already exists.
+    dataset: str | None = None
+    hparams: HParams = HParams()
+    #: Regenerate data and features even when the workspace has them.
+    fresh: bool = False
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset or f"{self.size}-seed{self.seed}"
+
+
+def generate_data(raw_dir: Path, size: str, seed: int) -> dict[str, int]:
+    if size not in simulator.SIZE_PRESETS:
+        raise ValueError(f"unknown data size {size!r}; choose one of {', '.join(simulator.SIZE_PRESETS)}")
+    config = dataclasses.replace(simulator.SIZE_PRESETS[size], seed=seed)
+    with ui.step(f"simulate marketplace logs ({size}: {config.requests:,} requests)", total=config.requests) as s:
+        tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
+        tmp = raw_dir.with_name(raw_dir.name + ".tmp")
+        simulator.write_tables(tables, tmp)
+        tmp.rename(raw_dir)
+    return {name: len(frame) for name, frame in tables.items()}
+
+
+def build_features(raw_dir: Path, features_dir: Path) -> dict[str, Any]:
+    from training.feature_job import run_feature_job
+
+    with ui.step("Spark feature job") as s:
+        return run_feature_job(raw_dir, features_dir, progress=lambda msg: s.note(f"Spark feature job: {msg}"))
+
+
+def train_model(features_dir: Path, run_dir: Path, hparams: HParams, run_name: str):
+    from training.train import train
+
+    spec = FeatureSpec.load(features_dir / "train")
+    with ui.step(f"train TF-Ranking {hparams.scorer}/{hparams.loss}", total=hparams.epochs) as s:
+        def on_epoch(epoch: int, logs: dict) -> None:
+            s.advance(epoch, f"train epoch {epoch}: val ndcg@10 {logs.get('val_ndcg_10', float('nan')):.4f}")
+
+        return train(features_dir / "train", features_dir / "valid", spec, hparams, run_dir / "model",
+                     run_dir / "training", tracking_uri=workspace.mlflow_uri(), run_name=run_name,
+                     progress=on_epoch)
+
+
+def evaluate_model(export_dir: Path, features_dir: Path, run_dir: Path, champion: Path | None = None) -> dict:
+    from training.evaluate import evaluate
+
+    with ui.step("evaluate on the test split"):
+        return evaluate(export_dir, features_dir / "test", run_dir / "evaluation", champion)
+
+
+def summarize(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The run report's view of ``evaluation.json``: one block per ranker, overall and per segment."""
+    out: dict[str, Any] = {"challenger": {"overall": evaluation["ranking_metrics"],
+                                          "per_segment": evaluation["per_segment"]}}
+    out.update({name: block for name, block in evaluation["baselines"].items()})
+    if evaluation.get("champion"):
+        out["champion"] = evaluation["champion"]
+    primary = evaluation_report.PRIMARY_METRIC
+    challenger = evaluation["ranking_metrics"][primary]["value"]
+    if "oracle" in out and out["oracle"]["overall"][primary]["value"]:
+        out["oracle_ratio"] = challenger / out["oracle"]["overall"][primary]["value"]
+    if "legacy" in out:
+        out["lift_over_legacy"] = challenger - out["legacy"]["overall"][primary]["value"]
+    return out
+
+
+def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
+    """Run every step and write ``runs/<run-id>/report.json`` (``runs/latest`` points at it)."""
+    started = time.time()
+    data_dir = workspace.dataset_dir(config.dataset_name)
+    raw_dir, features_dir = data_dir / "raw", data_dir / "features"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if config.fresh:
+        import shutil
+
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        shutil.rmtree(features_dir, ignore_errors=True)
+    if not raw_dir.exists():
+        generate_data(raw_dir, config.size, config.seed)
+    else:
+        ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")
+    if not (features_dir / SPEC_FILE).exists():
+        build_features(raw_dir, features_dir)
+    else:
+        ui.console.print(f"[dim]using features in {features_dir}[/dim]")
+
+    run_dir = workspace.new_run_dir()
+    result = train_model(features_dir, run_dir, config.hparams, run_name=run_dir.name)
+    evaluation = evaluate_model(result.export_dir, features_dir, run_dir)
+    _log_to_mlflow(result.mlflow_run_id, evaluation)
+    report = {
+        "run_id": run_dir.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "dataset": {"name": config.dataset_name, "size": config.size, "seed": config.seed,
+                    "raw": str(raw_dir), "features": str(features_dir)},
+        "hparams": dataclasses.asdict(config.hparams),
+        "training": {"export_dir": str(result.export_dir), "seconds": round(result.seconds, 1),
+                     "best_epoch": result.best_epoch, "lists_per_second": round(result.examples_per_second, 1),
+                     "mlflow_run_id": result.mlflow_run_id},
+        "evaluation": str(run_dir / "evaluation" / evaluation_report.EVALUATION_FILE),
+        "eval_label": evaluation["eval_label"],
+        "lists": evaluation["lists"],
+        **summarize(evaluation),
+    }
+    workspace.write_report(run_dir, report)
+    return report
+
+
+def _log_to_mlflow(run_id: str | None, evaluation: dict[str, Any]) -> None:
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=workspace.mlflow_uri())
+    for name, stat in evaluation["ranking_metrics"].items():
+        if stat.get("value") is not None:
+            client.log_metric(run_id, "test_" + name.replace("@", "_at_"), stat["value"])

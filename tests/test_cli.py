@@ -1,0 +1,59 @@
+"""The `marketrank` CLI: LETOR training end to end, and user errors as one readable line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from marketrank.cli import app
+
+LETOR_SAMPLE = Path(__file__).parent / "data" / "letor-sample"
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_train_on_letor_writes_export_and_test_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path / "ws"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "--letor", str(LETOR_SAMPLE), "--output", str(out), "--epochs", "2",
+                                 "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert 0.0 < evaluation["ranking_metrics"]["ndcg@10"]["value"] <= 1.0
+    assert evaluation["source"] == "letor"
+    assert evaluation["lists"] == 9  # test.txt has 9 queries
+    versions = list((out / "model" / "marketrank").iterdir())
+    assert len(versions) == 1 and (versions[0] / "saved_model.pb").exists()
+    spec = json.loads((versions[0] / "assets" / "feature_spec.json").read_text())
+    assert spec["features"][0]["shape"] == [136]
+
+
+def test_letor_missing_split_is_one_line_error(tmp_path):
+    shutil.copy(LETOR_SAMPLE / "train.txt", tmp_path / "train.txt")
+    result = runner.invoke(app, ["train", "--letor", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "vali" in result.output and str(tmp_path) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_needs_exactly_one_input(tmp_path):
+    result = runner.invoke(app, ["train", "--output", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--features or --letor" in result.output
+
+
+def test_unknown_size_is_rejected(tmp_path):
+    result = runner.invoke(app, ["data", "generate", "--out", str(tmp_path), "--size", "huge"])
+    assert result.exit_code == 1
+    assert "huge" in result.output and "tiny" in result.output
+
+
+def test_report_without_runs_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    result = runner.invoke(app, ["report", "show"])
+    assert result.exit_code == 1
+    assert "marketrank run" in result.output

@@ -1,0 +1,153 @@
+"""Training, export and evaluation on real artifacts (one tiny `marketrank run`, shared by the session)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import data, metrics
+from training.feature_spec import MASK, FeatureSpec
+from training.hparams import HParams
+from training.train import resolve_ipw_eta
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_report_has_every_ranker(tiny_run):
+    report = tiny_run["report"]
+    for ranker in ("challenger", "legacy", "oracle"):
+        overall = report[ranker]["overall"]
+        for metric in ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "map"):
+            assert 0.0 <= overall[metric]["value"] <= 1.0, (ranker, metric)
+        assert set(report[ranker]["per_segment"]) == {"feed", "search"}
+    assert report["eval_label"] == "relevance"
+    assert report["oracle"]["overall"]["ndcg@10"]["value"] == pytest.approx(1.0)
+    assert (tiny_run["home"] / "runs" / "latest").resolve() == tiny_run["report_path"].parent.resolve()
+    assert "Offline quality" in tiny_run["output"] or "ndcg@10" in tiny_run["output"]
+
+
+def test_short_training_beats_random_and_legacy(tiny_run):
+    features = tiny_run["features"]
+    spec = FeatureSpec.load(features / "train")
+    rng = np.random.default_rng(0)
+    random_ndcg = []
+    for batch in data.iter_batches(features / "test", spec, 256, list_size=None, columns_extra=("relevance",)):
+        labels = np.where(batch[MASK], batch["relevance"], -1.0)
+        random_ndcg.append(metrics.ndcg(rng.random(labels.shape), labels, 10))
+    random_ndcg = float(np.nanmean(np.concatenate(random_ndcg)))
+    challenger = tiny_run["report"]["challenger"]["overall"]["ndcg@10"]["value"]
+    legacy = tiny_run["report"]["legacy"]["overall"]["ndcg@10"]["value"]
+    assert challenger > random_ndcg + 0.1, (challenger, random_ndcg)
+    assert challenger > legacy + 0.1, (challenger, legacy)
+
+
+def test_export_is_tf_serving_layout(tiny_run):
+    version_dir = tiny_run["export_dir"]
+    assert version_dir.name.isdigit() and version_dir.parent.name == "marketrank"
+    assert (version_dir / "saved_model.pb").exists()
+    assert (version_dir / "variables").is_dir()
+    spec = FeatureSpec.load(version_dir / "assets" / "feature_spec.json")
+    assert spec == FeatureSpec.load(tiny_run["features"])
+
+
+PLAIN_TF_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    path = sys.argv[1]
+    spec = json.load(open(path + "/assets/feature_spec.json"))
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    items = 3
+    feed = {}
+    for f in spec["features"]:
+        string = f["dtype"] == "string"
+        value = (f["vocabulary"] or ["?"])[0] if string else 1.0
+        shape = [1] if f["scope"] == "context" else [1, items + 1]
+        feed[f["name"]] = tf.constant(np.full(shape, value, dtype=object if string else np.float32))
+    feed["views"] = tf.constant([[500.0, 3.0, 50.0, 0.0]])
+    feed["mask"] = tf.constant([[True, True, True, False]])
+    out = serve(**feed)
+    scores = out["scores"].numpy()
+    swapped = dict(feed, views=tf.constant([[3.0, 500.0, 50.0, 0.0]]))
+    swapped_scores = serve(**swapped)["scores"].numpy()
+    print(json.dumps({"outputs": list(out), "scores": scores.tolist(), "swapped": swapped_scores.tolist(),
+                      "inputs": sorted(serve.structured_input_signature[1]),
+                      "project_imported": any(m.split(".")[0] in ("training", "serving", "marketrank")
+                                              for m in sys.modules)}))
+""")
+
+
+def test_export_loads_and_scores_with_plain_tensorflow(tiny_run, tmp_path):
+    script = tmp_path / "plain_tf.py"
+    script.write_text(PLAIN_TF_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tiny_run["export_dir"])], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    spec = FeatureSpec.load(tiny_run["features"])
+    assert result["outputs"] == ["scores"]
+    assert result["inputs"] == sorted([*spec.names, "mask"])
+    assert not result["project_imported"]
+    scores, swapped = np.array(result["scores"][0]), np.array(result["swapped"][0])
+    assert np.isfinite(scores[:3]).all()
+    assert scores[3] == pytest.approx(-1e9)  # the padded slot can never be ranked first
+    # Items are scored independently of their slot: swapping two items' features swaps their scores.
+    assert scores[0] == pytest.approx(swapped[1], rel=1e-4, abs=1e-4)
+    assert scores[1] == pytest.approx(swapped[0], rel=1e-4, abs=1e-4)
+
+
+def test_evaluation_json_has_sagemaker_model_metrics_shape(tiny_run):
+    evaluation = json.loads(Path(tiny_run["report"]["evaluation"]).read_text())
+    assert set(evaluation["ranking_metrics"]["ndcg@10"]) >= {"value", "standard_deviation"}
+    assert evaluation["comparison"]["ci_low"] == 1.0  # no champion: the lift condition passes by definition
+    assert evaluation["secondary"]["label"] == "label"  # also scored on logged feedback
+    assert {"legacy", "oracle"} <= set(evaluation["baselines"])
+
+
+def test_mlflow_has_params_metrics_and_model(tiny_run):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_run['home'] / 'mlflow.db'}")
+    run = client.get_run(tiny_run["report"]["training"]["mlflow_run_id"])
+    assert run.data.params["scorer"] == "dnn" and run.data.params["loss"] == "softmax"
+    assert "val_ndcg_10" in run.data.metrics and "test_ndcg_at_10" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val_ndcg_10")
+    assert 1 <= len(history) <= 4
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "feature_spec.json"} <= artifacts
+
+
+def test_champion_comparison_is_a_paired_bootstrap(tiny_run, tmp_path):
+    from training.evaluate import evaluate
+
+    export_dir = tiny_run["export_dir"]
+    result = evaluate(export_dir, tiny_run["features"] / "test", tmp_path, champion_dir=export_dir,
+                      bootstrap_resamples=200)
+    comparison = result["comparison"]
+    assert comparison["mean_diff"] == pytest.approx(0.0, abs=1e-9)  # same model: no difference at all
+    assert comparison["ci_low"] == pytest.approx(0.0, abs=1e-9)
+    assert comparison["ci_high"] == pytest.approx(0.0, abs=1e-9)
+    assert json.loads((tmp_path / "evaluation.json").read_text())["champion"]["overall"]["ndcg@10"]["value"] == (
+        pytest.approx(result["ranking_metrics"]["ndcg@10"]["value"]))
+
+
+def test_ipw_eta_comes_from_the_spec_unless_set():
+    spec = FeatureSpec(features=(), list_size=8, position="position", propensity_eta=0.8)
+    assert resolve_ipw_eta(HParams(), spec) == pytest.approx(0.8)
+    assert resolve_ipw_eta(HParams(ipw_eta=0.0), spec) == 0.0
+    assert resolve_ipw_eta(HParams(ipw_eta=1.1), spec) == pytest.approx(1.1)
+    assert resolve_ipw_eta(HParams(), FeatureSpec(features=(), list_size=8)) == 0.0
+
+
+def test_bad_hparams_name_the_field():
+    with pytest.raises(ValueError, match="scorer"):
+        HParams(scorer="gbdt")
+    with pytest.raises(ValueError, match="loss"):
+        HParams(loss="hinge")

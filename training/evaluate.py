@@ -1,0 +1,182 @@
+"""Evaluation entry point (a SageMaker processing step): SavedModel + test split -> ``evaluation.json``.
+
+Scores the test lists with the exported signature (plain TensorFlow, exactly what TF Serving runs), computes
+NDCG@5/10/20, MRR and MAP overall and per segment (surface) against the spec's ``eval_label`` (the simulator's
+true relevance when present), the same for the legacy logging order and the oracle, and, given a champion
+model, a paired bootstrap 95% CI of the NDCG@10 difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script by SageMaker: make `training` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training import metrics, report
+from training.feature_spec import MASK, FeatureSpec
+
+log = logging.getLogger("marketrank.evaluate")
+Batches = Callable[[], Iterator[dict[str, Any]]]
+
+
+class SavedModelScorer:
+    """Scores padded batches with an exported model's ``serving_default`` signature."""
+
+    def __init__(self, model_dir: str | Path):
+        import tensorflow as tf
+
+        from training import export
+
+        self.path = export.find_saved_model(_untar(Path(model_dir)))
+        self.spec = export.load_spec(self.path)
+        self._fn = tf.saved_model.load(str(self.path)).signatures[export.SIGNATURE]
+        self._inputs = list(self._fn.structured_input_signature[1])
+        self._output = export.OUTPUT
+
+    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
+        import tensorflow as tf
+
+        missing = [name for name in self._inputs if name not in batch]
+        if missing:
+            raise KeyError(f"model {self.path} needs features {missing} that the evaluation data lacks")
+        feed = {}
+        for name in self._inputs:
+            value = batch[name]
+            feed[name] = tf.constant(value.astype(str) if value.dtype == object else value)
+        return self._fn(**feed)[self._output].numpy()
+
+
+def _untar(model_dir: Path) -> Path:
+    """SageMaker hands processing steps ``model.tar.gz``; unpack it next to a temp dir if that is what we got."""
+    archives = list(model_dir.glob("*.tar.gz")) if model_dir.is_dir() else []
+    if not archives:
+        return model_dir
+    target = Path(tempfile.mkdtemp(prefix="marketrank-model-"))
+    with tarfile.open(archives[0]) as archive:
+        archive.extractall(target, filter="data") if sys.version_info >= (3, 12) else archive.extractall(target)
+    return target
+
+
+def parquet_batches(test_dir: str | Path, spec: FeatureSpec, batch_size: int = 256,
+                    extra_specs: tuple[FeatureSpec, ...] = (), extra_labels: tuple[str, ...] = ()) -> Batches:
+    """Whole (untruncated) test lists with the eval label, baselines' columns and any other model's features."""
+    from training import data
+    from training.feature_spec import FeatureSpec as Spec
+
+    names = set(spec.names)
+    features = list(spec.features) + [f for s in extra_specs for f in s.features
+                                      if f.name not in names and not names.add(f.name)]
+    merged = Spec(**{**spec.__dict__, "features": tuple(features)})
+    wanted = (spec.eval_label, *extra_labels, spec.position, spec.oracle_score)
+    available = data.available_columns(test_dir)
+    extra = tuple(dict.fromkeys(c for c in wanted if c and c != spec.label and c in available))
+    return lambda: data.iter_batches(test_dir, merged, batch_size, list_size=None, columns_extra=extra)
+
+
+def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: str | Path | None = None,
+             champion_dir: str | Path | None = None, *, eval_label: str | None = None,
+             bootstrap_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Evaluate a challenger (and optionally a champion) and write ``evaluation.json`` to ``output_dir``.
+
+    Metrics use ``eval_label`` (default: the spec's: the simulator's true relevance when the data has it).
+    When that is not the training label, every ranker is also scored on the training label (logged feedback)
+    under ``secondary``: on position-biased clicks the logging policy looks better than it is, which is why
+    it is not the primary label.
+    """
+    challenger = SavedModelScorer(model_dir)
+    spec = challenger.spec
+    champion = SavedModelScorer(champion_dir) if champion_dir else None
+    label_name = eval_label or spec.eval_label
+    secondary_label = spec.label if spec.label != label_name else None
+    if not callable(batches):
+        batches = parquet_batches(batches, spec, extra_specs=(champion.spec,) if champion else (),
+                                  extra_labels=(label_name,))
+    scorers: dict[str, Callable[[dict], np.ndarray]] = {"challenger": challenger}
+    if champion:
+        scorers["champion"] = champion
+    per_list: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+    segments: list[np.ndarray] = []
+    n_lists = 0
+    for batch in batches():
+        if label_name not in batch:
+            raise KeyError(f"evaluation label {label_name!r} is not in the evaluation data")
+        candidates = dict(scorers)
+        if spec.position and spec.position in batch:
+            candidates["legacy"] = lambda b: -b[spec.position]
+        if spec.oracle_score and spec.oracle_score in batch:
+            candidates["oracle"] = lambda b: b[spec.oracle_score]
+        labels = {name: np.where(batch[MASK], batch[name], -1.0)
+                  for name in (label_name, secondary_label) if name and name in batch}
+        for name, scorer in candidates.items():
+            scores = scorer(batch)
+            for label, values in labels.items():
+                bucket = per_list.setdefault(label, {}).setdefault(name, {})
+                for metric, array in metrics.per_list_metrics(scores, values).items():
+                    bucket.setdefault(metric, []).append(array)
+        if spec.segment and spec.segment in batch:
+            segments.append(np.asarray(batch[spec.segment]).astype(str))
+        n_lists += len(batch[MASK])
+    if n_lists == 0:
+        raise ValueError("evaluation data is empty: no test lists")
+    joined = {label: {name: {m: np.concatenate(v) for m, v in values.items()} for name, values in by_name.items()}
+              for label, by_name in per_list.items()}
+    segment_values = np.concatenate(segments) if segments else None
+
+    def summary(name: str, label: str = label_name) -> dict[str, Any]:
+        overall = metrics.summarize(joined[label][name])
+        by_segment = ({str(s): metrics.summarize(joined[label][name], segment_values == s)
+                       for s in np.unique(segment_values)} if segment_values is not None else {})
+        return {"overall": overall, "per_segment": by_segment}
+
+    primary = joined[label_name]
+    challenger_summary = summary("challenger")
+    comparison = None
+    if champion:
+        comparison = {"metric": report.PRIMARY_METRIC, **metrics.paired_bootstrap(
+            primary["challenger"][report.PRIMARY_METRIC], primary["champion"][report.PRIMARY_METRIC],
+            resamples=bootstrap_resamples, seed=seed)}
+    info: dict[str, Any] = {"eval_label": label_name, "lists": n_lists, "model": str(challenger.path),
+                            "champion_model": str(champion.path) if champion else None, "source": spec.source}
+    if secondary_label in joined:
+        info["secondary"] = {"label": secondary_label,
+                             "rankers": {name: summary(name, secondary_label) for name in joined[secondary_label]}}
+    result = report.build_report(
+        challenger=challenger_summary["overall"], per_segment=challenger_summary["per_segment"],
+        baselines={name: summary(name) for name in ("legacy", "oracle") if name in primary},
+        champion=summary("champion") if champion else None, comparison=comparison, info=info)
+    if output_dir is not None:
+        path = report.write_report(result, output_dir)
+        log.info("wrote %s", path)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a marketrank SavedModel on the test split.")
+    parser.add_argument("--model", default="/opt/ml/processing/model")
+    parser.add_argument("--test", default="/opt/ml/processing/test")
+    parser.add_argument("--champion", default="/opt/ml/processing/champion",
+                        help="champion model dir; ignored when missing or empty (first model)")
+    parser.add_argument("--output", default="/opt/ml/processing/evaluation")
+    parser.add_argument("--bootstrap-resamples", type=int, default=1000)
+    parser.add_argument("--eval-label", default=None, help="label column to evaluate on (default: the spec's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    champion = args.champion if args.champion and Path(args.champion).is_dir() and any(
+        Path(args.champion).iterdir()) else None
+    result = evaluate(args.model, args.test, args.output, champion, eval_label=args.eval_label,
+                      bootstrap_resamples=args.bootstrap_resamples)
+    log.info("ndcg@10=%.4f", result["ranking_metrics"][report.PRIMARY_METRIC]["value"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Spark feature job: raw marketplace logs -> listwise examples (one row per request) + ``feature_spec.json``.
+
+Runs on ``local[*]`` by default and unchanged as a SageMaker PySparkProcessor step (inputs and outputs are the
+processing directories). Counters are point-in-time: every popularity or history counter of an impression only
+counts events with a timestamp strictly before its request. The split is by time (train, then valid, then test).
+
+Output layout (Parquet shards, streamed into tf.data by ``training.data``)::
+
+    OUT/train/part-*.parquet   OUT/valid/...   OUT/test/...   OUT/feature_spec.json   OUT/stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (spark-submit / SageMaker): make `training` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training import propensity, storage
+from training.feature_spec import FLOAT, STRING, Feature, FeatureSpec
+from training.features import FEATURES, assemble_features
+
+log = logging.getLogger("marketrank.feature_job")
+
+EVENT_GRADES = {"click": 1, "like": 2, "add_to_bag": 3, "purchase": 4}
+SPLITS = ("train", "valid", "test")
+#: Required columns per raw table and the type family each must have.
+RAW_SCHEMA: dict[str, dict[str, str]] = {
+    "users": {"user_id": "string", "country": "string", "size": "string", "signup_ts": "timestamp",
+              "fav_styles": "array", "fav_brands": "array"},
+    "items": {"item_id": "string", "title": "string", "category": "string", "brand": "string",
+              "brand_tier": "string", "style": "string", "size": "string", "condition": "string",
+              "price": "numeric", "photos": "numeric", "listed_ts": "timestamp", "seller_rating": "numeric",
+              "seller_sales": "numeric", "seller_country": "string", "views": "numeric", "likes": "numeric"},
+    "requests": {"request_id": "string", "user_id": "string", "ts": "timestamp", "surface": "string",
+                 "query": "string"},
+    "impressions": {"request_id": "string", "item_id": "string", "position": "integer"},
+    "interactions": {"request_id": "string", "user_id": "string", "item_id": "string", "ts": "timestamp",
+                     "event": "string"},
+}
+#: Simulator-only ground truth, carried through when present (absent in real logs).
+OPTIONAL_TRUTH = {"relevance": "integer", "true_score": "numeric"}
+#: Optional columns per table: validated when present.
+OPTIONAL_COLUMNS = {"impressions": OPTIONAL_TRUTH,
+                    "requests": {"policy": "string"}}  # "random" marks the result-randomisation bucket
+
+
+class FeatureJobError(ValueError):
+    """Bad raw input; the message names the table and column."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureJobConfig:
+    list_size: int = 64
+    train_fraction: float = 0.7
+    valid_fraction: float = 0.15
+    shuffle_partitions: int = 8
+
+
+def spark_session(app: str = "marketrank-features"):
+    from pyspark.sql import SparkSession
+
+    # Python workers must run the interpreter that has this project's dependencies.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return (SparkSession.builder.appName(app)
+            .master(os.environ.get("SPARK_MASTER", "local[*]"))
+            .config("spark.sql.shuffle.partitions", "8")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "4g"))
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .getOrCreate())
+
+
+def _family(data_type) -> str:
+    from pyspark.sql import types as T
+
+    if isinstance(data_type, T.StringType):
+        return "string"
+    if isinstance(data_type, (T.TimestampType, T.TimestampNTZType)):
+        return "timestamp"
+    if isinstance(data_type, (T.IntegerType, T.LongType, T.ShortType, T.ByteType)):
+        return "integer"
+    if isinstance(data_type, (T.FloatType, T.DoubleType, T.DecimalType)):
+        return "numeric"
+    if isinstance(data_type, T.ArrayType):
+        return "array"
+    if isinstance(data_type, T.NullType):
+        return "null"
+    return data_type.simpleString()
+
+
+def _compatible(actual: str, expected: str) -> bool:
+    return (actual == expected or actual == "null"
+            or (expected == "numeric" and actual == "integer")
+            or (expected == "timestamp" and actual == "integer"))  # epoch milliseconds
+
+
+def read_raw_tables(spark, raw_dir: str | Path) -> dict:
+    """Read and validate the five raw tables; errors name the table, column and path."""
+    tables = {}
+    for table, columns in RAW_SCHEMA.items():
+        path = Path(raw_dir) / table
+        if not path.exists():
+            raise FeatureJobError(f"table {table!r} not found: expected Parquet files under {path}")
+        try:
+            frame = spark.read.parquet(str(path))
+        except Exception as err:  # noqa: BLE001 - Spark raises AnalysisException and friends
+            raise FeatureJobError(f"table {table!r} at {path} is not readable Parquet: {err}") from err
+        types = {field.name: _family(field.dataType) for field in frame.schema.fields}
+        optional = OPTIONAL_COLUMNS.get(table, {})
+        for column, family in {**columns, **optional}.items():
+            if column not in types:
+                if column in optional:
+                    continue
+                raise FeatureJobError(f"table {table!r} ({path}) has no column {column!r}; "
+                                      f"found: {', '.join(sorted(types))}")
+            if not _compatible(types[column], family):
+                raise FeatureJobError(f"table {table!r} ({path}) column {column!r} has type {types[column]}, "
+                                      f"expected {family}")
+        if frame.limit(1).count() == 0:
+            raise FeatureJobError(f"table {table!r} at {path} is empty")
+        tables[table] = frame
+    return tables
+
+
+def _to_ms(frame, column: str):
+    from pyspark.sql import functions as F
+
+    if _family(frame.schema[column].dataType) == "timestamp":
+        return F.unix_millis(F.col(column).cast("timestamp"))
+    return F.col(column).cast("long")
+
+
+def point_in_time_rows(tables: dict):
+    """One row per impression with the raw columns of ``RAW_COLUMNS``: counters use only earlier events."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    users, items, requests = tables["users"], tables["items"], tables["requests"]
+    impressions, interactions = tables["impressions"], tables["interactions"]
+
+    unknown = (interactions.select("event").distinct()
+               .filter(~F.col("event").isin(list(EVENT_GRADES))).limit(5).collect())
+    if unknown:
+        raise FeatureJobError(f"table 'interactions' column 'event' has unknown values "
+                              f"{sorted(r.event for r in unknown)}; expected one of {list(EVENT_GRADES)}")
+
+    medians = items.groupBy("category").agg(F.percentile_approx("price", 0.5).alias("category_median_price"))
+    items = (items.join(medians, "category")
+             .withColumn("listed_ms", _to_ms(items, "listed_ts"))
+             .withColumn("lpi", F.log(F.greatest(F.col("price"), F.lit(0.01))
+                                      / F.greatest(F.col("category_median_price"), F.lit(0.01)))))
+    item_keys = items.select("item_id", "brand", "style", "category", "lpi")
+    requests = requests.withColumn("ts_ms", _to_ms(requests, "ts"))
+
+    shown = (impressions.join(requests.select("request_id", "user_id", "ts_ms"), "request_id")
+             .join(item_keys, "item_id")
+             .select("request_id", "user_id", "item_id", "brand", "style", "category", "ts_ms",
+                     F.lit(1).alias("view"), F.lit(0).alias("click"), F.lit(0).alias("like"),
+                     F.lit(0).alias("bag"), F.lit(0.0).alias("click_lpi"), F.lit(True).alias("is_impression")))
+    events = (interactions.withColumn("ts_ms", _to_ms(interactions, "ts")).join(item_keys, "item_id")
+              .select(F.lit(None).cast("string").alias("request_id"), "user_id", "item_id", "brand", "style",
+                      "category", "ts_ms", F.lit(0).alias("view"),
+                      (F.col("event") == "click").cast("int").alias("click"),
+                      (F.col("event") == "like").cast("int").alias("like"),
+                      (F.col("event") == "add_to_bag").cast("int").alias("bag"),
+                      F.when(F.col("event") == "click", F.col("lpi")).otherwise(0.0).alias("click_lpi"),
+                      F.lit(False).alias("is_impression")))
+    stream = shown.unionByName(events)
+
+    def before(*keys):  # strictly earlier events only: this is what keeps the counters leak-free
+        return Window.partitionBy(*keys).orderBy("ts_ms").rangeBetween(Window.unboundedPreceding, -1)
+
+    counted = (stream
+               .withColumn("views_before", F.sum("view").over(before("item_id")))
+               .withColumn("likes_before", F.sum("like").over(before("item_id")))
+               .withColumn("bags", F.sum("bag").over(before("item_id")))
+               .withColumn("user_clicks", F.sum("click").over(before("user_id")))
+               .withColumn("user_lpi_sum", F.sum("click_lpi").over(before("user_id")))
+               .withColumn("user_brand_clicks", F.sum("click").over(before("user_id", "brand")))
+               .withColumn("user_style_clicks", F.sum("click").over(before("user_id", "style")))
+               .withColumn("user_category_clicks", F.sum("click").over(before("user_id", "category")))
+               .filter("is_impression")
+               .select("request_id", "item_id", *(F.coalesce(F.col(c), F.lit(0)).alias(c) for c in (
+                   "views_before", "likes_before", "bags", "user_clicks", "user_lpi_sum", "user_brand_clicks",
+                   "user_style_clicks", "user_category_clicks"))))
+
+    grade = F.create_map(*[x for e, g in EVENT_GRADES.items() for x in (F.lit(e), F.lit(g))])
+    labels = (interactions.groupBy("request_id", "item_id").agg(F.max(grade[F.col("event")]).alias("label")))
+    user_profile = users.select(
+        "user_id", F.col("country").alias("user_country"), F.col("size").alias("user_size"),
+        F.col("fav_brands").alias("user_fav_brands"), F.col("fav_styles").alias("user_fav_styles"),
+        _to_ms(users, "signup_ts").alias("user_signup_ms"))
+    truth = [c for c in OPTIONAL_TRUTH if c in impressions.columns]
+    return (impressions.select("request_id", "item_id", "position", *truth)
+            .join(requests.select("request_id", "user_id", "ts_ms", "surface", "query"), "request_id")
+            .join(user_profile, "user_id", "left")
+            .join(items.select("item_id", "title", "category", "brand", "brand_tier", "style", "size", "condition",
+                               "price", "photos", "category_median_price", "listed_ms", "seller_rating", "seller_sales",
+                               "seller_country", F.col("views").alias("views0"), F.col("likes").alias("likes0")),
+                  "item_id")
+            .join(counted, ["request_id", "item_id"])
+            .join(labels, ["request_id", "item_id"], "left")
+            .withColumn("label", F.coalesce(F.col("label"), F.lit(0)).cast("int"))
+            .withColumn("views", F.col("views0") + F.col("views_before"))
+            .withColumn("likes", F.col("likes0") + F.col("likes_before"))
+            .drop("views0", "likes0", "views_before", "likes_before"))
+
+
+def _feature_schema(truth: list[str]):
+    from pyspark.sql import types as T
+
+    fields = [T.StructField("request_id", T.StringType()), T.StructField("user_id", T.StringType()),
+              T.StructField("item_id", T.StringType()), T.StructField("ts_ms", T.LongType()),
+              T.StructField("position", T.IntegerType()), T.StructField("label", T.IntegerType())]
+    if "relevance" in truth:
+        fields.append(T.StructField("relevance", T.IntegerType()))
+    if "true_score" in truth:
+        fields.append(T.StructField("true_score", T.DoubleType()))
+    for f in FEATURES:
+        fields.append(T.StructField(f.name, T.StringType() if f.dtype == STRING else T.FloatType()))
+    return T.StructType(fields)
+
+
+def _transform_expr(feature: Feature):
+    from pyspark.sql import functions as F
+
+    column = F.col(feature.name).cast("double")
+    return F.signum(column) * F.log1p(F.abs(column)) if feature.transform == "log1p" else column
+
+
+def estimate_position_bias(tables: dict, before_ms: float) -> dict | None:
+    """Fit the examination exponent on randomised requests before ``before_ms`` (the training period)."""
+    from pyspark.sql import functions as F
+
+    requests = tables["requests"]
+    if "policy" not in requests.columns:
+        return None
+    randomised = (requests.filter((F.col("policy") == "random") & (_to_ms(requests, "ts") < before_ms))
+                  .select("request_id"))
+    clicked = (tables["interactions"].filter(F.col("event") == "click").select("request_id", "item_id")
+               .distinct().withColumn("clicked", F.lit(1)))
+    rows = (tables["impressions"].join(randomised, "request_id").join(clicked, ["request_id", "item_id"], "left")
+            .groupBy("position").agg(F.count("*").alias("impressions"),
+                                     F.sum(F.coalesce(F.col("clicked"), F.lit(0))).alias("clicks"))
+            .orderBy("position").collect())
+    if not rows:
+        return None
+    try:
+        fit = propensity.fit_power_law(*zip(*[(r.position, r.impressions, r.clicks) for r in rows], strict=True))
+    except ValueError as err:
+        log.warning("position bias not estimated: %s", err)
+        return None
+    return {**fit, "method": "result_randomisation", "requests": randomised.count()}
+
+
+def build_spec(item_rows, lists, config: FeatureJobConfig, truth: list[str],
+               position_bias: dict | None = None) -> FeatureSpec:
+    """Vocabularies and normalisation statistics from the training split only."""
+    from pyspark.sql import functions as F
+
+    train_items = item_rows.filter(F.col("split") == "train")
+    train_lists = lists.filter(F.col("split") == "train")
+    features = []
+    for scope_rows, scope in ((train_lists, "context"), (train_items, "item")):
+        floats = [f for f in FEATURES if f.scope == scope and f.dtype == FLOAT]
+        row = scope_rows.agg(*[F.avg(_transform_expr(f)).alias(f"{f.name}__mean") for f in floats],
+                             *[F.stddev_pop(_transform_expr(f)).alias(f"{f.name}__std") for f in floats]).first()
+        for f in FEATURES:
+            if f.scope != scope:
+                continue
+            if f.dtype == FLOAT:
+                features.append(dataclasses.replace(f, mean=float(row[f"{f.name}__mean"] or 0.0),
+                                                    std=max(float(row[f"{f.name}__std"] or 0.0), 1e-6)))
+            else:
+                values = sorted(r[0] for r in scope_rows.select(f.name).distinct().collect() if r[0] is not None)
+                features.append(dataclasses.replace(f, vocabulary=tuple(values)))
+    order = {f.name: i for i, f in enumerate(FEATURES)}
+    features.sort(key=lambda f: order[f.name])
+    return FeatureSpec(features=tuple(features), list_size=config.list_size, label="label",
+                       eval_label="relevance" if "relevance" in truth else "label", position="position",
+                       oracle_score="true_score" if "true_score" in truth else None, segment="surface",
+                       propensity_eta=position_bias["eta"] if position_bias else None, source="marketplace")
+
+
+def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJobConfig = FeatureJobConfig(),
+                    spark=None, progress: Callable[[str], None] | None = None) -> dict:
+    """Build listwise examples and the feature spec from raw logs. Returns the job's stats (also ``stats.json``).
+
+    Output is written to a temporary directory and moved into place only when complete: a failed job leaves
+    nothing behind.
+    """
+    from pyspark.sql import functions as F
+
+    say = progress or (lambda message: log.info(message))
+    raw_dir = storage.stage_in(raw_uri)
+    local_out = Path(out_uri) if not storage.is_s3(out_uri) else Path(storage.tempfile.mkdtemp()) / "features"
+    tmp = local_out.parent / f".{local_out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    spark = spark or spark_session()
+    spark.conf.set("spark.sql.shuffle.partitions", str(config.shuffle_partitions))
+    try:
+        say("validating raw tables")
+        tables = read_raw_tables(spark, raw_dir)
+        truth = [c for c in OPTIONAL_TRUTH if c in tables["impressions"].columns]
+        say("computing point-in-time counters")
+        raw = point_in_time_rows(tables)
+        schema = _feature_schema(truth)
+        keep = [field.name for field in schema.fields]
+
+        def assemble(batches):
+            for frame in batches:
+                yield assemble_features(frame)[keep]
+
+        rows = raw.mapInPandas(assemble, schema=schema)
+        cuts = tables["requests"].select(_to_ms(tables["requests"], "ts").alias("t")).approxQuantile(
+            "t", [config.train_fraction, config.train_fraction + config.valid_fraction], 0.0001)
+        rows = rows.withColumn("split", F.when(F.col("ts_ms") < cuts[0], "train")
+                               .when(F.col("ts_ms") < cuts[1], "valid").otherwise("test")).persist()
+        say("grouping impressions into lists")
+        context = [f.name for f in FEATURES if f.scope == "context"]
+        per_item = ["item_id", "label", *truth, *(f.name for f in FEATURES if f.scope == "item")]
+        lists = (rows.groupBy("request_id")
+                 .agg(F.first("user_id").alias("user_id"), F.first("ts_ms").alias("ts_ms"),
+                      F.first("split").alias("split"), *(F.first(c).alias(c) for c in context),
+                      F.sort_array(F.collect_list(F.struct("position", *per_item))).alias("items"))
+                 .select("request_id", "user_id", "ts_ms", "split", *context,
+                         F.col("items.position").alias("position"), *(F.col(f"items.{c}").alias(c) for c in per_item))
+                 .persist())
+        say("writing Parquet shards")
+        (lists.repartition(4, "split").sortWithinPartitions("ts_ms")
+         .write.partitionBy("split").mode("overwrite").parquet(str(tmp)))
+        say("estimating position bias and the feature spec")
+        position_bias = estimate_position_bias(tables, cuts[0])
+        spec = build_spec(rows, lists, config, truth, position_bias)
+        counts = {r["split"]: {"lists": r["lists"], "items": r["items"], "positives": r["positives"]}
+                  for r in rows.groupBy("split").agg(F.countDistinct("request_id").alias("lists"),
+                                                    F.count("*").alias("items"),
+                                                    F.sum((F.col("label") > 0).cast("int")).alias("positives"))
+                  .collect()}
+        missing = [s for s in SPLITS if s not in counts]
+        if missing:
+            raise FeatureJobError(f"table 'requests' column 'ts': too few distinct times to fill the {missing} "
+                                  f"split(s)")
+        for split in SPLITS:
+            (tmp / f"split={split}").rename(tmp / split)
+        for marker in tmp.glob("_SUCCESS"):
+            marker.unlink()
+        spec.save(tmp)
+        for split in SPLITS:  # each split channel carries the spec, so a training job needs nothing else
+            spec.save(tmp / split)
+        stats = {"splits": counts, "time_cuts_ms": cuts, "list_size": config.list_size, "position_bias": position_bias,
+                 "max_list_length": lists.select(F.max(F.size("item_id"))).first()[0]}
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        rows.unpersist()
+        lists.unpersist()
+        if local_out.exists():
+            shutil.rmtree(local_out)
+        tmp.rename(local_out)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if storage.is_s3(out_uri):
+        storage.stage_out(local_out, str(out_uri))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", default=os.environ.get("SM_CHANNEL_RAW", "/opt/ml/processing/input/raw"))
+    parser.add_argument("--output", default="/opt/ml/processing/output/features")
+    parser.add_argument("--list-size", type=int, default=FeatureJobConfig.list_size)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stats = run_feature_job(args.input, args.output, FeatureJobConfig(list_size=args.list_size))
+    log.info("feature job done: %s", json.dumps(stats["splits"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Training hyperparameters, free of TensorFlow so the CLI and the pipeline definition can import them cheaply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SCORERS = ("dnn", "din")
+LOSS_NAMES = ("softmax", "approx_ndcg", "pairwise_logistic")
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """Training hyperparameters: JSON-serialisable, passed unchanged as SageMaker hyperparameters and MLflow params."""
+
+    scorer: str = "dnn"
+    loss: str = "softmax"
+    hidden: tuple[int, ...] = (128, 64)
+    embedding_dim: int = 8
+    dropout: float = 0.1
+    attention_heads: int = 2
+    attention_head_size: int = 32
+    attention_layers: int = 1
+    learning_rate: float = 0.001
+    batch_size: int = 64
+    epochs: int = 12
+    patience: int = 3
+    #: "val_loss" or "val_ndcg_10" (see training.train.EARLY_STOPPING).
+    early_stopping: str = "val_loss"
+    #: Inverse-propensity weighting of click labels by logged position: examination ~ (1 + pos) ** -ipw_eta.
+    #: None uses the estimate the feature job wrote into the spec (no weighting if it has none); 0 disables.
+    ipw_eta: float | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.early_stopping not in ("val_loss", "val_ndcg_10"):
+            raise ValueError(f"early_stopping must be val_loss or val_ndcg_10, got {self.early_stopping!r}")
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")

@@ -1,0 +1,88 @@
+"""Per-list ranking metrics in NumPy (same definitions as TF-Ranking's keras metrics) and a paired bootstrap.
+
+Conventions: gain ``2**label - 1``, discount ``1 / log2(1 + rank)``; MRR and MAP treat ``label > 0`` as relevant.
+Padded slots have ``label < 0`` and are ignored. A list with no relevant item has no defined NDCG/MRR/MAP: it
+gets NaN and is left out of the means (the usual LETOR practice), never scored as 0 or 1. Ties in scores are
+broken by list order, so a constant scorer reproduces the input order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CUTOFFS = (5, 10, 20)
+METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "map")
+
+
+def _order(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Labels sorted by descending score (padding last), per list."""
+    valid = labels >= 0
+    keyed = np.where(valid, scores, -np.inf)
+    order = np.argsort(-keyed, axis=1, kind="stable")
+    return np.take_along_axis(np.where(valid, labels, 0.0), order, axis=1)
+
+
+def ndcg(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k per list; NaN where the list has no relevant item."""
+    labels = np.asarray(labels, dtype=np.float64)
+    ranked = _order(np.asarray(scores, dtype=np.float64), labels)[:, :k]
+    ideal = -np.sort(-np.where(labels >= 0, labels, 0.0), axis=1)[:, :k]
+    discount = 1.0 / np.log2(np.arange(2, ranked.shape[1] + 2))
+    dcg = ((2.0 ** ranked - 1.0) * discount).sum(axis=1)
+    idcg = ((2.0 ** ideal - 1.0) * discount[: ideal.shape[1]]).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(idcg > 0, dcg / idcg, np.nan)
+
+
+def mrr(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Reciprocal rank of the first relevant item per list; NaN where there is none."""
+    relevant = _order(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)) > 0
+    first = relevant.argmax(axis=1)
+    return np.where(relevant.any(axis=1), 1.0 / (first + 1.0), np.nan)
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Average precision per list (binary relevance ``label > 0``); NaN where there is no relevant item."""
+    relevant = (_order(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)) > 0)
+    hits = np.cumsum(relevant, axis=1)
+    precision = hits / np.arange(1, relevant.shape[1] + 1)
+    total = relevant.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (precision * relevant).sum(axis=1) / total, np.nan)
+
+
+def per_list_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of ``METRICS`` per list, for padded [N, L] scores and labels."""
+    out = {f"ndcg@{k}": ndcg(scores, labels, k) for k in CUTOFFS}
+    out["mrr"] = mrr(scores, labels)
+    out["map"] = average_precision(scores, labels)
+    return out
+
+
+def summarize(per_list: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Mean and standard error of each metric over the lists with a defined value (optionally a subset)."""
+    summary = {}
+    for name, values in per_list.items():
+        values = values if mask is None else values[mask]
+        values = values[~np.isnan(values)]
+        summary[name] = {
+            "value": float(values.mean()) if values.size else float("nan"),
+            "standard_deviation": float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0,
+            "lists": int(values.size),
+        }
+    return summary
+
+
+def paired_bootstrap(challenger: np.ndarray, champion: np.ndarray, resamples: int = 1000,
+                     confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Percentile bootstrap CI of mean(challenger - champion) over lists scored by both (NaNs dropped)."""
+    diff = np.asarray(challenger, dtype=np.float64) - np.asarray(champion, dtype=np.float64)
+    diff = diff[~np.isnan(diff)]
+    if diff.size == 0:
+        raise ValueError("paired_bootstrap: no list has a defined metric for both models")
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return {"mean_diff": float(diff.mean()), "ci_low": float(np.quantile(means, alpha)),
+            "ci_high": float(np.quantile(means, 1.0 - alpha)), "confidence": confidence,
+            "resamples": resamples, "lists": int(diff.size)}

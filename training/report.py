@@ -1,0 +1,93 @@
+"""The evaluation report (``evaluation.json``): its shape and the JSON paths other steps read.
+
+``evaluate.py`` writes it; the SageMaker ConditionStep (JsonGet on a PropertyFile) and the local gate read the
+same paths from here. ``ranking_metrics`` follows SageMaker's ModelMetrics statistics shape
+(``{"metric": {"value": v, "standard_deviation": s}}``) so the file registers as the package's model quality.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+EVALUATION_FILE = "evaluation.json"
+PRIMARY_METRIC = "ndcg@10"
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _quote(key: str) -> str:
+    """A JMESPath identifier, quoted unless it is a bare identifier (``ndcg@10`` -> ``"ndcg@10"``)."""
+    return key if _IDENTIFIER.fullmatch(key) else json.dumps(key)
+
+
+def metric_path(metric: str = PRIMARY_METRIC) -> str:
+    """JMESPath (what SageMaker's JsonGet takes) of the challenger's overall value of ``metric``."""
+    return f"ranking_metrics.{_quote(metric)}.value"
+
+
+#: JMESPath of the lower bound of the bootstrap CI of (challenger - champion) on the primary metric.
+LIFT_LOWER_BOUND_PATH = "comparison.ci_low"
+#: Value written at LIFT_LOWER_BOUND_PATH when there is no champion yet (the first model always passes lift).
+NO_CHAMPION_LIFT = 1.0
+
+
+def build_report(challenger: dict[str, Any], per_segment: dict[str, Any], baselines: dict[str, Any],
+                 champion: dict[str, Any] | None, comparison: dict[str, Any] | None,
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """Assemble ``evaluation.json``; the comparison block is always present so the gate's path always resolves."""
+    comparison = comparison or {"metric": PRIMARY_METRIC, "mean_diff": None, "ci_low": NO_CHAMPION_LIFT,
+                                "ci_high": None, "note": "no champion: nothing to compare against"}
+    return {"ranking_metrics": challenger, "per_segment": per_segment, "baselines": baselines,
+            "champion": champion, "comparison": comparison, **info}
+
+
+def get_path(report: dict[str, Any], path: str) -> Any:
+    """Resolve one of this module's dotted JMESPath expressions (quoted keys allowed) without jmespath."""
+    value: Any = report
+    for part in _split(path):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"{path!r}: no key {part!r} in the evaluation report")
+        value = value[part]
+    return value
+
+
+def _split(path: str) -> list[str]:
+    parts, current, quoted = [], "", False
+    for char in path:
+        if char == '"':
+            quoted = not quoted
+        elif char == "." and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):  # numpy floats are floats too
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], directory: str | Path) -> Path:
+    path = Path(directory) / EVALUATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True, allow_nan=False))
+    return path
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / EVALUATION_FILE
+    return json.loads(path.read_text())

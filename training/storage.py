@@ -1,0 +1,63 @@
+"""Local paths and ``s3://`` URIs behind one interface, so every entry point accepts either.
+
+On SageMaker the containers see channels as local directories; locally and in tests an ``s3://`` URI is staged
+with boto3 (which honours ``AWS_ENDPOINT_URL``, so moto and LocalStack work unchanged).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"not an s3 URI: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def stage_in(uri: str | Path, workdir: str | Path | None = None) -> Path:
+    """Return a local directory holding ``uri`` (downloaded first when it is an s3:// prefix)."""
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise FileNotFoundError(f"input not found: {path}")
+        return path
+    import boto3
+
+    bucket, prefix = split_s3(str(uri))
+    target = Path(workdir or tempfile.mkdtemp(prefix="marketrank-stage-"))
+    s3 = boto3.client("s3")
+    found = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+        for obj in page.get("Contents", []):
+            relative = obj["Key"][len(prefix):].lstrip("/")
+            if not relative or relative.endswith("/"):
+                continue
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(destination))
+            found += 1
+    if not found:
+        raise FileNotFoundError(f"input not found: no objects under {uri}")
+    return target
+
+
+def stage_out(local_dir: str | Path, uri: str) -> int:
+    """Upload every file under ``local_dir`` to the s3:// prefix ``uri``; returns the number of files."""
+    import boto3
+
+    bucket, prefix = split_s3(uri)
+    s3 = boto3.client("s3")
+    count = 0
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            key = "/".join(filter(None, [prefix, path.relative_to(local_dir).as_posix()]))
+            s3.upload_file(str(path), bucket, key)
+            count += 1
+    return count

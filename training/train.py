@@ -1,0 +1,289 @@
+"""Training entry point, SageMaker script mode: ``python train.py --scorer dnn --loss softmax ...``.
+
+Channels come from ``SM_CHANNEL_TRAIN`` / ``SM_CHANNEL_VALIDATION`` (feature-job splits, each carrying
+``feature_spec.json``), the export goes to ``SM_MODEL_DIR`` in TF Serving's layout, and ``training.json``
+(history, MLflow run) to ``SM_OUTPUT_DATA_DIR``. Locally the same script runs with those variables (or flags)
+pointed at local directories. ``--letor DIR`` trains on a LETOR/SVMlight dataset instead (``train.txt``,
+``vali.txt``, ``test.txt``) and also evaluates the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script by SageMaker: make `training` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training import letor
+from training.feature_spec import ITEM, MASK, Feature, FeatureSpec
+
+log = logging.getLogger("marketrank.train")
+LETOR_FEATURE = "features"
+#: Early-stopping signal -> (Keras log key, mode). The validation loss is weighted like training (IPW), so on
+#: position-biased clicks it tracks true relevance more smoothly than NDCG@10 of the sparse clicks does.
+EARLY_STOPPING = {"val_loss": ("val_loss", "min"), "val_ndcg_10": ("val_ndcg_10", "max")}
+#: Lists longer than this are sampled down for LETOR training (evaluation always uses whole lists).
+LETOR_TRAIN_LIST_SIZE = 200
+
+
+@dataclasses.dataclass
+class TrainResult:
+    export_dir: Path
+    history: dict[str, list[float]]
+    best_epoch: int
+    seconds: float
+    examples_per_second: float
+    mlflow_run_id: str | None
+
+
+def choose_strategy():
+    """One device, all local GPUs (MirroredStrategy) or several hosts (MultiWorkerMirroredStrategy via SM_HOSTS)."""
+    import tensorflow as tf
+
+    hosts = json.loads(os.environ.get("SM_HOSTS", "[]") or "[]")
+    if len(hosts) > 1 and os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def letor_spec(stats: letor.LetorStats, list_size: int) -> FeatureSpec:
+    feature = Feature(LETOR_FEATURE, ITEM, shape=(stats.num_features,), transform="log1p",
+                      mean=tuple(stats.mean), std=tuple(stats.std), description=f"LETOR features of {stats.path}")
+    return FeatureSpec(features=(feature,), list_size=list_size, label="label", eval_label="label",
+                       source="letor")
+
+
+def letor_batches(path: Path, spec: FeatureSpec, batch_size: int, list_size: int | None,
+                  seed: int | None = None) -> Callable[[], Iterator[dict[str, Any]]]:
+    """A re-iterable batch source over a LETOR file, keyed like the Parquet batches."""
+    num_features = spec[LETOR_FEATURE].shape[0]
+
+    sizes: list[int] = []
+
+    def batches():
+        if list_size is None and not sizes:
+            sizes.append(letor.scan_letor(path).max_list_size)
+        size = list_size or sizes[0]
+        for batch in letor.iter_letor_batches(path, num_features, size, batch_size, transform="none",
+                                              shuffle_docs_seed=seed):
+            yield {LETOR_FEATURE: batch["features"], "label": batch["label"], MASK: batch["mask"],
+                   "qid": batch["qid"]}
+
+    return batches
+
+
+class _EpochLogger:
+    """Keras callback body: per-epoch metrics to the log, MLflow and an optional progress hook."""
+
+    def __init__(self, mlflow_client, progress: Callable[[int, dict], None] | None):
+        import tensorflow as tf
+
+        outer = self
+
+        class Callback(tf.keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                logs = {k: float(v) for k, v in (logs or {}).items()}
+                log.info("epoch %d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())))
+                if outer.mlflow is not None:
+                    outer.mlflow.log_metrics(logs, step=epoch + 1)
+                if outer.progress is not None:
+                    outer.progress(epoch + 1, logs)
+
+        self.mlflow, self.progress, self.callback = mlflow_client, progress, Callback()
+
+
+def _mlflow(tracking_uri: str | None):
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        log.info("MLflow disabled: no MLFLOW_TRACKING_URI")
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str | Path,
+          output_dir: str | Path | None = None, *, model_name: str = "marketrank", version: int | None = None,
+          tracking_uri: str | None = None, experiment: str = "marketrank", run_name: str | None = None,
+          progress: Callable[[int, dict], None] | None = None, train_lists: int | None = None) -> TrainResult:
+    """Fit, early-stop on validation NDCG@10, export. Sources are split dirs or zero-argument batch callables."""
+    import tensorflow as tf
+
+    from training import data, export
+    from training.model import build_model, compile_model
+
+    tf.keras.utils.set_random_seed(hparams.seed)
+    eta = resolve_ipw_eta(hparams, spec)
+    extra = ("position",) if eta > 0 else ()
+
+    def source(src, shuffle: bool):
+        if callable(src):
+            return src
+        return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
+                                         seed=hparams.seed, columns_extra=extra)
+
+    train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position")
+    # Validation is weighted like training, so early stopping follows the debiased metric, not raw clicks.
+    valid_ds = data.make_dataset(source(valid_source, False), spec, ipw_eta=eta, position="position")
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_ds, valid_ds = train_ds.with_options(options), valid_ds.with_options(options)
+
+    with choose_strategy().scope():
+        model = compile_model(build_model(spec, hparams), hparams)
+    mlflow = _mlflow(tracking_uri)
+    run = None
+    if mlflow is not None:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name)
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+                           for k, v in dataclasses.asdict(hparams).items()})
+        mlflow.log_params({"features": len(spec.features), "list_size": spec.list_size, "source": spec.source,
+                           "ipw_eta_used": eta})
+    try:
+        epoch_logger = _EpochLogger(mlflow, progress)
+        monitor, mode = EARLY_STOPPING[hparams.early_stopping]
+        stopper = tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=hparams.patience,
+                                                   restore_best_weights=True)
+        start = time.perf_counter()
+        fit = model.fit(train_ds, validation_data=valid_ds, epochs=hparams.epochs, verbose=0,
+                        callbacks=[stopper, epoch_logger.callback, tf.keras.callbacks.TerminateOnNaN()])
+        seconds = time.perf_counter() - start
+        history = {k: [float(x) for x in v] for k, v in fit.history.items()}
+        if not history.get("val_ndcg_10"):
+            raise RuntimeError("training produced no epoch: is the training split empty?")
+        key, mode = EARLY_STOPPING[hparams.early_stopping]
+        pick = max if mode == "max" else min
+        best_epoch = int(pick(range(len(history[key])), key=history[key].__getitem__)) + 1
+        lists_seen = (train_lists or _count_lists(train_source)) * len(history["loss"])
+        export_dir = export.export_saved_model(model, spec, model_dir, model_name=model_name, version=version)
+        result = TrainResult(export_dir=export_dir, history=history, best_epoch=best_epoch, seconds=seconds,
+                             examples_per_second=lists_seen / seconds if seconds else 0.0,
+                             mlflow_run_id=run.info.run_id if run else None)
+        if mlflow is not None:
+            mlflow.log_metrics({"best_epoch": best_epoch, "train_seconds": seconds,
+                                "best_val_ndcg_10": max(history["val_ndcg_10"]),
+                                "lists_per_second": result.examples_per_second})
+            mlflow.log_artifacts(str(export_dir), artifact_path="model")
+            mlflow.log_dict(spec.to_dict(), "feature_spec.json")
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            summary = {**dataclasses.asdict(result), "export_dir": str(export_dir),
+                       "hparams": dataclasses.asdict(hparams)}
+            (Path(output_dir) / "training.json").write_text(json.dumps(summary, indent=2))
+        return result
+    finally:
+        if run is not None:
+            mlflow.end_run()
+
+
+def resolve_ipw_eta(hparams, spec: FeatureSpec) -> float:
+    """The position-bias exponent to weight with: the explicit hyperparameter, else the spec's estimate."""
+    if hparams.ipw_eta is not None:
+        return float(hparams.ipw_eta)
+    return float(spec.propensity_eta or 0.0) if spec.position else 0.0
+
+
+def _count_lists(source) -> int:
+    if callable(source):
+        return sum(len(batch[MASK]) for batch in source())
+    import pyarrow.parquet as pq
+
+    from training.data import shard_paths
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(source))
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    text = text.strip().strip("[]()")
+    return tuple(int(x) for x in text.replace(",", " ").split())
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "auto", "null") else float(text)
+
+
+def hparams_parser(parser: argparse.ArgumentParser) -> None:
+    """One flag per HParams field (SageMaker passes hyperparameters as ``--name value``)."""
+    from training.hparams import HParams
+
+    for field in dataclasses.fields(HParams):
+        flag = "--" + field.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type))
+        if field.name == "ipw_eta":
+            parser.add_argument(flag, type=_optional_float, default=field.default,
+                                help="position-bias exponent for IPW; 'auto' = the feature job's estimate")
+        elif field.name == "hidden":
+            parser.add_argument(flag, type=_int_tuple, default=field.default, help="hidden layer widths, e.g. 128,64")
+        else:
+            parser.add_argument(flag, type=kind or str, default=field.default)
+
+
+def hparams_from_args(args: argparse.Namespace):
+    from training.hparams import HParams
+
+    return HParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HParams)})
+
+
+def train_letor(letor_dir: str | Path, output_dir: str | Path, hparams, *, tracking_uri: str | None = None,
+                progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """LETOR path: stream train/vali/test files, early-stop on vali, export, evaluate test into evaluation.json."""
+    from training import evaluate
+
+    letor_dir, output_dir = Path(letor_dir), Path(output_dir)
+    paths = {name: letor_dir / f"{name}.txt" for name in ("train", "vali", "test")}
+    for name, path in paths.items():
+        if not path.exists():
+            raise FileNotFoundError(f"LETOR {name} split not found: {path}")
+    stats = letor.scan_letor(paths["train"])
+    spec = letor_spec(stats, list_size=min(stats.max_list_size, LETOR_TRAIN_LIST_SIZE))
+    result = train(letor_batches(paths["train"], spec, hparams.batch_size, spec.list_size, seed=hparams.seed),
+                   letor_batches(paths["vali"], spec, hparams.batch_size, None), spec, hparams,
+                   output_dir / "model", output_dir, tracking_uri=tracking_uri, progress=progress,
+                   run_name=f"letor-{letor_dir.name}", train_lists=stats.num_queries)
+    report = evaluate.evaluate(result.export_dir, letor_batches(paths["test"], spec, 256, None), output_dir)
+    return {"export_dir": str(result.export_dir), "evaluation": report, "train_seconds": result.seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the marketrank TF-Ranking model.")
+    parser.add_argument("--train", default=os.environ.get("SM_CHANNEL_TRAIN"))
+    parser.add_argument("--validation", default=os.environ.get("SM_CHANNEL_VALIDATION"))
+    parser.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    parser.add_argument("--output-data-dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    parser.add_argument("--model-name", default="marketrank")
+    parser.add_argument("--version", type=int, default=None)
+    parser.add_argument("--letor", default=None, help="LETOR dir with train.txt, vali.txt, test.txt")
+    parser.add_argument("--mlflow-tracking-uri", default=None)
+    hparams_parser(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        log.warning("ignoring unknown arguments: %s", unknown)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    hparams = hparams_from_args(args)
+    if args.letor:
+        summary = train_letor(args.letor, args.output_data_dir, hparams, tracking_uri=args.mlflow_tracking_uri)
+        log.info("LETOR test ndcg@10=%s", summary["evaluation"]["ranking_metrics"]["ndcg@10"]["value"])
+        return
+    if not args.train or not args.validation:
+        parser.error("--train and --validation (or SM_CHANNEL_TRAIN / SM_CHANNEL_VALIDATION) are required")
+    spec = FeatureSpec.load(args.train)
+    result = train(args.train, args.validation, spec, hparams, args.model_dir, args.output_data_dir,
+                   model_name=args.model_name, version=args.version, tracking_uri=args.mlflow_tracking_uri)
+    log.info("exported %s (best epoch %d, %.1fs)", result.export_dir, result.best_epoch, result.seconds)
+
+
+if __name__ == "__main__":
+    main()
