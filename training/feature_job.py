@@ -7,6 +7,7 @@ counts events with a timestamp strictly before its request. The split is by time
 Output layout (Parquet shards, streamed into tf.data by ``training.data``)::
 
     OUT/train/part-*.parquet   OUT/valid/...   OUT/test/...   OUT/feature_spec.json   OUT/stats.json
+    OUT/online/items/   OUT/online/users/   (feature store content: counters as of the end of the logs)
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ if __package__ in (None, ""):  # run as a script (spark-submit / SageMaker): mak
 
 from training import propensity, storage
 from training.feature_spec import FLOAT, STRING, Feature, FeatureSpec
-from training.features import FEATURES, assemble_features
+from training.features import FEATURES, ITEM_STATE_COLUMNS, USER_STATE_COLUMNS, assemble_features
 
 log = logging.getLogger("marketrank.feature_job")
 
 EVENT_GRADES = {"click": 1, "like": 2, "add_to_bag": 3, "purchase": 4}
 SPLITS = ("train", "valid", "test")
+#: Sub-directory of the output holding the feature store's content (state as of the end of the logs).
+ONLINE_DIR = "online"
 #: Required columns per raw table and the type family each must have.
 RAW_SCHEMA: dict[str, dict[str, str]] = {
     "users": {"user_id": "string", "country": "string", "size": "string", "signup_ts": "timestamp",
@@ -143,14 +146,12 @@ def _to_ms(frame, column: str):
     return F.col(column).cast("long")
 
 
-def point_in_time_rows(tables: dict):
-    """One row per impression with the raw columns of ``RAW_COLUMNS``: counters use only earlier events."""
-    from pyspark.sql import Window
+def _event_stream(tables: dict):
+    """Items with derived columns, requests with ``ts_ms``, and one time-ordered stream of impressions + events."""
     from pyspark.sql import functions as F
 
-    users, items, requests = tables["users"], tables["items"], tables["requests"]
+    items, requests = tables["items"], tables["requests"]
     impressions, interactions = tables["impressions"], tables["interactions"]
-
     unknown = (interactions.select("event").distinct()
                .filter(~F.col("event").isin(list(EVENT_GRADES))).limit(5).collect())
     if unknown:
@@ -178,7 +179,25 @@ def point_in_time_rows(tables: dict):
                       (F.col("event") == "add_to_bag").cast("int").alias("bag"),
                       F.when(F.col("event") == "click", F.col("lpi")).otherwise(0.0).alias("click_lpi"),
                       F.lit(False).alias("is_impression")))
-    stream = shown.unionByName(events)
+    return items, requests, shown.unionByName(events)
+
+
+def _user_profile(users):
+    from pyspark.sql import functions as F
+
+    return users.select(
+        "user_id", F.col("country").alias("user_country"), F.col("size").alias("user_size"),
+        F.col("fav_brands").alias("user_fav_brands"), F.col("fav_styles").alias("user_fav_styles"),
+        _to_ms(users, "signup_ts").alias("user_signup_ms"))
+
+
+def point_in_time_rows(tables: dict):
+    """One row per impression with the raw columns of ``RAW_COLUMNS``: counters use only earlier events."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    impressions, interactions = tables["impressions"], tables["interactions"]
+    items, requests, stream = _event_stream(tables)
 
     def before(*keys):  # strictly earlier events only: this is what keeps the counters leak-free
         return Window.partitionBy(*keys).orderBy("ts_ms").rangeBetween(Window.unboundedPreceding, -1)
@@ -199,10 +218,7 @@ def point_in_time_rows(tables: dict):
 
     grade = F.create_map(*[x for e, g in EVENT_GRADES.items() for x in (F.lit(e), F.lit(g))])
     labels = (interactions.groupBy("request_id", "item_id").agg(F.max(grade[F.col("event")]).alias("label")))
-    user_profile = users.select(
-        "user_id", F.col("country").alias("user_country"), F.col("size").alias("user_size"),
-        F.col("fav_brands").alias("user_fav_brands"), F.col("fav_styles").alias("user_fav_styles"),
-        _to_ms(users, "signup_ts").alias("user_signup_ms"))
+    user_profile = _user_profile(tables["users"])
     truth = [c for c in OPTIONAL_TRUTH if c in impressions.columns]
     return (impressions.select("request_id", "item_id", "position", *truth)
             .join(requests.select("request_id", "user_id", "ts_ms", "surface", "query"), "request_id")
@@ -217,6 +233,37 @@ def point_in_time_rows(tables: dict):
             .withColumn("views", F.col("views0") + F.col("views_before"))
             .withColumn("likes", F.col("likes0") + F.col("likes_before"))
             .drop("views0", "likes0", "views_before", "likes_before"))
+
+
+def online_state(tables: dict):
+    """The feature store's content: every counter as of the end of the logs (what serving looks up now).
+
+    Returns ``(items, users)`` DataFrames whose columns are ``training.features.ITEM_STATE_COLUMNS`` and
+    ``USER_STATE_COLUMNS`` (+ ids); ``training.features.online_raw_frame`` turns them into raw feature rows.
+    """
+    from pyspark.sql import functions as F
+
+    items, _, stream = _event_stream(tables)
+    totals = stream.groupBy("item_id").agg(F.sum("view").alias("views_n"), F.sum("like").alias("likes_n"),
+                                           F.sum("bag").alias("bags_n"))
+    item_state = (items.join(totals, "item_id", "left")
+                  .withColumn("views", F.col("views") + F.coalesce(F.col("views_n"), F.lit(0)))
+                  .withColumn("likes", F.col("likes") + F.coalesce(F.col("likes_n"), F.lit(0)))
+                  .withColumn("bags", F.coalesce(F.col("bags_n"), F.lit(0)))
+                  .select("item_id", *ITEM_STATE_COLUMNS))
+    clicks = stream.filter(F.col("click") == 1)
+    user_state = (_user_profile(tables["users"])
+                  .join(stream.groupBy("user_id").agg(F.sum("click").alias("user_clicks"),
+                                                      F.sum("click_lpi").alias("user_lpi_sum")), "user_id", "left"))
+    for key in ("brand", "style", "category"):
+        per_key = (clicks.groupBy("user_id", key).count()
+                   .groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct(key, "count")))
+                                           .alias(f"{key}_clicks")))
+        user_state = user_state.join(per_key, "user_id", "left")
+    user_state = (user_state.withColumn("user_clicks", F.coalesce(F.col("user_clicks"), F.lit(0)))
+                  .withColumn("user_lpi_sum", F.coalesce(F.col("user_lpi_sum"), F.lit(0.0)))
+                  .select("user_id", *USER_STATE_COLUMNS))
+    return item_state, user_state
 
 
 def _feature_schema(truth: list[str]):
@@ -341,6 +388,10 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
         say("writing Parquet shards")
         (lists.repartition(4, "split").sortWithinPartitions("ts_ms")
          .write.partitionBy("split").mode("overwrite").parquet(str(tmp)))
+        say("writing the online feature state")
+        item_state, user_state = online_state(tables)
+        item_state.coalesce(1).write.parquet(str(tmp / ONLINE_DIR / "items"))
+        user_state.coalesce(1).write.parquet(str(tmp / ONLINE_DIR / "users"))
         say("estimating position bias and the feature spec")
         position_bias = estimate_position_bias(tables, cuts[0])
         spec = build_spec(rows, lists, config, truth, position_bias)
@@ -355,7 +406,7 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
                                   f"split(s)")
         for split in SPLITS:
             (tmp / f"split={split}").rename(tmp / split)
-        for marker in tmp.glob("_SUCCESS"):
+        for marker in tmp.rglob("_SUCCESS"):
             marker.unlink()
         spec.save(tmp)
         for split in SPLITS:  # each split channel carries the spec, so a training job needs nothing else

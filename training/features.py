@@ -8,6 +8,9 @@ feature store calls it with the counters as of now. Neither re-implements it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -81,6 +84,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("query_title_overlap", ITEM, description="share of query tokens in the title"),
 )
 
+#: Feature-store state per item and per user (as of now): ``online_raw_frame`` turns it into RAW_COLUMNS rows.
+ITEM_STATE_COLUMNS = ("title", "category", "brand", "brand_tier", "style", "size", "condition", "price", "photos",
+                      "category_median_price", "listed_ms", "seller_rating", "seller_sales", "seller_country",
+                      "views", "likes", "bags")
+USER_STATE_COLUMNS = ("user_country", "user_size", "user_fav_brands", "user_fav_styles", "user_signup_ms",
+                      "user_clicks", "user_lpi_sum", "brand_clicks", "style_clicks", "category_clicks")
+
 #: Output columns that are not features but travel with each list.
 LIST_COLUMNS = ("request_id", "user_id", "ts_ms", "split")
 ITEM_COLUMNS = ("item_id", "position", "label", "relevance", "true_score")
@@ -143,3 +153,23 @@ def assemble_features(raw: pd.DataFrame) -> pd.DataFrame:
         if feature.dtype == FLOAT:
             out[feature.name] = np.asarray(out[feature.name], dtype=np.float32)
     return out
+
+
+def online_raw_frame(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
+                     items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """RAW_COLUMNS rows for one request from feature-store state (``USER_STATE_COLUMNS``, ``ITEM_STATE_COLUMNS``).
+
+    An unknown user (``None``) is a cold start: no country, size, favourites or history.
+    """
+    user = user or {}
+    per_key = {key: dict(user.get(f"{key}_clicks") or {}) for key in ("brand", "style", "category")}
+    rows = []
+    for item in items:
+        row = {c: item.get(c) for c in ITEM_STATE_COLUMNS}
+        row.update(surface=surface, query=query, ts_ms=ts_ms, user_country=user.get("user_country"),
+                   user_size=user.get("user_size"), user_fav_brands=user.get("user_fav_brands"),
+                   user_fav_styles=user.get("user_fav_styles"), user_signup_ms=user.get("user_signup_ms"),
+                   user_clicks=user.get("user_clicks") or 0, user_lpi_sum=user.get("user_lpi_sum") or 0.0,
+                   **{f"user_{key}_clicks": per_key[key].get(item.get(key), 0) for key in per_key})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(RAW_COLUMNS))
