@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 CATEGORIES = ["dresses", "tops", "jeans", "coats", "sneakers", "boots", "bags", "skirts", "knitwear", "jackets"]
 CATEGORY_BASE_PRICE = [28, 14, 24, 55, 45, 50, 40, 18, 22, 48]
@@ -62,6 +64,11 @@ SIZE_PRESETS: dict[str, SimConfig] = {
 def examination_probability(position: np.ndarray, position_bias: float) -> np.ndarray:
     """The chance a user looks at the item shown at 0-based ``position``."""
     return (1.0 + np.asarray(position, dtype=float)) ** -position_bias
+
+
+def _timestamps(epoch_ms) -> pd.Series | pd.DatetimeIndex:
+    """UTC timestamps at millisecond resolution whatever the pandas version (Spark reads ms, not ns)."""
+    return pd.to_datetime(epoch_ms, unit="ms", utc=True).astype("datetime64[ms, UTC]")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -117,7 +124,7 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
         "user_id": [f"u{u:06d}" for u in range(n_users)],
         "country": np.array(COUNTRIES)[user_country],
         "size": np.array(SIZES)[user_size],
-        "signup_ts": pd.to_datetime(START_MS - rng.integers(1, 720, n_users) * DAY_MS, unit="ms", utc=True),
+        "signup_ts": _timestamps(START_MS - rng.integers(1, 720, n_users) * DAY_MS),
         "fav_styles": [[STYLES[s] for s in np.flatnonzero(row)] for row in declared_styles],
         "fav_brands": [list(brands["brand"].to_numpy()[pref_brands[u, : fav_counts[u]]]) for u in range(n_users)],
     })
@@ -162,7 +169,7 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
         "size": np.array(SIZES)[item_size],
         "condition": np.array(CONDITIONS)[item_condition],
         "price": price,
-        "listed_ts": pd.to_datetime(listed_ms, unit="ms", utc=True),
+        "listed_ts": _timestamps(listed_ms),
         "photos": photos,
         "seller_id": [f"s{s:06d}" for s in seller],
         "seller_rating": seller_rating,
@@ -256,7 +263,7 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
     user_ids, item_ids = users["user_id"].to_numpy(), items["item_id"].to_numpy()
     requests = pd.DataFrame(req_rows, columns=["request_id", "user", "ts", "surface", "query", "policy"])
     requests["user_id"] = user_ids[requests.pop("user").to_numpy()]
-    requests["ts"] = pd.to_datetime(requests["ts"], unit="ms", utc=True)
+    requests["ts"] = _timestamps(requests["ts"])
     requests = requests[["request_id", "user_id", "ts", "surface", "query", "policy"]]
 
     req_idx = np.concatenate([x[0] for x in imp_rows])
@@ -273,7 +280,7 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
     interactions = pd.DataFrame({
         "request_id": np.char.add("r", np.char.zfill(np.concatenate([x[0] for x in int_rows]).astype(str), 8)),
         "item_id": item_ids[np.concatenate([x[1] for x in int_rows])],
-        "ts": pd.to_datetime(np.concatenate([x[2] for x in int_rows]), unit="ms", utc=True),
+        "ts": _timestamps(np.concatenate([x[2] for x in int_rows])),
         "event": np.concatenate([np.full(len(x[0]), x[3]) for x in int_rows]),
     })
     interactions = interactions.merge(requests[["request_id", "user_id"]], on="request_id")
@@ -283,12 +290,43 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
             "interactions": interactions}
 
 
+def _arrow_schemas() -> dict[str, pa.Schema]:
+    """Column types of the raw tables as written (the README's "Raw schema"); explicit, so that even an empty
+    table keeps its types and timestamps are milliseconds (Spark cannot read Parquet nanosecond timestamps)."""
+    ts, text, tags = pa.timestamp("ms", tz="UTC"), pa.string(), pa.list_(pa.string())
+    return {
+        "users": pa.schema([("user_id", text), ("country", text), ("size", text), ("signup_ts", ts),
+                            ("fav_styles", tags), ("fav_brands", tags)]),
+        "items": pa.schema([("item_id", text), ("title", text), ("category", text), ("brand", text),
+                            ("brand_tier", text), ("style", text), ("size", text), ("condition", text),
+                            ("price", pa.float64()), ("listed_ts", ts), ("photos", pa.int32()), ("seller_id", text),
+                            ("seller_rating", pa.float64()), ("seller_sales", pa.int64()),
+                            ("seller_country", text), ("views", pa.int64()), ("likes", pa.int64())]),
+        "requests": pa.schema([("request_id", text), ("user_id", text), ("ts", ts), ("surface", text),
+                               ("query", text), ("policy", text)]),
+        "impressions": pa.schema([("request_id", text), ("item_id", text), ("position", pa.int32()),
+                                  ("relevance", pa.int32()), ("true_score", pa.float64())]),
+        "interactions": pa.schema([("request_id", text), ("user_id", text), ("item_id", text), ("ts", ts),
+                                   ("event", text)]),
+    }
+
+
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, Path]:
-    """Write each table as ``<out_dir>/<table>/part-0.parquet`` (the layout the feature job reads)."""
+    """Write each table as ``<out_dir>/<table>/part-0.parquet`` (the layout the feature job reads).
+
+    The five simulator tables get their explicit schema; any other table (or a table whose columns a caller
+    changed, e.g. a test) is written as pandas infers it.
+    """
+    schemas = _arrow_schemas()
     paths = {}
     for name, frame in tables.items():
         path = Path(out_dir) / name / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(path, index=False)
+        schema = schemas.get(name)
+        if schema is not None and list(frame.columns) == schema.names:
+            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False, safe=False)
+        else:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        pq.write_table(table, path, coerce_timestamps="ms", allow_truncated_timestamps=True)
         paths[name] = path
     return paths

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -153,10 +154,12 @@ def _event_stream(tables: dict):
     items, requests = tables["items"], tables["requests"]
     impressions, interactions = tables["impressions"], tables["interactions"]
     unknown = (interactions.select("event").distinct()
-               .filter(~F.col("event").isin(list(EVENT_GRADES))).limit(5).collect())
+               .filter(F.col("event").isNull() | ~F.col("event").isin(list(EVENT_GRADES)))
+               .limit(5).collect())
     if unknown:
-        raise FeatureJobError(f"table 'interactions' column 'event' has unknown values "
-                              f"{sorted(r.event for r in unknown)}; expected one of {list(EVENT_GRADES)}")
+        values = sorted(repr(r.event) for r in unknown)
+        raise FeatureJobError(f"table 'interactions' column 'event' has unknown values {values}; "
+                              f"expected one of {list(EVENT_GRADES)}")
 
     medians = items.groupBy("category").agg(F.percentile_approx("price", 0.5).alias("category_median_price"))
     items = (items.join(medians, "category")
@@ -214,7 +217,8 @@ def point_in_time_rows(tables: dict):
                .filter("is_impression")
                .select("request_id", "item_id", *(F.coalesce(F.col(c), F.lit(0)).alias(c) for c in (
                    "views_before", "likes_before", "bags", "user_clicks", "user_lpi_sum", "user_brand_clicks",
-                   "user_style_clicks", "user_category_clicks"))))
+                   "user_style_clicks", "user_category_clicks")))
+               .dropDuplicates(["request_id", "item_id"]))  # an item shown twice in a request: same counters
 
     grade = F.create_map(*[x for e, g in EVENT_GRADES.items() for x in (F.lit(e), F.lit(g))])
     labels = (interactions.groupBy("request_id", "item_id").agg(F.max(grade[F.col("event")]).alias("label")))
@@ -349,11 +353,23 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
     Output is written to a temporary directory and moved into place only when complete: a failed job leaves
     nothing behind.
     """
-    from pyspark.sql import functions as F
 
     say = progress or (lambda message: log.info(message))
-    raw_dir = storage.stage_in(raw_uri)
-    local_out = Path(out_uri) if not storage.is_s3(out_uri) else Path(storage.tempfile.mkdtemp()) / "features"
+    scratch = Path(tempfile.mkdtemp(prefix="marketrank-features-"))  # staging for s3:// input and output
+    try:
+        raw_dir = storage.stage_in(raw_uri, scratch / "raw") if storage.is_s3(raw_uri) else storage.stage_in(raw_uri)
+        local_out = scratch / "features" if storage.is_s3(out_uri) else Path(out_uri)
+        stats = _run(spark, raw_dir, local_out, config, say)
+        if storage.is_s3(out_uri):
+            storage.stage_out(local_out, str(out_uri))
+        return stats
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: Callable[[str], None]) -> dict:
+    from pyspark.sql import functions as F
+
     tmp = local_out.parent / f".{local_out.name}.tmp-{uuid.uuid4().hex[:8]}"
     spark = spark or spark_session()
     spark.conf.set("spark.sql.shuffle.partitions", str(config.shuffle_partitions))
@@ -406,7 +422,7 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
                                   f"split(s)")
         for split in SPLITS:
             (tmp / f"split={split}").rename(tmp / split)
-        for marker in tmp.rglob("_SUCCESS"):
+        for marker in [*tmp.rglob("_SUCCESS"), *tmp.rglob(".*.crc")]:
             marker.unlink()
         spec.save(tmp)
         for split in SPLITS:  # each split channel carries the spec, so a training job needs nothing else
@@ -422,8 +438,6 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if storage.is_s3(out_uri):
-        storage.stage_out(local_out, str(out_uri))
     return stats
 
 

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script by SageMaker: make `training` i
 
 from training import letor
 from training.feature_spec import ITEM, MASK, Feature, FeatureSpec
+from training.tracking import Tracker
 
 log = logging.getLogger("marketrank.train")
 LETOR_FEATURE = "features"
@@ -86,7 +87,7 @@ def letor_batches(path: Path, spec: FeatureSpec, batch_size: int, list_size: int
 class _EpochLogger:
     """Keras callback body: per-epoch metrics to the log, MLflow and an optional progress hook."""
 
-    def __init__(self, mlflow_client, progress: Callable[[int, dict], None] | None):
+    def __init__(self, tracker, progress: Callable[[int, dict], None] | None):
         import tensorflow as tf
 
         outer = self
@@ -95,23 +96,12 @@ class _EpochLogger:
             def on_epoch_end(self, epoch, logs=None):
                 logs = {k: float(v) for k, v in (logs or {}).items()}
                 log.info("epoch %d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())))
-                if outer.mlflow is not None:
-                    outer.mlflow.log_metrics(logs, step=epoch + 1)
+                if outer.tracker is not None:
+                    outer.tracker.metrics(logs, step=epoch + 1)
                 if outer.progress is not None:
                     outer.progress(epoch + 1, logs)
 
-        self.mlflow, self.progress, self.callback = mlflow_client, progress, Callback()
-
-
-def _mlflow(tracking_uri: str | None):
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        log.info("MLflow disabled: no MLFLOW_TRACKING_URI")
-        return None
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    return mlflow
+        self.tracker, self.progress, self.callback = tracker, progress, Callback()
 
 
 def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str | Path,
@@ -143,17 +133,13 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
 
     with choose_strategy().scope():
         model = compile_model(build_model(spec, hparams), hparams)
-    mlflow = _mlflow(tracking_uri)
-    run = None
-    if mlflow is not None:
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
-                           for k, v in dataclasses.asdict(hparams).items()})
-        mlflow.log_params({"features": len(spec.features), "list_size": spec.list_size, "source": spec.source,
-                           "ipw_eta_used": eta})
+    tracker = Tracker.start(tracking_uri, experiment, run_name)
+    if tracker is not None:
+        tracker.params({**dataclasses.asdict(hparams), "features": len(spec.features), "list_size": spec.list_size,
+                        "source": spec.source, "ipw_eta_used": eta})
+    status = "FAILED"
     try:
-        epoch_logger = _EpochLogger(mlflow, progress)
+        epoch_logger = _EpochLogger(tracker, progress)
         monitor, mode = EARLY_STOPPING[hparams.early_stopping]
         stopper = tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=hparams.patience,
                                                    restore_best_weights=True)
@@ -171,22 +157,23 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
         export_dir = export.export_saved_model(model, spec, model_dir, model_name=model_name, version=version)
         result = TrainResult(export_dir=export_dir, history=history, best_epoch=best_epoch, seconds=seconds,
                              examples_per_second=lists_seen / seconds if seconds else 0.0,
-                             mlflow_run_id=run.info.run_id if run else None)
-        if mlflow is not None:
-            mlflow.log_metrics({"best_epoch": best_epoch, "train_seconds": seconds,
+                             mlflow_run_id=tracker.run_id if tracker else None)
+        if tracker is not None:
+            tracker.metrics({"best_epoch": best_epoch, "train_seconds": seconds,
                                 "best_val_ndcg_10": max(history["val_ndcg_10"]),
                                 "lists_per_second": result.examples_per_second})
-            mlflow.log_artifacts(str(export_dir), artifact_path="model")
-            mlflow.log_dict(spec.to_dict(), "feature_spec.json")
+            tracker.artifacts(export_dir, "model")
+            tracker.json(spec.to_dict(), "feature_spec.json")
         if output_dir is not None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             summary = {**dataclasses.asdict(result), "export_dir": str(export_dir),
                        "hparams": dataclasses.asdict(hparams)}
             (Path(output_dir) / "training.json").write_text(json.dumps(summary, indent=2))
+        status = "FINISHED"
         return result
     finally:
-        if run is not None:
-            mlflow.end_run()
+        if tracker is not None:
+            tracker.end(status)
 
 
 def resolve_ipw_eta(hparams, spec: FeatureSpec) -> float:
