@@ -14,8 +14,6 @@ import typer
 from marketrank import ui, workspace
 from training.hparams import HParams
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
-
 app = typer.Typer(help="marketrank: learning-to-rank for a second-hand fashion marketplace.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Simulated marketplace logs.", no_args_is_help=True)
@@ -43,6 +41,9 @@ def _one_line_errors(command):
 
 
 def _quiet_logs(verbose: bool) -> None:
+    if not verbose:  # set before TensorFlow / MLflow are imported (they read these once)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CUDA plugin noise on CPU-only machines
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("py4j", "absl", "tensorflow", "alembic", "mlflow"):

@@ -42,16 +42,16 @@ def step(title: str, total: float | None = None) -> Iterator[Step]:
 
 def quality_table(report: dict[str, Any], metrics: tuple[str, ...] = ("ndcg@5", "ndcg@10", "ndcg@20", "mrr", "map"),
                   ) -> Table:
-    """Rankers (rows) x metrics (columns) of a run report, with the per-surface NDCG@10."""
+    """Rankers (rows) x metrics (columns) of a run report, with the per-surface NDCG@10 ("<surface> @10")."""
     rankers = [name for name in ("challenger", "champion", "legacy", "oracle") if report.get(name)]
     segments = sorted({s for name in rankers for s in report[name].get("per_segment", {})})
     label = report.get("eval_label", "label")
     table = Table(title=f"Offline quality on the test split (label: {label}, lists: {report.get('lists', '?')})")
-    table.add_column("ranker")
+    table.add_column("ranker", no_wrap=True)
     for metric in metrics:
         table.add_column(metric, justify="right")
     for segment in segments:
-        table.add_column(f"ndcg@10 {segment}", justify="right")
+        table.add_column(f"{segment} @10", justify="right")
     for name in rankers:
         overall = report[name]["overall"]
         row = [name] + [_fmt(overall.get(m)) for m in metrics]

@@ -76,7 +76,10 @@ def spark_session(app: str = "marketrank-features"):
     # Python workers must run the interpreter that has this project's dependencies.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode talks to itself on loopback only
+    log_config = Path(__file__).with_name("log4j2.properties")
     return (SparkSession.builder.appName(app)
+            .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log_config}")
             .master(os.environ.get("SPARK_MASTER", "local[*]"))
             .config("spark.sql.shuffle.partitions", "8")
             .config("spark.ui.enabled", "false")
