@@ -12,6 +12,8 @@ from typing import Annotated
 import typer
 
 from marketrank import ui, workspace
+from pipelines.deploy import DeployError
+from pipelines.gate import GateThresholds
 from training.hparams import HParams
 
 app = typer.Typer(help="marketrank: learning-to-rank for a second-hand fashion marketplace.", no_args_is_help=True,
@@ -19,12 +21,15 @@ app = typer.Typer(help="marketrank: learning-to-rank for a second-hand fashion m
 data_app = typer.Typer(help="Simulated marketplace logs.", no_args_is_help=True)
 features_app = typer.Typer(help="The Spark feature job.", no_args_is_help=True)
 report_app = typer.Typer(help="Run reports.", no_args_is_help=True)
+endpoint_app = typer.Typer(help="The model endpoint: champion, shadow challenger, promotion, rollback.",
+                           no_args_is_help=True)
+app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 app.add_typer(report_app, name="report")
 
 #: Exceptions that are the user's input, not a bug: shown as one line.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, DeployError)
 
 
 def _one_line_errors(command):
@@ -53,6 +58,7 @@ def _quiet_logs(verbose: bool) -> None:
 Scorer = Annotated[str, typer.Option(help="dnn | din (document-interaction attention)")]
 Loss = Annotated[str, typer.Option(help="softmax | approx_ndcg | pairwise_logistic")]
 DEFAULT = HParams()
+GATE = GateThresholds()
 
 
 def _hparams(scorer: str, loss: str, epochs: int, learning_rate: float, batch_size: int, ipw_eta: float | None,
@@ -76,20 +82,27 @@ def run(
     batch_size: int = DEFAULT.batch_size,
     ipw_eta: Annotated[float | None, typer.Option(help="position-bias exponent; default: estimated")] = None,
     train_seed: int = DEFAULT.seed,
+    shuffle_labels: Annotated[bool, typer.Option(help="sanity check: train on labels shuffled within lists")] = False,
+    ndcg_floor: Annotated[float, typer.Option(help="gate: minimum NDCG@10")] = GATE.ndcg_floor,
+    min_lift: Annotated[float, typer.Option(help="gate: minimum 95% CI lower bound of the lift")] = GATE.min_lift,
+    shadow_sampling: Annotated[float, typer.Option(help="% of requests copied to the shadow")] = 100.0,
     fresh: Annotated[bool, typer.Option(help="regenerate data and features")] = False,
     verbose: bool = False,
 ) -> None:
-    """The local end-to-end job: data -> Spark features -> TF-Ranking -> SavedModel -> evaluation -> report."""
+    """The local pipeline: data -> Spark features -> TF-Ranking -> evaluation vs champion -> gate -> registry
+    -> shadow deployment on the local endpoint -> report."""
+    import dataclasses
+
     _quiet_logs(verbose)
     from pipelines.local import LocalRunConfig, run_local
 
-    config = LocalRunConfig(size=size, seed=seed, dataset=dataset, fresh=fresh,
-                            hparams=_hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, train_seed))
+    hparams = dataclasses.replace(_hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, train_seed),
+                                  shuffle_labels=shuffle_labels)
+    config = LocalRunConfig(size=size, seed=seed, dataset=dataset, fresh=fresh, hparams=hparams,
+                            thresholds=GateThresholds(ndcg_floor=ndcg_floor, min_lift=min_lift),
+                            shadow_sampling_percentage=shadow_sampling)
     report = run_local(config)
-    ui.console.print(ui.quality_table(report))
-    ratio = report.get("oracle_ratio")
-    ui.console.print(f"run {report['run_id']}: report {workspace.runs_dir() / report['run_id'] / 'report.json'}"
-                     + (f"; challenger reaches {ratio:.1%} of the oracle's NDCG@10" if ratio else ""))
+    ui.print_run(report)
 
 
 @data_app.command("generate")
@@ -163,14 +176,14 @@ def train(
 
         if letor is not None:
             summary = training.train_letor(letor, output, hparams, tracking_uri=workspace.mlflow_uri(),
-                                           progress=on_epoch)
+                                           progress=on_epoch, artifact_location=workspace.mlflow_artifacts())
             metrics = summary["evaluation"]["ranking_metrics"]
         else:
             from training.feature_spec import FeatureSpec
 
             result = training.train(features / "train", features / "valid", FeatureSpec.load(features / "train"),
                                     hparams, output / "model", output, tracking_uri=workspace.mlflow_uri(),
-                                    progress=on_epoch)
+                                    progress=on_epoch, artifact_location=workspace.mlflow_artifacts())
             summary, metrics = {"export_dir": str(result.export_dir)}, None
     ui.console.print(f"exported {summary['export_dir']}")
     if metrics:
@@ -200,9 +213,73 @@ def evaluate(
 @report_app.command("show")
 @_one_line_errors
 def report_show(run_id: Annotated[str, typer.Argument(help="run id or 'latest'")] = workspace.LATEST) -> None:
-    """Print a run's quality table."""
-    report = workspace.read_report(run_id)
-    ui.console.print(ui.quality_table(report))
+    """Print a run's quality table, gate decision and deployment."""
+    ui.print_run(workspace.read_report(run_id))
+
+
+Target = Annotated[str, typer.Option(help="local (the workspace's endpoint) or sagemaker (boto3, AWS_* env)")]
+EndpointName = Annotated[str, typer.Option("--endpoint", help="endpoint name")]
+CaptureUri = Annotated[str | None, typer.Option(help="SageMaker data capture S3 URI for new endpoint configs")]
+
+
+def _backend(target: str, endpoint: str, data_capture_uri: str | None):
+    from pipelines import deploy
+
+    if target == "local":
+        return deploy.LocalBackend(workspace.endpoints_dir(), endpoint)
+    if target == "sagemaker":
+        import boto3
+
+        return deploy.SageMakerBackend(boto3.client("sagemaker"), endpoint, data_capture_uri=data_capture_uri)
+    raise ValueError(f"unknown target {target!r}: use local or sagemaker")
+
+
+def _endpoint_action(action: str, target: str, endpoint: str, data_capture_uri: str | None) -> None:
+    from pipelines import deploy
+
+    backend = _backend(target, endpoint, data_capture_uri)
+    if target == "sagemaker":
+        import boto3
+
+        from pipelines import deploy_lambda
+
+        result = deploy_lambda.run({"action": action, "endpoint_name": endpoint}, boto3.client("sagemaker"),
+                                   boto3.client("s3"), boto3.client("ssm"))
+        result["state"] = json.loads(result["state"])
+    else:
+        result = {"promote": deploy.promote, "rollback": deploy.rollback}[action](backend)
+        from pipelines.local import sync_aliases
+        from pipelines.registry import LocalRegistry
+
+        if result["action"] != "noop":
+            result["aliases"] = sync_aliases(LocalRegistry(workspace.mlflow_uri(), workspace.models_dir()),
+                                             result["state"])
+    ui.console.print(json.dumps(result, indent=2))
+
+
+@endpoint_app.command("describe")
+@_one_line_errors
+def endpoint_describe(target: Target = "local", endpoint: EndpointName = "marketrank") -> None:
+    """Show the endpoint's production (champion) and shadow (challenger) variants."""
+    from pipelines import deploy
+
+    ui.console.print(json.dumps(deploy.describe(_backend(target, endpoint, None)), indent=2))
+
+
+@endpoint_app.command("promote")
+@_one_line_errors
+def endpoint_promote(target: Target = "local", endpoint: EndpointName = "marketrank",
+                     data_capture_uri: CaptureUri = None) -> None:
+    """Make the shadow challenger the production champion (the old champion is kept for rollback)."""
+    _endpoint_action("promote", target, endpoint, data_capture_uri)
+
+
+@endpoint_app.command("rollback")
+@_one_line_errors
+def endpoint_rollback(target: Target = "local", endpoint: EndpointName = "marketrank",
+                      data_capture_uri: CaptureUri = None) -> None:
+    """Back to the previous champion (or stop shadowing when nothing was promoted yet)."""
+    _endpoint_action("rollback", target, endpoint, data_capture_uri)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,33 @@ def quality_table(report: dict[str, Any], metrics: tuple[str, ...] = ("ndcg@5", 
     return table
 
 
+def print_run(report: dict[str, Any]) -> None:
+    """The run report as the CLI shows it: quality table, gate decision, deployment."""
+    console.print(quality_table(report))
+    if report.get("comparison"):
+        c = report["comparison"]
+        console.print(f"challenger - champion ({report.get('champion_model')}) ndcg@10: {c['mean_diff']:+.4f} "
+                      f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}] over {c['lists']} lists")
+    if report.get("gate"):
+        colour = "green" if report["gate"]["passed"] else "red"
+        console.print(f"[{colour}]{report['gate']['message']}[/{colour}]")
+    deployment = report.get("deployment") or {}
+    state = deployment.get("state") or {}
+    if deployment:
+        roles = ", ".join(f"{role}: {(state.get(role) or {}).get('model_name')}" for role in ("production", "shadow")
+                          if state.get(role))
+        console.print(f"endpoint {deployment.get('endpoint')}: {deployment.get('action')} ({roles or 'empty'})")
+    ratio = report.get("oracle_ratio")
+    console.print(f"run {report['run_id']}: {workspace_report_path(report)}"
+                  + (f"; challenger reaches {ratio:.1%} of the oracle's NDCG@10" if ratio else ""))
+
+
+def workspace_report_path(report: dict[str, Any]) -> str:
+    from marketrank import workspace
+
+    return str(workspace.runs_dir() / report["run_id"] / workspace.REPORT_FILE)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("value")

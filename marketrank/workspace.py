@@ -5,7 +5,9 @@
       data/<dataset>/features/{train,valid,test}/ + feature_spec.json       feature job output
       runs/<run-id>/{model/,evaluation/,training/,report.json}              one `marketrank run`
       runs/latest -> <run-id>
-      mlflow.db                                                             MLflow tracking + registry
+      mlflow.db, mlartifacts/                                               MLflow tracking + registry
+      models/<model-name>/<version>/                                         registered SavedModels (TF Serving layout)
+      endpoints/<endpoint>.json                                             local endpoint manifest (champion, shadow)
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ def runs_dir() -> Path:
 def mlflow_uri() -> str:
     """MLFLOW_TRACKING_URI when set, else the embedded sqlite store in the workspace."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def mlflow_artifacts() -> str:
+    """Where a local MLflow store keeps artifacts (beside its database, not in the current directory)."""
+    return (home() / "mlartifacts").as_uri()
+
+
+def models_dir() -> Path:
+    """Registered models in TF Serving's layout: ``models/<model-name>/<version>/saved_model.pb``."""
+    return home() / "models"
+
+
+def endpoints_dir() -> Path:
+    """Local endpoint manifests (``pipelines.deploy.LocalBackend``)."""
+    return home() / "endpoints"
 
 
 def new_run_id() -> str:

@@ -1,7 +1,9 @@
 """The local run: the pipeline's steps, in order, with local equivalents and the same entry points.
 
 generate data (simulator) -> PrepareFeatures (Spark ``local[*]``, ``training.feature_job``) -> Train
-(``training.train`` with SageMaker-style directories) -> Evaluate (``training.evaluate``) -> run report.
+(``training.train`` with SageMaker-style directories) -> Evaluate against the champion (``training.evaluate``)
+-> QualityGate (``pipelines.gate.decide``, the ConditionStep's checks) -> RegisterModel (MLflow registry) ->
+DeployShadow (``pipelines.deploy`` on the local endpoint's manifest) -> run report.
 Data and features are cached per dataset name in the workspace, so a second run only trains and evaluates.
 """
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from marketrank import simulator, ui, workspace
+from pipelines import deploy, gate
+from pipelines.registry import CHAMPION, LocalRegistry
 from training import report as evaluation_report
 from training.feature_spec import SPEC_FILE, FeatureSpec
 from training.hparams import HParams
@@ -31,6 +35,10 @@ class LocalRunConfig:
     hparams: HParams = HParams()
     #: Regenerate data and features even when the workspace has them.
     fresh: bool = False
+    thresholds: gate.GateThresholds = gate.GateThresholds()
+    endpoint: str = "marketrank"
+    #: Share of production requests the shadow (challenger) variant receives, in percent.
+    shadow_sampling_percentage: float = 100.0
 
     @property
     def dataset_name(self) -> str:
@@ -66,13 +74,14 @@ def train_model(features_dir: Path, run_dir: Path, hparams: HParams, run_name: s
 
         return train(features_dir / "train", features_dir / "valid", spec, hparams, run_dir / "model",
                      run_dir / "training", tracking_uri=workspace.mlflow_uri(), run_name=run_name,
-                     progress=on_epoch)
+                     progress=on_epoch, artifact_location=workspace.mlflow_artifacts())
 
 
 def evaluate_model(export_dir: Path, features_dir: Path, run_dir: Path, champion: Path | None = None) -> dict:
     from training.evaluate import evaluate
 
-    with ui.step("evaluate on the test split"):
+    title = "evaluate on the test split" + (f" against the champion ({champion.parent.name})" if champion else "")
+    with ui.step(title):
         return evaluate(export_dir, features_dir / "test", run_dir / "evaluation", champion)
 
 
@@ -83,6 +92,7 @@ def summarize(evaluation: dict[str, Any]) -> dict[str, Any]:
     out.update({name: block for name, block in evaluation["baselines"].items()})
     if evaluation.get("champion"):
         out["champion"] = evaluation["champion"]
+        out["comparison"] = evaluation["comparison"]
     primary = evaluation_report.PRIMARY_METRIC
     challenger = evaluation["ranking_metrics"][primary]["value"]
     if "oracle" in out and out["oracle"]["overall"][primary]["value"]:
@@ -112,10 +122,24 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
     else:
         ui.console.print(f"[dim]using features in {features_dir}[/dim]")
 
+    registry = LocalRegistry(workspace.mlflow_uri(), workspace.models_dir())
+    champion = registry.get(CHAMPION)
     run_dir = workspace.new_run_dir()
     result = train_model(features_dir, run_dir, config.hparams, run_name=run_dir.name)
-    evaluation = evaluate_model(result.export_dir, features_dir, run_dir)
+    evaluation = evaluate_model(result.export_dir, features_dir, run_dir,
+                                champion.saved_model_dir if champion else None)
     _log_to_mlflow(result.mlflow_run_id, evaluation)
+    decision = gate.decide(evaluation, config.thresholds)
+    registered, deployment = None, None
+    backend = deploy.LocalBackend(workspace.endpoints_dir(), config.endpoint)
+    if decision.passed:
+        registered = registry.register(result.export_dir, result.mlflow_run_id, description=decision.message)
+        challenger = deploy.Variant(registered.model_name, instance_type="local",
+                                    weight=config.shadow_sampling_percentage / 100)
+        deployment = deploy.deploy_shadow(backend, challenger)
+        deployment["aliases"] = sync_aliases(registry, deployment["state"])
+    else:  # a rejected challenger never touches the endpoint
+        deployment = {"action": "skipped", "reason": decision.message, **deploy.describe(backend)}
     report = {
         "run_id": run_dir.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -130,9 +154,23 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
         "eval_label": evaluation["eval_label"],
         "lists": evaluation["lists"],
         **summarize(evaluation),
+        "champion_model": champion.model_name if champion else None,
+        "gate": {**decision.to_dict(), "thresholds": dataclasses.asdict(config.thresholds)},
+        "registered": registered.to_dict() if registered else None,
+        "deployment": deployment,
     }
     workspace.write_report(run_dir, report)
     return report
+
+
+def sync_aliases(registry: LocalRegistry, state: dict[str, Any] | None) -> dict[str, int | None]:
+    """Registry aliases follow the endpoint: champion = production, challenger = shadow, previous = rollback."""
+    state = state or {}
+
+    def name(role: str) -> str | None:
+        return (state.get(role) or {}).get("model_name")
+
+    return registry.sync_aliases(name("production"), name("shadow"), name("previous"))
 
 
 def _log_to_mlflow(run_id: str | None, evaluation: dict[str, Any]) -> None:

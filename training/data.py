@@ -120,11 +120,24 @@ def _signature(spec: FeatureSpec, weights: bool):
     return (features, label, label) if weights else (features, label)
 
 
-def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: str | None = None):
+def shuffle_within_lists(labels: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Labels permuted among the real items of each list (padding stays in place)."""
+    keys = np.where(mask, rng.random(labels.shape), np.inf)
+    order = np.argsort(keys, axis=1)
+    shuffled = labels.copy()
+    for row in range(labels.shape[0]):
+        real = np.flatnonzero(mask[row])
+        shuffled[row, real] = labels[row, order[row, : real.size]]
+    return shuffled
+
+
+def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: str | None = None,
+                 shuffle_labels_seed: int | None = None):
     """tf.data.Dataset of (features, labels[, weights]) from a zero-argument callable returning batches.
 
     With ``ipw_eta > 0`` each item gets the inverse-propensity weight ``(1 + position) ** eta`` (examination
     probability modelled as ``(1 + position) ** -eta``), clipped and normalised to mean 1 over a batch's items.
+    ``shuffle_labels_seed`` permutes labels within each list (the deliberately bad model of the gate tests).
     """
     import tensorflow as tf
 
@@ -133,8 +146,11 @@ def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: 
     feature_names = [*spec.names, MASK]
 
     def generate():
+        rng = np.random.default_rng(shuffle_labels_seed)
         for batch in batches():
             features = {n: batch[n] for n in feature_names}
+            if shuffle_labels_seed is not None:
+                batch = {**batch, spec.label: shuffle_within_lists(batch[spec.label], batch[MASK], rng)}
             if ipw_eta > 0:
                 yield features, batch[spec.label], ipw_weights(batch[position], ipw_eta, batch[MASK])
             else:

@@ -67,6 +67,15 @@ def _untar(model_dir: Path) -> Path:
     return target
 
 
+def has_model(path: str | Path | None) -> bool:
+    """True when ``path`` holds a model (a SavedModel or SageMaker's model.tar.gz), not just a ``no-champion``
+    marker or nothing: the pipeline always mounts the champion prefix, and the first run has no champion."""
+    if not path or not Path(path).is_dir():
+        return False
+    root = Path(path)
+    return any(root.glob("*.tar.gz")) or any(root.rglob("saved_model.pb"))
+
+
 def parquet_batches(test_dir: str | Path, spec: FeatureSpec, batch_size: int = 256,
                     extra_specs: tuple[FeatureSpec, ...] = (), extra_labels: tuple[str, ...] = ()) -> Batches:
     """Whole (untruncated) test lists with the eval label, baselines' columns and any other model's features."""
@@ -165,14 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="/opt/ml/processing/model")
     parser.add_argument("--test", default="/opt/ml/processing/test")
     parser.add_argument("--champion", default="/opt/ml/processing/champion",
-                        help="champion model dir; ignored when missing or empty (first model)")
+                        help="champion model dir; ignored when it holds no model (first run)")
     parser.add_argument("--output", default="/opt/ml/processing/evaluation")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000)
     parser.add_argument("--eval-label", default=None, help="label column to evaluate on (default: the spec's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    champion = args.champion if args.champion and Path(args.champion).is_dir() and any(
-        Path(args.champion).iterdir()) else None
+    champion = args.champion if has_model(args.champion) else None
     result = evaluate(args.model, args.test, args.output, champion, eval_label=args.eval_label,
                       bootstrap_resamples=args.bootstrap_resamples)
     log.info("ndcg@10=%.4f", result["ranking_metrics"][report.PRIMARY_METRIC]["value"])

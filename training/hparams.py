@@ -29,6 +29,8 @@ class HParams:
     #: Inverse-propensity weighting of click labels by logged position: examination ~ (1 + pos) ** -ipw_eta.
     #: None uses the estimate the feature job wrote into the spec (no weighting if it has none); 0 disables.
     ipw_eta: float | None = None
+    #: Ablation / sanity check: permute the training labels within each list (a model that must not ship).
+    shuffle_labels: bool = False
     seed: int = 42
 
     def __post_init__(self) -> None:

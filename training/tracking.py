@@ -20,8 +20,13 @@ class Tracker:
         self.client, self.run_id = client, run_id
 
     @classmethod
-    def start(cls, tracking_uri: str | None, experiment: str, run_name: str | None = None) -> Tracker | None:
-        """A new run, or None when no tracking URI is configured (then nothing is tracked)."""
+    def start(cls, tracking_uri: str | None, experiment: str, run_name: str | None = None,
+              artifact_location: str | None = None) -> Tracker | None:
+        """A new run, or None when no tracking URI is configured (then nothing is tracked).
+
+        ``artifact_location`` applies when the experiment is created (a local store keeps artifacts beside its
+        database instead of in ``./mlruns`` of whatever directory the process runs in).
+        """
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             log.info("MLflow disabled: no MLFLOW_TRACKING_URI")
@@ -30,7 +35,8 @@ class Tracker:
 
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=artifact_location)
         return cls(client, client.create_run(experiment_id, run_name=run_name).info.run_id)
 
     def params(self, params: dict[str, Any]) -> None:

@@ -107,7 +107,8 @@ class _EpochLogger:
 def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str | Path,
           output_dir: str | Path | None = None, *, model_name: str = "marketrank", version: int | None = None,
           tracking_uri: str | None = None, experiment: str = "marketrank", run_name: str | None = None,
-          progress: Callable[[int, dict], None] | None = None, train_lists: int | None = None) -> TrainResult:
+          progress: Callable[[int, dict], None] | None = None, train_lists: int | None = None,
+          artifact_location: str | None = None) -> TrainResult:
     """Fit, early-stop on validation NDCG@10, export. Sources are split dirs or zero-argument batch callables."""
     import tensorflow as tf
 
@@ -124,7 +125,8 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
         return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
                                          seed=hparams.seed, columns_extra=extra)
 
-    train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position")
+    train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
+                                 shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None)
     # Validation is weighted like training, so early stopping follows the debiased metric, not raw clicks.
     valid_ds = data.make_dataset(source(valid_source, False), spec, ipw_eta=eta, position="position")
     options = tf.data.Options()
@@ -133,7 +135,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
 
     with choose_strategy().scope():
         model = compile_model(build_model(spec, hparams), hparams)
-    tracker = Tracker.start(tracking_uri, experiment, run_name)
+    tracker = Tracker.start(tracking_uri, experiment, run_name, artifact_location)
     if tracker is not None:
         tracker.params({**dataclasses.asdict(hparams), "features": len(spec.features), "list_size": spec.list_size,
                         "source": spec.source, "ipw_eta_used": eta})
@@ -198,6 +200,14 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.replace(",", " ").split())
 
 
+def _bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() in ("", "none", "auto", "null") else float(text)
 
@@ -208,7 +218,7 @@ def hparams_parser(parser: argparse.ArgumentParser) -> None:
 
     for field in dataclasses.fields(HParams):
         flag = "--" + field.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}.get(str(field.type))
+        kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(field.type))
         if field.name == "ipw_eta":
             parser.add_argument(flag, type=_optional_float, default=field.default,
                                 help="position-bias exponent for IPW; 'auto' = the feature job's estimate")
@@ -225,7 +235,8 @@ def hparams_from_args(args: argparse.Namespace):
 
 
 def train_letor(letor_dir: str | Path, output_dir: str | Path, hparams, *, tracking_uri: str | None = None,
-                progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int, dict], None] | None = None,
+                artifact_location: str | None = None) -> dict[str, Any]:
     """LETOR path: stream train/vali/test files, early-stop on vali, export, evaluate test into evaluation.json."""
     from training import evaluate
 
@@ -239,7 +250,8 @@ def train_letor(letor_dir: str | Path, output_dir: str | Path, hparams, *, track
     result = train(letor_batches(paths["train"], spec, hparams.batch_size, spec.list_size, seed=hparams.seed),
                    letor_batches(paths["vali"], spec, hparams.batch_size, None), spec, hparams,
                    output_dir / "model", output_dir, tracking_uri=tracking_uri, progress=progress,
-                   run_name=f"letor-{letor_dir.name}", train_lists=stats.num_queries)
+                   run_name=f"letor-{letor_dir.name}", train_lists=stats.num_queries,
+                   artifact_location=artifact_location)
     report = evaluate.evaluate(result.export_dir, letor_batches(paths["test"], spec, 256, None), output_dir)
     return {"export_dir": str(result.export_dir), "evaluation": report, "train_seconds": result.seconds}
 

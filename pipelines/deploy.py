@@ -1,0 +1,263 @@
+"""Deployment: the challenger in shadow of the champion, promotion and rollback, each idempotent.
+
+One module serves the pipeline's Lambda (``pipelines.deploy_lambda``), the CLI (``marketrank endpoint ...``),
+the local run and the tests. The decisions are pure functions from the endpoint's current state to the next
+one (``plan_*``); a backend reads and applies states: ``SageMakerBackend`` (boto3: Model, EndpointConfig with a
+ShadowProductionVariant and data capture, CreateEndpoint / UpdateEndpoint) or ``LocalBackend`` (a JSON manifest
+that the local endpoint serves).
+
+Idempotency: an EndpointConfig's name is a hash of the state it encodes, so re-applying a state finds the
+config already there and the endpoint already on it, and does nothing. Promotion keeps the old champion's
+model as ``previous`` (an EndpointConfig tag) for rollback; a retried promote or rollback finds nothing left
+to do and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+PREVIOUS_TAG = "marketrank:previous-production"
+PRODUCTION, SHADOW = "champion", "challenger"  # variant names
+
+
+class DeployError(RuntimeError):
+    """A deployment request that cannot be carried out; the message names the endpoint."""
+
+
+class EndpointBusy(DeployError):
+    """The endpoint is being created or updated: retry later (the Lambda step retries on this)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    model_name: str
+    instance_type: str = "ml.m5.large"
+    instance_count: int = 1
+    #: Production: 1.0. Shadow: the share of production requests copied to it (0.2 = 20%).
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointState:
+    production: Variant | None = None
+    shadow: Variant | None = None
+    #: The champion before the last promotion, kept for rollback.
+    previous: Variant | None = None
+
+    def config_suffix(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndpointState:
+        return cls(**{k: Variant(**v) if v else None for k, v in data.items()})
+
+
+# ---------------------------------------------------------------------------------------------- plans (pure)
+
+def plan_deploy_shadow(current: EndpointState | None, challenger: Variant) -> tuple[str, EndpointState]:
+    """First model: it becomes production. Otherwise the champion stays and the challenger shadows it."""
+    if current is None or current.production is None:
+        return "create", EndpointState(production=dataclasses.replace(challenger, weight=1.0))
+    if current.production.model_name == challenger.model_name:
+        return "noop", current
+    if current.shadow == challenger:
+        return "noop", current
+    return "shadow", dataclasses.replace(current, shadow=challenger)
+
+
+def plan_promote(current: EndpointState | None) -> tuple[str, EndpointState | None]:
+    """The shadow becomes production; the old champion is kept as ``previous``."""
+    if current is None or current.production is None:
+        raise DeployError("nothing is deployed: there is no endpoint to promote on")
+    if current.shadow is None:
+        return "noop", current
+    production = dataclasses.replace(current.shadow, weight=1.0, instance_count=current.production.instance_count)
+    return "promote", EndpointState(production=production, shadow=None, previous=current.production)
+
+
+def plan_rollback(current: EndpointState | None) -> tuple[str, EndpointState | None]:
+    """Back to the previous champion (and the shadow is dropped). A second rollback has nothing to do."""
+    if current is None or current.production is None:
+        raise DeployError("nothing is deployed: there is no endpoint to roll back")
+    if current.previous is None:
+        if current.shadow is not None:  # rolling back a shadow deployment = stop shadowing
+            return "drop-shadow", dataclasses.replace(current, shadow=None)
+        return "noop", current
+    return "rollback", EndpointState(production=current.previous, shadow=None, previous=None)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+class Backend(Protocol):
+    endpoint_name: str
+
+    def current(self) -> EndpointState | None: ...
+
+    def apply(self, state: EndpointState) -> str: ...
+
+    def describe_extra(self) -> dict[str, Any]: ...
+
+
+def _apply(backend: Backend, action: str, state: EndpointState | None) -> dict[str, Any]:
+    config = backend.apply(state) if action != "noop" and state is not None else None
+    return {"action": action, "endpoint": backend.endpoint_name, "endpoint_config_name": config,
+            "state": state.to_dict() if state else None}
+
+
+def deploy_shadow(backend: Backend, challenger: Variant) -> dict[str, Any]:
+    action, state = plan_deploy_shadow(backend.current(), challenger)
+    return _apply(backend, action, state)
+
+
+def promote(backend: Backend) -> dict[str, Any]:
+    action, state = plan_promote(backend.current())
+    return _apply(backend, action, state)
+
+
+def rollback(backend: Backend) -> dict[str, Any]:
+    action, state = plan_rollback(backend.current())
+    return _apply(backend, action, state)
+
+
+def describe(backend: Backend) -> dict[str, Any]:
+    state = backend.current()
+    return {"endpoint": backend.endpoint_name, "state": state.to_dict() if state else None,
+            **backend.describe_extra()}
+
+
+class SageMakerBackend:
+    """Reads and writes a real (or moto) SageMaker endpoint with boto3."""
+
+    def __init__(self, sagemaker_client, endpoint_name: str, *, data_capture_uri: str | None = None,
+                 kms_key_id: str | None = None):
+        self.sm, self.endpoint_name = sagemaker_client, endpoint_name
+        self.data_capture_uri, self.kms_key_id = data_capture_uri, kms_key_id
+
+    def _error(self, err: Exception, doing: str) -> DeployError:
+        return DeployError(f"endpoint {self.endpoint_name!r}: {doing} failed: {err}")
+
+    def _endpoint(self) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.sm.describe_endpoint(EndpointName=self.endpoint_name)
+        except ClientError as err:
+            if "Could not find" in str(err) or err.response["Error"]["Code"] in ("ValidationException",
+                                                                                  "ResourceNotFound"):
+                return None
+            raise self._error(err, "DescribeEndpoint") from err
+
+    def current(self) -> EndpointState | None:
+        endpoint = self._endpoint()
+        if endpoint is None:
+            return None
+        config = self.sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+
+        def variant(raw: dict[str, Any] | None) -> Variant | None:
+            if not raw:
+                return None
+            return Variant(model_name=raw["ModelName"], instance_type=raw.get("InstanceType", "ml.m5.large"),
+                           instance_count=int(raw.get("InitialInstanceCount", 1)),
+                           weight=float(raw.get("InitialVariantWeight", 1.0)))
+
+        tags = {t["Key"]: t["Value"] for t in self.sm.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]}
+        previous = Variant(**json.loads(tags[PREVIOUS_TAG])) if tags.get(PREVIOUS_TAG) else None
+        return EndpointState(production=variant((config.get("ProductionVariants") or [None])[0]),
+                             shadow=variant((config.get("ShadowProductionVariants") or [None])[0]),
+                             previous=previous)
+
+    def _config_spec(self, state: EndpointState) -> dict[str, Any]:
+        def variant(v: Variant, name: str) -> dict[str, Any]:
+            return {"VariantName": name, "ModelName": v.model_name, "InstanceType": v.instance_type,
+                    "InitialInstanceCount": v.instance_count, "InitialVariantWeight": v.weight}
+
+        spec: dict[str, Any] = {"ProductionVariants": [variant(state.production, PRODUCTION)]}
+        if state.shadow is not None:
+            spec["ShadowProductionVariants"] = [variant(state.shadow, SHADOW)]
+        if self.data_capture_uri:
+            spec["DataCaptureConfig"] = {
+                "EnableCapture": True, "InitialSamplingPercentage": 100, "DestinationS3Uri": self.data_capture_uri,
+                "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+                "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+                **({"KmsKeyId": self.kms_key_id} if self.kms_key_id else {})}
+        if self.kms_key_id:
+            spec["KmsKeyId"] = self.kms_key_id
+        return spec
+
+    def apply(self, state: EndpointState) -> str:
+        from botocore.exceptions import ClientError
+
+        endpoint = self._endpoint()
+        if endpoint is not None and endpoint["EndpointStatus"] in ("Creating", "Updating", "SystemUpdating",
+                                                                   "RollingBack"):
+            raise EndpointBusy(f"endpoint {self.endpoint_name!r} is {endpoint['EndpointStatus']}: retry later")
+        name = f"{self.endpoint_name}-{state.config_suffix()}"
+        tags = [{"Key": "marketrank:managed-by", "Value": "pipelines.deploy"}]
+        if state.previous is not None:
+            tags.append({"Key": PREVIOUS_TAG, "Value": json.dumps(dataclasses.asdict(state.previous))})
+        try:
+            try:
+                self.sm.describe_endpoint_config(EndpointConfigName=name)
+            except ClientError:
+                self.sm.create_endpoint_config(EndpointConfigName=name, Tags=tags, **self._config_spec(state))
+            if endpoint is None:
+                self.sm.create_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name)
+            elif endpoint["EndpointConfigName"] != name:
+                self.sm.update_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name)
+        except ClientError as err:
+            raise self._error(err, f"applying endpoint config {name}") from err
+        return name
+
+    def ensure_model(self, model_package_arn: str, role_arn: str) -> str:
+        """A SageMaker Model for a registered package (named after the package version; reused if present)."""
+        from botocore.exceptions import ClientError
+
+        match = re.search(r"model-package/([^/]+)/(\d+)$", model_package_arn)
+        if not match:
+            raise DeployError(f"not a versioned model package ARN: {model_package_arn!r}")
+        name = f"{match.group(1)}-v{match.group(2)}"[:63]
+        try:
+            self.sm.describe_model(ModelName=name)
+        except ClientError:
+            self.sm.create_model(ModelName=name, ExecutionRoleArn=role_arn,
+                                 Containers=[{"ModelPackageName": model_package_arn}])
+        return name
+
+    def describe_extra(self) -> dict[str, Any]:
+        endpoint = self._endpoint()
+        return {"status": endpoint["EndpointStatus"] if endpoint else "absent",
+                "endpoint_config_name": endpoint["EndpointConfigName"] if endpoint else None}
+
+
+class LocalBackend:
+    """The local endpoint's manifest (``<workspace>/endpoints/<name>.json``): same states, no AWS."""
+
+    def __init__(self, manifest_dir: str | Path, endpoint_name: str = "marketrank"):
+        self.endpoint_name = endpoint_name
+        self.path = Path(manifest_dir) / f"{endpoint_name}.json"
+
+    def current(self) -> EndpointState | None:
+        if not self.path.exists():
+            return None
+        return EndpointState.from_dict(json.loads(self.path.read_text())["state"])
+
+    def apply(self, state: EndpointState) -> str:
+        name = f"{self.endpoint_name}-{state.config_suffix()}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"endpoint": self.endpoint_name, "endpoint_config_name": name,
+                                   "state": state.to_dict()}, indent=2))
+        os.replace(tmp, self.path)  # the local endpoint never reads a half-written manifest
+        return name
+
+    def describe_extra(self) -> dict[str, Any]:
+        return {"status": "InService" if self.path.exists() else "absent", "manifest": str(self.path)}

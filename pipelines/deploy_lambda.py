@@ -1,0 +1,94 @@
+"""AWS Lambda entry point of the pipeline's DeployShadow step (and of promote / rollback automation).
+
+Event: ``{"action": "deploy_shadow" | "promote" | "rollback", "endpoint_name": ..., "model_package_arn": ...,
+"shadow_sampling_percentage": 20}``. Environment (set by the CDK stack): ``MODEL_EXECUTION_ROLE_ARN``,
+``INSTANCE_TYPE``, ``INSTANCE_COUNT``, ``DATA_CAPTURE_URI``, optional ``KMS_KEY_ID``, ``CHAMPION_PARAMETER``
+(SSM parameter holding the live champion's model data URL, read by ``cdk deploy`` so it never rolls the live
+model back) and ``CHAMPION_URI`` (S3 object the pipeline's Evaluate step reads as the champion).
+
+The outputs are top-level strings, as SageMaker's LambdaStep expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from pipelines import deploy
+
+log = logging.getLogger("marketrank.deploy_lambda")
+ACTIONS = ("deploy_shadow", "promote", "rollback")
+
+
+def _model_data_url(sm, model_name: str) -> str | None:
+    container = (sm.describe_model(ModelName=model_name).get("Containers") or [{}])[0]
+    if container.get("ModelDataUrl"):
+        return container["ModelDataUrl"]
+    if container.get("ModelPackageName"):
+        package = sm.describe_model_package(ModelPackageName=container["ModelPackageName"])
+        return package["InferenceSpecification"]["Containers"][0].get("ModelDataUrl")
+    return None
+
+
+def publish_champion(sm, s3, ssm, model_name: str, env: dict[str, str]) -> str | None:
+    """Point the SSM parameter and the champion S3 object at the live production model's artifact."""
+    url = _model_data_url(sm, model_name)
+    if not url:
+        return None
+    if env.get("CHAMPION_PARAMETER"):
+        ssm.put_parameter(Name=env["CHAMPION_PARAMETER"], Value=url, Type="String", Overwrite=True)
+    if env.get("CHAMPION_URI"):
+        from training.storage import split_s3
+
+        src_bucket, src_key = split_s3(url)
+        bucket, key = split_s3(env["CHAMPION_URI"])
+        s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
+    return url
+
+
+def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The handler's logic with its clients injected (tests pass moto clients)."""
+    env = dict(os.environ if env is None else env)
+    action = event.get("action", "deploy_shadow")
+    if action not in ACTIONS:
+        raise deploy.DeployError(f"unknown action {action!r}; expected one of {ACTIONS}")
+    endpoint = event.get("endpoint_name") or env.get("ENDPOINT_NAME")
+    if not endpoint:
+        raise deploy.DeployError("no endpoint_name in the event and no ENDPOINT_NAME in the environment")
+    backend = deploy.SageMakerBackend(sm, endpoint, data_capture_uri=env.get("DATA_CAPTURE_URI"),
+                                      kms_key_id=env.get("KMS_KEY_ID") or None)
+    before = backend.current()
+    if action == "deploy_shadow":
+        if not event.get("model_package_arn"):
+            raise deploy.DeployError(f"endpoint {endpoint!r}: deploy_shadow needs model_package_arn")
+        model = backend.ensure_model(event["model_package_arn"], env["MODEL_EXECUTION_ROLE_ARN"])
+        sampling = float(event.get("shadow_sampling_percentage", 20))
+        if not 0 < sampling <= 100:
+            raise deploy.DeployError(f"shadow_sampling_percentage must be in (0, 100], got {sampling}")
+        challenger = deploy.Variant(model, instance_type=env.get("INSTANCE_TYPE", "ml.m5.large"),
+                                    instance_count=int(env.get("INSTANCE_COUNT", "1")), weight=sampling / 100)
+        result = deploy.deploy_shadow(backend, challenger)
+    elif action == "promote":
+        result = deploy.promote(backend)
+    else:
+        result = deploy.rollback(backend)
+    state = result["state"]
+    production = (state or {}).get("production") or {}
+    champion_url = None
+    if production and (before is None or before.production is None
+                       or before.production.model_name != production["model_name"]):
+        champion_url = publish_champion(sm, s3, ssm, production["model_name"], env)
+    log.info("endpoint %s: %s -> %s", endpoint, result["action"], result["endpoint_config_name"])
+    return {"action": result["action"], "endpoint_config_name": result["endpoint_config_name"] or "",
+            "production_model": production.get("model_name", ""),
+            "shadow_model": ((state or {}).get("shadow") or {}).get("model_name", ""),
+            "champion_model_data_url": champion_url or "", "state": json.dumps(state)}
+
+
+def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    import boto3
+
+    logging.getLogger().setLevel(logging.INFO)
+    return run(event, boto3.client("sagemaker"), boto3.client("s3"), boto3.client("ssm"))
