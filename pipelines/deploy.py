@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 PREVIOUS_TAG = "marketrank:previous-production"
+#: Endpoint statuses during which its described config may be stale and no update is accepted.
+BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
 PRODUCTION, SHADOW = "champion", "challenger"  # variant names
 
 
@@ -104,6 +106,8 @@ class Backend(Protocol):
 
     def apply(self, state: EndpointState) -> str: ...
 
+    def ensure_settled(self) -> None: ...
+
     def describe_extra(self) -> dict[str, Any]: ...
 
 
@@ -113,19 +117,25 @@ def _apply(backend: Backend, action: str, state: EndpointState | None) -> dict[s
             "state": state.to_dict() if state else None}
 
 
+def _plan(backend: Backend, plan, *args: Any) -> tuple[str, EndpointState | None]:
+    """Plan from a settled endpoint (mid-update it still describes the old config) with errors naming it."""
+    backend.ensure_settled()
+    try:
+        return plan(backend.current(), *args)
+    except DeployError as err:
+        raise DeployError(f"endpoint {backend.endpoint_name!r}: {err}") from err
+
+
 def deploy_shadow(backend: Backend, challenger: Variant) -> dict[str, Any]:
-    action, state = plan_deploy_shadow(backend.current(), challenger)
-    return _apply(backend, action, state)
+    return _apply(backend, *_plan(backend, plan_deploy_shadow, challenger))
 
 
 def promote(backend: Backend) -> dict[str, Any]:
-    action, state = plan_promote(backend.current())
-    return _apply(backend, action, state)
+    return _apply(backend, *_plan(backend, plan_promote))
 
 
 def rollback(backend: Backend) -> dict[str, Any]:
-    action, state = plan_rollback(backend.current())
-    return _apply(backend, action, state)
+    return _apply(backend, *_plan(backend, plan_rollback))
 
 
 def describe(backend: Backend) -> dict[str, Any]:
@@ -193,12 +203,16 @@ class SageMakerBackend:
             spec["KmsKeyId"] = self.kms_key_id
         return spec
 
+    def ensure_settled(self) -> None:
+        endpoint = self._endpoint()
+        if endpoint is not None and endpoint["EndpointStatus"] in BUSY_STATUSES:
+            raise EndpointBusy(f"endpoint {self.endpoint_name!r} is {endpoint['EndpointStatus']}: retry later")
+
     def apply(self, state: EndpointState) -> str:
         from botocore.exceptions import ClientError
 
         endpoint = self._endpoint()
-        if endpoint is not None and endpoint["EndpointStatus"] in ("Creating", "Updating", "SystemUpdating",
-                                                                   "RollingBack"):
+        if endpoint is not None and endpoint["EndpointStatus"] in BUSY_STATUSES:
             raise EndpointBusy(f"endpoint {self.endpoint_name!r} is {endpoint['EndpointStatus']}: retry later")
         name = f"{self.endpoint_name}-{state.config_suffix()}"
         tags = [{"Key": "marketrank:managed-by", "Value": "pipelines.deploy"}]
@@ -223,7 +237,8 @@ class SageMakerBackend:
 
         match = re.search(r"model-package/([^/]+)/(\d+)$", model_package_arn)
         if not match:
-            raise DeployError(f"not a versioned model package ARN: {model_package_arn!r}")
+            raise DeployError(f"endpoint {self.endpoint_name!r}: not a versioned model package ARN: "
+                              f"{model_package_arn!r}")
         name = f"{match.group(1)}-v{match.group(2)}"[:63]
         try:
             self.sm.describe_model(ModelName=name)
@@ -249,6 +264,9 @@ class LocalBackend:
         if not self.path.exists():
             return None
         return EndpointState.from_dict(json.loads(self.path.read_text())["state"])
+
+    def ensure_settled(self) -> None:  # a manifest is replaced atomically: never mid-update
+        return None
 
     def apply(self, state: EndpointState) -> str:
         name = f"{self.endpoint_name}-{state.config_suffix()}"

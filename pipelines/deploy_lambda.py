@@ -63,10 +63,15 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
     if action == "deploy_shadow":
         if not event.get("model_package_arn"):
             raise deploy.DeployError(f"endpoint {endpoint!r}: deploy_shadow needs model_package_arn")
+        raw_sampling = event.get("shadow_sampling_percentage", 20)
+        try:
+            sampling = float(raw_sampling)
+        except (TypeError, ValueError):
+            sampling = float("nan")
+        if not 0 < sampling <= 100:  # checked before anything is created
+            raise deploy.DeployError(f"endpoint {endpoint!r}: shadow_sampling_percentage must be in (0, 100], "
+                                     f"got {raw_sampling!r}")
         model = backend.ensure_model(event["model_package_arn"], env["MODEL_EXECUTION_ROLE_ARN"])
-        sampling = float(event.get("shadow_sampling_percentage", 20))
-        if not 0 < sampling <= 100:
-            raise deploy.DeployError(f"shadow_sampling_percentage must be in (0, 100], got {sampling}")
         challenger = deploy.Variant(model, instance_type=env.get("INSTANCE_TYPE", "ml.m5.large"),
                                     instance_count=int(env.get("INSTANCE_COUNT", "1")), weight=sampling / 100)
         result = deploy.deploy_shadow(backend, challenger)
