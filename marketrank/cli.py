@@ -23,6 +23,8 @@ features_app = typer.Typer(help="The Spark feature job.", no_args_is_help=True)
 report_app = typer.Typer(help="Run reports.", no_args_is_help=True)
 endpoint_app = typer.Typer(help="The model endpoint: champion, shadow challenger, promotion, rollback.",
                            no_args_is_help=True)
+pipeline_app = typer.Typer(help="The SageMaker Pipeline: definition, upsert, start, status.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
@@ -51,7 +53,7 @@ def _quiet_logs(verbose: bool) -> None:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("py4j", "absl", "tensorflow", "alembic", "mlflow"):
+    for noisy in ("py4j", "absl", "tensorflow", "alembic", "mlflow", "sagemaker", "botocore", "moto"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
@@ -280,6 +282,96 @@ def endpoint_rollback(target: Target = "local", endpoint: EndpointName = "market
                       data_capture_uri: CaptureUri = None) -> None:
     """Back to the previous champion (or stop shadowing when nothing was promoted yet)."""
     _endpoint_action("rollback", target, endpoint, data_capture_uri)
+
+
+def _pipeline_config(name: str | None, region: str | None, bucket: str | None, role_arn: str | None):
+    import dataclasses
+
+    from pipelines.definition import PipelineConfig
+
+    overrides = {k: v for k, v in {"name": name, "region": region, "bucket": bucket, "role_arn": role_arn}.items()
+                 if v is not None}
+    return dataclasses.replace(PipelineConfig(), **overrides)
+
+
+PipelineName = Annotated[str | None, typer.Option("--name", help="pipeline name (default marketrank)")]
+Region = Annotated[str | None, typer.Option(help="AWS region (default eu-west-1)")]
+Bucket = Annotated[str | None, typer.Option(help="artifact bucket")]
+RoleArn = Annotated[str | None, typer.Option(help="SageMaker execution role ARN")]
+
+
+def _pipeline_errors(command):
+    """AWS failures of pipeline commands become one line naming the resource (PipelineError)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from pipelines.definition import PipelineError
+
+        try:
+            return command(*args, **kwargs)
+        except PipelineError as err:
+            ui.console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@pipeline_app.command("definition")
+@_one_line_errors
+@_pipeline_errors
+def pipeline_definition(name: PipelineName = None, region: Region = None, bucket: Bucket = None,
+                        role_arn: RoleArn = None) -> None:
+    """Print the pipeline definition JSON (offline: no AWS credentials needed)."""
+    _quiet_logs(False)
+    from pipelines.definition import definition_json
+
+    typer.echo(definition_json(_pipeline_config(name, region, bucket, role_arn)))
+
+
+@pipeline_app.command("upsert")
+@_one_line_errors
+@_pipeline_errors
+def pipeline_upsert(name: PipelineName = None, region: Region = None, bucket: Bucket = None,
+                    role_arn: RoleArn = None) -> None:
+    """Create or update the pipeline in SageMaker."""
+    _quiet_logs(False)
+    from pipelines.definition import upsert
+
+    ui.console.print(upsert(_pipeline_config(name, region, bucket, role_arn)))
+
+
+@pipeline_app.command("start")
+@_one_line_errors
+@_pipeline_errors
+def pipeline_start(
+    param: Annotated[list[str] | None, typer.Option("--param", help="KEY=VALUE pipeline parameter override")] = None,
+    name: PipelineName = None, region: Region = None, bucket: Bucket = None, role_arn: RoleArn = None,
+) -> None:
+    """Start an execution, optionally overriding parameters (--param Epochs=20 --param NdcgFloor=0.6)."""
+    _quiet_logs(False)
+    from pipelines.definition import start
+
+    overrides = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        overrides[key] = value
+    ui.console.print(start(_pipeline_config(name, region, bucket, role_arn), overrides))
+
+
+@pipeline_app.command("status")
+@_one_line_errors
+@_pipeline_errors
+def pipeline_status(
+    execution: Annotated[str | None, typer.Argument(help="execution ARN (default: the latest)")] = None,
+    name: PipelineName = None, region: Region = None,
+) -> None:
+    """Status of an execution and its steps."""
+    _quiet_logs(False)
+    from pipelines.definition import status
+
+    ui.console.print(json.dumps(status(_pipeline_config(name, region, None, None), execution), indent=2,
+                                default=str))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ def endpoints_dir() -> Path:
     return home() / "endpoints"
 
 
+def capture_dir() -> Path:
+    """Data capture of the local endpoint (SageMaker's JSONL layout): the shadow report reads it."""
+    return home() / "data-capture"
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 

@@ -45,9 +45,12 @@ class LocalRegistry:
                                                        description=description).version)
         model_name = f"{self.name}-v{version}"
         target = self.models_dir / model_name / Path(export_dir).name
+        staging = target.parent / f".{target.name}.tmp"  # the local endpoint never loads a half-copied version
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(export_dir, staging)
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(export_dir, target)
+        staging.rename(target)
         self.client.set_model_version_tag(self.name, str(version), EXPORT_TAG, str(target))
         return RegisteredModel(self.name, version, model_name, target)
 

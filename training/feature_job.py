@@ -114,6 +114,11 @@ def _compatible(actual: str, expected: str) -> bool:
             or (expected == "timestamp" and actual == "integer"))  # epoch milliseconds
 
 
+def _uri(path: Path) -> str:
+    """An explicit file:// URI: on a cluster (SageMaker's Spark image) a bare path would resolve to HDFS."""
+    return Path(path).resolve().as_uri()
+
+
 def read_raw_tables(spark, raw_dir: str | Path) -> dict:
     """Read and validate the five raw tables; errors name the table, column and path."""
     tables = {}
@@ -122,7 +127,7 @@ def read_raw_tables(spark, raw_dir: str | Path) -> dict:
         if not path.exists():
             raise FeatureJobError(f"table {table!r} not found: expected Parquet files under {path}")
         try:
-            frame = spark.read.parquet(str(path))
+            frame = spark.read.parquet(_uri(path))
         except Exception as err:  # noqa: BLE001 - Spark raises AnalysisException and friends
             raise FeatureJobError(f"table {table!r} at {path} is not readable Parquet: {err}") from err
         types = {field.name: _family(field.dataType) for field in frame.schema.fields}
@@ -406,11 +411,11 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
                  .persist())
         say("writing Parquet shards")
         (lists.repartition(4, "split").sortWithinPartitions("ts_ms")
-         .write.partitionBy("split").mode("overwrite").parquet(str(tmp)))
+         .write.partitionBy("split").mode("overwrite").parquet(_uri(tmp)))
         say("writing the online feature state")
         item_state, user_state = online_state(tables)
-        item_state.coalesce(1).write.parquet(str(tmp / ONLINE_DIR / "items"))
-        user_state.coalesce(1).write.parquet(str(tmp / ONLINE_DIR / "users"))
+        item_state.coalesce(1).write.parquet(_uri(tmp / ONLINE_DIR / "items"))
+        user_state.coalesce(1).write.parquet(_uri(tmp / ONLINE_DIR / "users"))
         say("estimating position bias and the feature spec")
         position_bias = estimate_position_bias(tables, cuts[0])
         spec = build_spec(rows, lists, config, truth, position_bias)

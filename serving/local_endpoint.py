@@ -1,0 +1,533 @@
+"""A local stand-in for TF Serving's REST API and a SageMaker real-time endpoint with a shadow variant.
+
+Production runs the real TF Serving image (on SageMaker, behind ``/ping`` and ``/invocations``). Here there is
+no Docker and no TF Serving binary, so this module plays both parts over the workspace, speaking the wire
+format of ``serving.wire``:
+
+* **Model server** (TF Serving): every ``<models_dir>/<model_name>/`` is one model's base path; of its numeric
+  version dirs (``<version>/saved_model.pb``; dot-prefixed staging dirs are ignored) the highest one that loads
+  is served (TF Serving's default "latest" policy). A background poller notices new and removed versions, loads
+  the new one, then swaps it in, so requests are never dropped. A version that fails to load is logged and tried
+  again only once its files change; the previous version stays in service meanwhile.
+  ``POST /v1/models/<name>[/versions/<v>]:predict``, ``GET /v1/models/<name>[/versions/<v>]`` (status),
+  ``GET /v1/models/<name>[/versions/<v>]/metadata``. Bad input: 400, unknown model or version: 404, both with
+  ``{"error": "..."}``.
+* **Endpoint** (SageMaker): the variants come from the endpoint manifest that ``pipelines.deploy.LocalBackend``
+  writes (re-read whenever the file changes, so ``marketrank endpoint promote`` takes effect live): variant
+  ``champion`` = ``state.production``, ``challenger`` = ``state.shadow``. ``GET /ping`` answers 200 once the
+  production model is loaded (503 before); ``POST /invocations`` (a TF Serving predict body) is answered by the
+  production variant, with ``X-Amzn-Invoked-Production-Variant: champion``. The endpoint's name is also a TF
+  Serving model name (``/v1/models/<endpoint>:predict``) that behaves like ``/invocations``.
+* **Shadow**: after the production answer is computed, with probability = the shadow variant's weight, a copy of
+  the request is queued on a separate thread pool (at most ``MAX_PENDING_SHADOW`` waiting; beyond that copies
+  are dropped). The response never waits for it; a shadow failure is only logged.
+* **Data capture** (``capture_dir``): each variant's request/response pair is appended as a SageMaker capture
+  record to ``<capture_dir>/<endpoint>/<variant>/<yyyy>/<mm>/<dd>/<hh>/<server-id>.jsonl`` (UTC), SageMaker's
+  S3 layout::
+
+      {"captureData": {"endpointInput": {"observedContentType": "application/json", "mode": "INPUT",
+                                         "data": "<request JSON text>", "encoding": "JSON"},
+                       "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
+                                          "data": "<response JSON text>", "encoding": "JSON"}},
+       "eventMetadata": {"eventId": "<uuid4>", "inferenceId": "<X-Amzn-SageMaker-Inference-Id or a uuid4>",
+                         "inferenceTime": "2024-05-01T12:00:00Z",
+                         "latencyMs": 3.2, "modelName": "<model>", "modelVersion": "<version>"},
+       "eventVersion": "0"}
+
+  ``latencyMs`` (the model's predict time), ``modelName`` and ``modelVersion`` are this endpoint's additions.
+  The production and shadow records of one request share ``inferenceId`` and ``inferenceTime`` (the time the
+  request arrived), so a shadow report can pair them. Only successful predictions are captured.
+
+Blocking TensorFlow work runs in threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+
+from pipelines.deploy import PRODUCTION, SHADOW, EndpointState
+from serving import wire
+
+log = logging.getLogger(__name__)
+
+INFERENCE_ID_HEADER = "X-Amzn-SageMaker-Inference-Id"
+VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
+#: Extra ``eventMetadata`` keys of the capture records.
+LATENCY_KEY, MODEL_KEY, VERSION_KEY = "latencyMs", "modelName", "modelVersion"
+MAX_PENDING_SHADOW = 64
+SERVE_TAG = "serve"
+
+
+class NotFound(LookupError):
+    """Unknown model or version (404)."""
+
+
+class Unavailable(RuntimeError):
+    """The endpoint cannot answer yet: no production variant, or its model is not loaded (503)."""
+
+
+# ---------------------------------------------------------------------------------------------- model server
+
+@dataclasses.dataclass
+class Servable:
+    """One loaded SavedModel version and its ``serving_default`` signature."""
+
+    name: str
+    version: int
+    path: Path
+    saved_model: Any  # keeps the signature's variables alive
+    signature: Any
+    inputs: dict[str, tf.TensorSpec]
+    signature_def: dict[str, dict]  # {"inputs": {name: tensor_info}, "outputs": {...}} for metadata
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path) -> Servable:
+        saved_model = tf.saved_model.load(str(path), tags=[SERVE_TAG])
+        if wire.SIGNATURE not in saved_model.signatures:
+            raise ValueError(f"no {wire.SIGNATURE!r} signature (has {sorted(saved_model.signatures)})")
+        signature = saved_model.signatures[wire.SIGNATURE]
+        return cls(name, version, path, saved_model, signature, dict(signature.structured_input_signature[1]),
+                   _signature_def(path))
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A predict response body for a predict request body; ``wire.WireError`` names what is wrong."""
+        inputs, signature, row_format = wire.request_inputs(body)
+        if signature != wire.SIGNATURE:
+            raise wire.WireError(f"signature {signature!r} not found (the model has {wire.SIGNATURE!r})")
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise wire.WireError(f"unknown input {unknown[0]!r}: the signature's inputs are {sorted(self.inputs)}")
+        missing = sorted(set(self.inputs) - set(inputs))
+        if missing:
+            raise wire.WireError(f"missing input {', '.join(map(repr, missing))}: the signature needs all of "
+                                 f"{sorted(self.inputs)}")
+        tensors = {name: _tensor(name, inputs[name], spec) for name, spec in self.inputs.items()}
+        batch = {name: int(t.shape[0]) for name, t in tensors.items() if t.shape.rank}
+        if len(set(batch.values())) > 1:
+            raise wire.WireError(f"inputs disagree on the batch size: {batch}")
+        try:
+            outputs = self.signature(**tensors)
+        except tf.errors.InvalidArgumentError as err:
+            raise wire.WireError(f"the model rejected the inputs: {err.message}") from err
+        return wire.predict_response({name: value.numpy() for name, value in outputs.items()}, row_format)
+
+
+def _signature_def(path: Path) -> dict[str, dict]:
+    """The ``serving_default`` SignatureDef as TF Serving's metadata API shows it (from saved_model.pb)."""
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    graph = next(g for g in saved.meta_graphs if SERVE_TAG in g.meta_info_def.tags)
+    signature = graph.signature_def[wire.SIGNATURE]
+
+    def infos(tensors) -> dict[str, dict]:
+        return {key: wire.tensor_info(t.name, types_pb2.DataType.Name(t.dtype), [d.size for d in t.tensor_shape.dim])
+                for key, t in sorted(tensors.items())}
+
+    return {"inputs": infos(signature.inputs), "outputs": infos(signature.outputs)}
+
+
+def _tensor(name: str, value: Any, spec: tf.TensorSpec) -> tf.Tensor:
+    """One JSON input as a tensor of the signature's dtype and shape, or a WireError naming the input."""
+    dtype = wire.DTYPES.get(np.dtype(spec.dtype.as_numpy_dtype), spec.dtype.name)
+    shape = [-1 if d is None else d for d in spec.shape.as_list()]
+    try:
+        if spec.dtype == tf.string:
+            array = np.asarray(value, dtype=object)
+            ok = all(isinstance(v, str) for v in array.flat)
+        else:
+            array = np.asarray(value)
+            ok = array.dtype == np.bool_ if spec.dtype == tf.bool else array.dtype.kind in "iuf"
+    except (TypeError, ValueError):  # ragged nested lists
+        ok = False
+    if not ok:
+        raise wire.WireError(f"input {name!r} must be a rectangular array of {dtype} with shape {shape} "
+                             f"(-1: any size)")
+    if not spec.shape.is_compatible_with(array.shape):
+        raise wire.WireError(f"input {name!r} must have shape {shape} (-1: any size), got {list(array.shape)}")
+    return tf.constant(array, dtype=spec.dtype)
+
+
+def _fingerprint(path: Path) -> tuple:
+    return tuple(sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in path.rglob("*") if p.is_file()))
+
+
+class ModelServer:
+    """TF Serving's model manager over ``models_dir``: one base path per model name, its latest version served."""
+
+    def __init__(self, models_dir: str | Path):
+        self.models_dir = Path(models_dir)
+        self._served: dict[str, Servable] = {}  # replaced, never mutated: readers need no lock
+        self._failed: dict[Path, tuple[tuple, str]] = {}  # version dir -> (fingerprint, load error)
+        self._lock = threading.Lock()
+
+    def get(self, name: str, version: int | str | None = None) -> Servable:
+        servable = self._served.get(name)
+        if servable is None:
+            errors = [f"{p.name}: {e}" for p, (_, e) in self._failed.copy().items() if p.parent.name == name]
+            hint = f" (failed to load {'; '.join(errors)})" if errors else ""
+            raise NotFound(f"Servable not found for request: Latest({name}){hint}")
+        if version is not None and int(version) != servable.version:
+            raise NotFound(f"Servable not found for request: Specific({name}, {version}) "
+                           f"(serving version {servable.version})")
+        return servable
+
+    def _versions(self) -> dict[str, list[tuple[int, Path]]]:
+        """Complete version dirs (``<version>/saved_model.pb``) per model name, highest first."""
+        found: dict[str, list[tuple[int, Path]]] = {}
+        if not self.models_dir.is_dir():
+            return found
+        for base in self.models_dir.iterdir():
+            if base.name.startswith(".") or not base.is_dir():
+                continue
+            versions = [(int(p.name), p) for p in base.iterdir()
+                        if p.name.isdigit() and (p / "saved_model.pb").is_file()]
+            if versions:
+                found[base.name] = sorted(versions, reverse=True)
+        return found
+
+    def _load(self, name: str, version: int, path: Path) -> Servable | None:
+        fingerprint = _fingerprint(path)
+        if path in self._failed and self._failed[path][0] == fingerprint:
+            return None  # failed before and unchanged since
+        started = time.perf_counter()
+        try:
+            servable = Servable.load(name, version, path)
+        except Exception as err:  # noqa: BLE001 - any broken SavedModel must leave the server running
+            self._failed[path] = (fingerprint, f"{type(err).__name__}: {err}".splitlines()[0])
+            log.error("model %s version %s failed to load from %s: %s", name, version, path, self._failed[path][1])
+            return None
+        self._failed.pop(path, None)
+        log.info("model %s version %s loaded from %s in %.1fs", name, version, path, time.perf_counter() - started)
+        return servable
+
+    def poll(self) -> None:
+        """Load new versions (then swap them in) and drop removed ones."""
+        with self._lock:
+            found = self._versions()
+            served = dict(self._served)
+            for name, versions in found.items():
+                current = served.get(name)
+                for version, path in versions:  # the highest version that is loaded or loads
+                    if current is not None and current.path == path:
+                        break
+                    servable = self._load(name, version, path)
+                    if servable is not None:
+                        served[name] = servable
+                        if current is not None:
+                            log.info("model %s: version %s replaces version %s", name, version, current.version)
+                        break
+                else:  # the served version is gone and no other one loads
+                    if current is not None:
+                        log.warning("model %s: version %s was removed and no other version loads, unloaded",
+                                    name, current.version)
+                        del served[name]
+            for name in set(served) - set(found):
+                log.info("model %s: no versions left under %s, unloaded", name, self.models_dir / name)
+                del served[name]
+            self._failed = {p: f for p, f in self._failed.items() if p.exists()}
+            self._served = served
+
+
+# ---------------------------------------------------------------------------------------------- endpoint
+
+def capture_record(request: bytes, response: bytes, inference_id: str, inference_time: datetime,
+                   latency_ms: float, servable: Servable) -> dict[str, Any]:
+    """One SageMaker data-capture record (JSON-encoded request and response)."""
+    def data(payload: bytes, mode: str) -> dict[str, str]:
+        return {"observedContentType": wire.CONTENT_TYPE, "mode": mode,
+                "data": payload.decode("utf-8", "replace"), "encoding": "JSON"}
+
+    return {"captureData": {"endpointInput": data(request, "INPUT"), "endpointOutput": data(response, "OUTPUT")},
+            "eventMetadata": {"eventId": str(uuid.uuid4()), "inferenceId": inference_id,
+                              "inferenceTime": inference_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              LATENCY_KEY: round(latency_ms, 3), MODEL_KEY: servable.name,
+                              VERSION_KEY: str(servable.version)},
+            "eventVersion": "0"}
+
+
+def read_capture(capture_dir: str | Path, endpoint: str, variant: str) -> list[dict[str, Any]]:
+    """All capture records of one variant, oldest hour first (a shadow report's input)."""
+    records = []
+    for path in sorted((Path(capture_dir) / endpoint / variant).glob("*/*/*/*/*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def _timed_predict(servable: Servable, body: dict[str, Any]) -> tuple[bytes, float]:
+    started = time.perf_counter()
+    response = servable.predict(body)
+    return wire.encode(response), (time.perf_counter() - started) * 1000
+
+
+class Endpoint:
+    """A SageMaker endpoint's variants (from the manifest), its shadow copies and its data capture."""
+
+    def __init__(self, manifest: Path | None, server: ModelServer, capture_dir: Path | None):
+        self.manifest, self.server = (Path(manifest) if manifest else None), server
+        self.name = self.manifest.stem if self.manifest else None  # LocalBackend names it <endpoint>.json
+        self.capture_dir = Path(capture_dir) / self.name if capture_dir and self.name else None
+        self._capture_file = f"{uuid.uuid4()}.jsonl"
+        self._state: EndpointState | None = None
+        self._stamp: tuple | None = None
+        self._lock, self._capture_lock = threading.Lock(), threading.Lock()
+        self._readiness: str | None = ""
+        self._shadow_pool = ThreadPoolExecutor(2, thread_name_prefix="shadow")
+        self._capture_pool = ThreadPoolExecutor(1, thread_name_prefix="capture")
+        self._shadow_slots = threading.BoundedSemaphore(MAX_PENDING_SHADOW)
+
+    def state(self) -> EndpointState | None:
+        """The manifest's state, re-read whenever the file changes (promote and rollback take effect live)."""
+        if self.manifest is None:
+            return None
+        try:
+            stat = self.manifest.stat()
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._state = EndpointState.from_dict(json.loads(self.manifest.read_text())["state"]) \
+                        if stamp else None
+                    log.info("endpoint %s: variants %s", self.name, self._state.to_dict() if self._state else None)
+                except (OSError, ValueError, KeyError, TypeError) as err:
+                    log.error("endpoint manifest %s is unreadable, keeping the previous variants: %s",
+                              self.manifest, err)
+            return self._state
+
+    def production(self) -> tuple[Servable, EndpointState]:
+        if self.manifest is None:
+            raise Unavailable("no endpoint manifest: this server only answers the TF Serving API")
+        state = self.state()
+        if state is None or state.production is None:
+            raise Unavailable(f"endpoint {self.name!r} has no production variant (manifest {self.manifest})")
+        try:
+            return self.server.get(state.production.model_name), state
+        except NotFound as err:
+            raise Unavailable(f"endpoint {self.name!r}: production variant {PRODUCTION!r} (model "
+                              f"{state.production.model_name!r}) is not loaded: {err}") from err
+
+    def readiness(self) -> str | None:
+        """None when the production variant can answer, else why not."""
+        try:
+            self.production()
+        except Unavailable as err:
+            return str(err)
+        return None
+
+    def log_readiness(self) -> None:
+        problem = self.readiness() if self.manifest else None
+        if problem != self._readiness and self.manifest:
+            if problem:
+                log.warning("endpoint %s is not ready: %s", self.name, problem)
+            else:
+                log.info("endpoint %s is ready", self.name)
+        self._readiness = problem
+
+    async def invoke(self, raw: bytes, inference_id: str | None) -> bytes:
+        """The production variant's response to a predict body; a shadow copy is queued off the response path."""
+        received = datetime.now(timezone.utc)
+        servable, state = self.production()
+        body = wire.decode(raw)
+        payload, latency = await run_in_threadpool(_timed_predict, servable, body)
+        inference_id = inference_id or str(uuid.uuid4())
+        with contextlib.suppress(RuntimeError):  # shutting down
+            self._capture_pool.submit(self._capture, PRODUCTION, raw, payload, inference_id, received, latency,
+                                      servable)
+        if state.shadow is not None and random.random() < state.shadow.weight:
+            self._copy_to_shadow(state.shadow.model_name, raw, body, inference_id, received)
+        return payload
+
+    def _copy_to_shadow(self, model_name: str, raw: bytes, body: dict, inference_id: str, received: datetime) -> None:
+        if not self._shadow_slots.acquire(blocking=False):
+            log.warning("endpoint %s: %d shadow copies pending, request %s not copied to the shadow", self.name,
+                        MAX_PENDING_SHADOW, inference_id)
+            return
+        try:
+            future = self._shadow_pool.submit(self._shadow, model_name, raw, body, inference_id, received)
+        except RuntimeError:  # shutting down
+            self._shadow_slots.release()
+            return
+        future.add_done_callback(lambda _: self._shadow_slots.release())
+
+    def _shadow(self, model_name: str, raw: bytes, body: dict, inference_id: str, received: datetime) -> None:
+        try:
+            servable = self.server.get(model_name)
+            payload, latency = _timed_predict(servable, body)
+        except Exception as err:  # noqa: BLE001 - a shadow failure must never reach production
+            log.warning("endpoint %s: shadow variant %r (model %r) failed on inference %s: %s", self.name, SHADOW,
+                        model_name, inference_id, err)
+            return
+        self._capture(SHADOW, raw, payload, inference_id, received, latency, servable)
+
+    def _capture(self, variant: str, raw: bytes, payload: bytes, inference_id: str, received: datetime,
+                 latency: float, servable: Servable) -> None:
+        if self.capture_dir is None:
+            return
+        record = capture_record(raw, payload, inference_id, received, latency, servable)
+        path = self.capture_dir / variant / received.strftime("%Y/%m/%d/%H") / self._capture_file
+        try:
+            with self._capture_lock:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as out:
+                    out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except OSError as err:
+            log.error("endpoint %s: data capture to %s failed: %s", self.name, path, err)
+
+    def close(self) -> None:
+        self._shadow_pool.shutdown(wait=False, cancel_futures=True)
+        self._capture_pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+def _json(payload: bytes | dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = payload if isinstance(payload, bytes) else wire.encode(payload)
+    return Response(body, status, headers, media_type=wire.CONTENT_TYPE)
+
+
+def _error_handler(status: int):
+    async def handle(request: Request, err: Exception) -> Response:
+        return _json(wire.error_body(str(err) if status < 500 or isinstance(err, Unavailable)
+                                     else f"internal error: {type(err).__name__}: {err}"), status)
+
+    return handle
+
+
+def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, capture_dir: Path | None = None,
+               poll_seconds: float = 2.0) -> Starlette:
+    """The local endpoint as an ASGI app (``app.state.server``: the ModelServer, ``app.state.endpoint``)."""
+    server = ModelServer(models_dir)
+    endpoint = Endpoint(endpoint_manifest, server, capture_dir)
+
+    def refresh() -> None:
+        server.poll()
+        endpoint.log_readiness()
+
+    def poll_forever(stop: threading.Event) -> None:
+        while not stop.wait(poll_seconds):
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001 - the poller must survive a bad scan
+                log.exception("model poll of %s failed", server.models_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        log.info("local endpoint: models %s, manifest %s, capture %s", server.models_dir, endpoint.manifest,
+                 endpoint.capture_dir)
+        await run_in_threadpool(refresh)
+        stop = threading.Event()
+        poller = threading.Thread(target=poll_forever, args=(stop,), name="model-poller", daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            poller.join(timeout=30)
+            endpoint.close()
+
+    async def tf_serving(request: Request) -> Response:
+        try:
+            parts = wire.parse_path(request.url.path)
+        except wire.WireError as err:
+            raise NotFound(f"Malformed request: {request.method} {request.url.path}") from err
+        if parts["label"]:
+            raise NotFound(f"version labels are not served here: {request.url.path}")
+        name, version, predict = parts["name"], parts["version"], parts["verb"] == ":predict"
+        if (request.method == "POST") != predict:
+            return _json(wire.error_body(f"Malformed request: {request.method} {request.url.path}"), 405)
+        alias = name == endpoint.name
+        servable = endpoint.production()[0] if alias else server.get(name, version)
+        if version is not None and int(version) != servable.version:
+            raise NotFound(f"Servable not found for request: Specific({name}, {version})")
+        if predict and alias:
+            payload = await endpoint.invoke(await request.body(), request.headers.get(INFERENCE_ID_HEADER))
+            return _json(payload, headers={VARIANT_HEADER: PRODUCTION})
+        if predict:
+            body = wire.decode(await request.body())
+            return _json((await run_in_threadpool(_timed_predict, servable, body))[0])
+        if parts["verb"] == "/metadata":
+            return _json(wire.metadata(name, servable.version, **servable.signature_def))
+        return _json(wire.model_status([(servable.version, "AVAILABLE")]))
+
+    async def ping(request: Request) -> Response:
+        servable, state = endpoint.production()
+        return _json({"endpoint": endpoint.name, PRODUCTION: {"model_name": servable.name,
+                                                              "version": str(servable.version)},
+                      SHADOW: state.shadow.model_name if state.shadow else None})
+
+    async def invocations(request: Request) -> Response:
+        payload = await endpoint.invoke(await request.body(), request.headers.get(INFERENCE_ID_HEADER))
+        return _json(payload, headers={VARIANT_HEADER: PRODUCTION})
+
+    routes = [
+        # TF Serving REST API: /v1/models/<name>[/versions/<v>][:predict|/metadata]
+        Route("/v1/models/{path:path}", tf_serving, methods=["GET", "POST"]),
+        # SageMaker real-time endpoint (the TF Serving inference image's container API)
+        Route("/ping", ping, methods=["GET"]),
+        Route("/invocations", invocations, methods=["POST"]),
+    ]
+    handlers = {wire.WireError: _error_handler(400), NotFound: _error_handler(404), Unavailable: _error_handler(503),
+                Exception: _error_handler(500)}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.server, app.state.endpoint = server, endpoint
+    return app
+
+
+@contextlib.contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread (port 0: a free one); yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="local-endpoint", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the local endpoint did not start on {host}:{port} (see the log above)")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, models_dir: str | Path | None = None,
+          endpoint_manifest: Path | None = None, capture_dir: Path | None = None, poll_seconds: float = 2.0,
+          endpoint: str = "marketrank") -> None:
+    """Run the local endpoint over the workspace (models/, endpoints/<endpoint>.json, data-capture/)."""
+    import uvicorn
+
+    from marketrank import workspace
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(models_dir or workspace.models_dir(),
+                     endpoint_manifest or workspace.endpoints_dir() / f"{endpoint}.json",
+                     capture_dir or workspace.capture_dir(), poll_seconds)
+    uvicorn.run(app, host=host, port=port)

@@ -1,0 +1,310 @@
+"""The local endpoint as a real HTTP server (uvicorn in a thread, httpx): hot reload, manifest-driven variants,
+shadow copies and data capture, readiness and errors.
+
+Model A is the session's exported model; model B is a stand-in with the same signature that scores every real
+item ``B_SCORE``, so an answer shows which model gave it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from pipelines import deploy
+from serving import local_endpoint, wire
+
+pytestmark = pytest.mark.slow
+
+B_SCORE = 7.0
+ENDPOINT = "shop"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run, tmp_path_factory) -> dict:
+    """Model A's export dir, model B's, a test batch and both models' expected scores for it."""
+    import tensorflow as tf
+
+    from training import export
+    from training.data import iter_batches
+    from training.feature_spec import MASK
+
+    export_dir = tiny_run["export_dir"]
+    spec = export.load_spec(export_dir)
+    batch = next(iter_batches(tiny_run["features"] / "test", spec, 2, list_size=None))
+    inputs = {name: batch[name] for name in [*spec.names, MASK]}
+
+    class Constant(tf.Module):
+        @tf.function(input_signature=[export.input_signature(spec)])
+        def serve(self, features):
+            return {export.OUTPUT: tf.where(features[MASK], tf.constant(B_SCORE), tf.constant(export.PAD_SCORE))}
+
+    constant = Constant()
+    b_dir = tmp_path_factory.mktemp("model-b") / "1"
+    tf.saved_model.save(constant, str(b_dir), signatures={wire.SIGNATURE: constant.serve})
+    signature = tf.saved_model.load(str(export_dir)).signatures[wire.SIGNATURE]
+    a_scores = signature(**{name: tf.constant(value) for name, value in inputs.items()})[wire.OUTPUT].numpy()
+    b_scores = np.where(inputs[MASK], B_SCORE, export.PAD_SCORE)
+    return {"a": export_dir, "b": b_dir, "version": int(export_dir.name), "inputs": inputs,
+            "request": wire.encode(wire.predict_request(inputs)), "a_scores": a_scores, "b_scores": b_scores}
+
+
+def install(src: Path, models: Path, name: str, version: int) -> Path:
+    """Copy a SavedModel in as ``<models>/<name>/<version>`` the way training.export does: staged, then renamed."""
+    staging = models / name / f".{version}.tmp"
+    shutil.copytree(src, staging)
+    return staging.rename(models / name / str(version))
+
+
+def wait_for(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout}s: {check.__doc__ or check}")
+        time.sleep(0.05)
+    return result
+
+
+def scores(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return wire.parse_scores(response.json())
+
+
+def status_version(http: httpx.Client, name: str) -> str | None:
+    response = http.get(f"/v1/models/{name}")
+    return response.json()["model_version_status"][0]["version"] if response.status_code == 200 else None
+
+
+def close(actual: np.ndarray, expected: np.ndarray) -> bool:
+    return actual.shape == expected.shape and np.allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- model server
+
+
+def test_hot_reload_swaps_in_new_versions_without_dropping_requests(model, tmp_path) -> None:
+    models, version = tmp_path / "models", model["version"]
+    install(model["a"], models, "ranker", version)
+    app = local_endpoint.create_app(models, None, None, poll_seconds=0.2)
+    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert status_version(http, "ranker") == str(version)
+        assert close(scores(http.post(wire.predict_path("ranker"), content=model["request"])), model["a_scores"])
+
+        failures, served, stop = [], [0], threading.Event()
+
+        def keep_predicting() -> None:
+            with httpx.Client(base_url=url, timeout=30) as own:
+                while not stop.is_set():
+                    response = own.post(wire.predict_path("ranker"), content=model["request"])
+                    served[0] += 1
+                    if response.status_code != 200:
+                        failures.append(response.text)
+
+        load = threading.Thread(target=keep_predicting)
+        load.start()
+        try:
+            # half-written versions are never loaded: a staging dir, and a version dir without saved_model.pb
+            (models / "ranker" / f".{version + 5}.tmp").mkdir()
+            (models / "ranker" / f".{version + 5}.tmp" / "saved_model.pb").write_bytes(b"half written")
+            (models / "ranker" / str(version + 6)).mkdir()
+            started = time.monotonic()
+            install(model["b"], models, "ranker", version + 1)
+            wait_for(lambda: status_version(http, "ranker") == str(version + 1), timeout=8)
+            assert time.monotonic() - started < 8
+        finally:
+            stop.set()
+            load.join()
+        assert failures == [] and served[0] > 0
+
+        assert close(scores(http.post(wire.predict_path("ranker"), content=model["request"])), model["b_scores"])
+        assert close(scores(http.post(wire.predict_path("ranker", version + 1), content=model["request"])),
+                     model["b_scores"])
+        # TF Serving's latest policy serves one version: the old one is gone
+        assert http.post(wire.predict_path("ranker", version), content=model["request"]).status_code == 404
+
+        shutil.rmtree(models / "ranker" / str(version + 1))  # removed: back to the highest remaining version
+        wait_for(lambda: status_version(http, "ranker") == str(version), timeout=8)
+        assert close(scores(http.post(wire.predict_path("ranker"), content=model["request"])), model["a_scores"])
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory):
+    models = tmp_path_factory.mktemp("served")
+    install(model["a"], models, "ranker", model["version"])
+    app = local_endpoint.create_app(models, None, None, poll_seconds=30)
+    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        yield http
+
+
+def _bad_inputs(inputs: dict) -> list[tuple[str, dict, str]]:
+    """(case, inputs, the input name the 400 must name)."""
+    return [
+        ("unknown input", {**inputs, "bogus": [1.0, 2.0]}, "bogus"),
+        ("missing input", {k: v for k, v in inputs.items() if k != "mask"}, "mask"),
+        ("float mask", {**inputs, "mask": inputs["mask"].astype(np.float32)}, "mask"),
+        ("numbers for a string feature", {**inputs, "surface": [1.0, 2.0]}, "surface"),
+        ("strings for a float feature", {**inputs, "views": np.full(inputs["views"].shape, "x", dtype=object)},
+         "views"),
+        ("context feature with an item axis", {**inputs, "user_history": [[1.0], [2.0]]}, "user_history"),
+        ("item feature without one", {**inputs, "price_gap": [1.0, 2.0]}, "price_gap"),
+        ("ragged item feature", {**inputs, "likes": [[1.0, 2.0], [1.0]]}, "likes"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_inputs_are_400s_that_name_the_input(served, model, case) -> None:
+    name, inputs, culprit = _bad_inputs(model["inputs"])[case]
+    assert culprit in {*model["inputs"], "bogus"}, "the test batch lost a feature it relies on"
+    response = served.post(wire.predict_path("ranker"), content=wire.encode(wire.predict_request(inputs)))
+    assert response.status_code == 400, (name, response.text)
+    assert f"'{culprit}'" in response.json()["error"], (name, response.json())
+
+
+def test_other_bad_requests_are_400s(served, model) -> None:
+    short = {**model["inputs"], "user_history": model["inputs"]["user_history"][:1]}
+    cases = [wire.encode(wire.predict_request(short)),  # the inputs disagree on the batch size
+             wire.encode(wire.predict_request(model["inputs"], signature_name="classify")),
+             wire.encode({"instances": "not rows"}), b"[1, 2]", b"{"]
+    for body in cases:
+        response = served.post(wire.predict_path("ranker"), content=body)
+        assert response.status_code == 400 and set(response.json()) == {"error"}, (body[:40], response.text)
+
+
+def test_unknown_models_versions_and_paths_are_404s(served, model) -> None:
+    for response in (served.post(wire.predict_path("nope"), content=model["request"]),
+                     served.post(wire.predict_path("ranker", 1), content=model["request"]),
+                     served.get("/v1/models/nope"), served.get("/v1/models/nope/metadata"),
+                     served.get("/v1/models/ranker/labels/stable"), served.post("/v1/models/ranker:classify")):
+        assert response.status_code == 404, response.text
+        assert set(response.json()) == {"error"}
+    assert "nope" in served.get("/v1/models/nope").json()["error"]
+    # no manifest: the SageMaker side answers, but is not ready
+    assert served.get("/ping").status_code == 503
+    assert served.post("/invocations", content=model["request"]).status_code == 503
+
+
+# ---------------------------------------------------------------------------------------------- endpoint
+
+
+def test_variants_follow_the_manifest_with_shadow_capture_and_live_promotion(model, tmp_path) -> None:
+    models, capture = tmp_path / "models", tmp_path / "capture"
+    install(model["a"], models, "model-a", model["version"])
+    install(model["b"], models, "model-b", 1)
+    backend = deploy.LocalBackend(tmp_path / "endpoints", ENDPOINT)
+    deploy.deploy_shadow(backend, deploy.Variant("model-a"))
+    deploy.deploy_shadow(backend, deploy.Variant("model-b", weight=1.0))
+    app = local_endpoint.create_app(models, backend.path, capture, poll_seconds=0.2)
+    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        ping = http.get("/ping")
+        assert ping.status_code == 200 and ping.json()[deploy.PRODUCTION]["model_name"] == "model-a"
+
+        answers = []
+        for inference_id in ("req-1", None):
+            headers = {local_endpoint.INFERENCE_ID_HEADER: inference_id} if inference_id else {}
+            response = http.post("/invocations", content=model["request"], headers=headers)
+            assert response.headers[local_endpoint.VARIANT_HEADER] == deploy.PRODUCTION
+            assert close(scores(response), model["a_scores"])  # the production variant answers
+            answers.append(response.content)
+
+        def records(variant: str) -> list[dict]:
+            return local_endpoint.read_capture(capture, ENDPOINT, variant)
+
+        wait_for(lambda: len(records(deploy.PRODUCTION)) == 2 and len(records(deploy.SHADOW)) == 2)
+        production, shadow = records(deploy.PRODUCTION), records(deploy.SHADOW)
+        for record in production + shadow:
+            assert set(record) == {"captureData", "eventMetadata", "eventVersion"} and record["eventVersion"] == "0"
+            assert set(record["captureData"]) == {"endpointInput", "endpointOutput"}
+            for key, mode in (("endpointInput", "INPUT"), ("endpointOutput", "OUTPUT")):
+                assert record["captureData"][key] | {"data": None} == {
+                    "observedContentType": "application/json", "mode": mode, "data": None, "encoding": "JSON"}
+            assert record["captureData"]["endpointInput"]["data"] == model["request"].decode()
+            meta = record["eventMetadata"]
+            uuid.UUID(meta["eventId"])
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["inferenceTime"])
+            assert isinstance(meta[local_endpoint.LATENCY_KEY], float) and meta[local_endpoint.LATENCY_KEY] >= 0
+        assert [r["captureData"]["endpointOutput"]["data"].encode() for r in production] == answers
+        for record in shadow:
+            assert record["eventMetadata"][local_endpoint.MODEL_KEY] == "model-b"
+            assert close(wire.parse_scores(wire.decode(record["captureData"]["endpointOutput"]["data"])),
+                         model["b_scores"])
+        ids = [r["eventMetadata"]["inferenceId"] for r in production]
+        assert ids[0] == "req-1" and uuid.UUID(ids[1])  # generated when the caller sent none
+        assert sorted(ids) == sorted(r["eventMetadata"]["inferenceId"] for r in shadow)  # pairs
+        assert len({r["eventMetadata"]["eventId"] for r in production + shadow}) == 4
+
+        # SageMaker's S3 layout: <endpoint>/<variant>/yyyy/mm/dd/hh/<file>.jsonl, the hour of inferenceTime
+        for variant, found in ((deploy.PRODUCTION, production), (deploy.SHADOW, shadow)):
+            hours = {re.sub(r"[-T]", "/", r["eventMetadata"]["inferenceTime"][:13]) for r in found}
+            files = list((capture / ENDPOINT / variant).rglob("*.jsonl"))
+            assert {f.parent for f in files} == {capture / ENDPOINT / variant / hour for hour in hours}, files
+
+        assert deploy.promote(backend)["action"] == "promote"  # what `marketrank endpoint promote` does
+        assert close(scores(http.post("/invocations", content=model["request"])), model["b_scores"])
+        assert close(scores(http.post(wire.predict_path(ENDPOINT), content=model["request"])), model["b_scores"])
+        assert http.get("/ping").json()[deploy.PRODUCTION]["model_name"] == "model-b"
+        assert status_version(http, ENDPOINT) == "1"
+
+
+def test_ping_is_503_until_the_production_model_is_loaded(model, tmp_path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    backend = deploy.LocalBackend(tmp_path / "endpoints", ENDPOINT)
+    app = local_endpoint.create_app(models, backend.path, None, poll_seconds=0.2)
+    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("/ping").status_code == 503  # no manifest yet
+        deploy.deploy_shadow(backend, deploy.Variant("late"))
+        response = http.get("/ping")
+        assert response.status_code == 503 and "'late'" in response.json()["error"]
+        invocation = http.post("/invocations", content=model["request"])
+        assert invocation.status_code == 503 and set(invocation.json()) == {"error"}
+
+        install(model["b"], models, "late", 3)
+        wait_for(lambda: http.get("/ping").status_code == 200, timeout=8)
+        assert close(scores(http.post("/invocations", content=model["request"])), model["b_scores"])
+
+
+def test_shadow_failures_and_slowness_never_reach_production(model, tmp_path, monkeypatch) -> None:
+    models, capture = tmp_path / "models", tmp_path / "capture"
+    install(model["a"], models, "model-a", model["version"])
+    install(model["b"], models, "slow", 1)
+    (models / "broken" / "1").mkdir(parents=True)
+    (models / "broken" / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    backend = deploy.LocalBackend(tmp_path / "endpoints", ENDPOINT)
+    backend.apply(deploy.EndpointState(production=deploy.Variant("model-a"),
+                                       shadow=deploy.Variant("broken", weight=1.0)))
+    app = local_endpoint.create_app(models, backend.path, capture, poll_seconds=0.2)
+    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert "failed to load" in http.get("/v1/models/broken").json()["error"]
+        for _ in range(3):  # a shadow that does not load
+            assert close(scores(http.post("/invocations", content=model["request"])), model["a_scores"])
+
+        called, release = threading.Event(), threading.Event()
+
+        def slow_then_fail(body):
+            called.set()
+            release.wait(3.0)
+            raise RuntimeError("shadow exploded")
+
+        monkeypatch.setattr(app.state.server.get("slow"), "predict", slow_then_fail)
+        backend.apply(deploy.EndpointState(production=deploy.Variant("model-a"),
+                                           shadow=deploy.Variant("slow", weight=1.0)))
+        try:
+            for i in range(5):  # a shadow that takes 3 s, then raises
+                started = time.monotonic()
+                response = http.post("/invocations", content=model["request"],
+                                     headers={local_endpoint.INFERENCE_ID_HEADER: f"slow-{i}"})
+                assert time.monotonic() - started < 1.0
+                assert close(scores(response), model["a_scores"])
+            assert called.wait(5), "the shadow was never called"
+        finally:
+            release.set()
+        wait_for(lambda: len(local_endpoint.read_capture(capture, ENDPOINT, deploy.PRODUCTION)) == 8)
+        assert local_endpoint.read_capture(capture, ENDPOINT, deploy.SHADOW) == []  # failures are not captured
+        assert http.get("/ping").status_code == 200
