@@ -25,6 +25,8 @@ endpoint_app = typer.Typer(help="The model endpoint: champion, shadow challenger
                            no_args_is_help=True)
 pipeline_app = typer.Typer(help="The SageMaker Pipeline: definition, upsert, start, status.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+shadow_app = typer.Typer(help="Shadow evaluation of the challenger against the champion.", no_args_is_help=True)
+app.add_typer(shadow_app, name="shadow")
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
@@ -254,8 +256,13 @@ def _endpoint_action(action: str, target: str, endpoint: str, data_capture_uri: 
         from pipelines.registry import LocalRegistry
 
         if result["action"] != "noop":
-            result["aliases"] = sync_aliases(LocalRegistry(workspace.mlflow_uri(), workspace.models_dir()),
-                                             result["state"])
+            from mlflow.exceptions import MlflowException
+
+            try:
+                result["aliases"] = sync_aliases(LocalRegistry(workspace.mlflow_uri(), workspace.models_dir()),
+                                                 result["state"])
+            except MlflowException as err:  # models deployed by hand, not through the registry
+                result["aliases"] = f"registry aliases not updated: {err}"
     ui.console.print(json.dumps(result, indent=2))
 
 
@@ -271,8 +278,21 @@ def endpoint_describe(target: Target = "local", endpoint: EndpointName = "market
 @endpoint_app.command("promote")
 @_one_line_errors
 def endpoint_promote(target: Target = "local", endpoint: EndpointName = "marketrank",
-                     data_capture_uri: CaptureUri = None) -> None:
-    """Make the shadow challenger the production champion (the old champion is kept for rollback)."""
+                     data_capture_uri: CaptureUri = None,
+                     force: Annotated[bool, typer.Option(help="promote even if the shadow report disagrees")] = False,
+                     ) -> None:
+    """Make the shadow challenger the production champion (the old champion is kept for rollback).
+
+    Acts on the latest `marketrank shadow report` for the endpoint: refused unless it recommends promote."""
+    report_path = workspace.shadow_dir() / endpoint / "latest.json"
+    if not force:
+        if not report_path.exists():
+            raise ValueError(f"no shadow report for endpoint {endpoint!r} ({report_path}): run "
+                             "`marketrank shadow report` first, or pass --force")
+        shadow = json.loads(report_path.read_text())
+        if shadow["recommendation"] != "promote":
+            raise ValueError(f"the shadow report ({report_path}) recommends {shadow['recommendation']}: "
+                             f"{'; '.join(shadow['reasons'])} (use --force to override)")
     _endpoint_action("promote", target, endpoint, data_capture_uri)
 
 
@@ -372,6 +392,43 @@ def pipeline_status(
 
     ui.console.print(json.dumps(status(_pipeline_config(name, region, None, None), execution), indent=2,
                                 default=str))
+
+
+@shadow_app.command("report")
+@_one_line_errors
+def shadow_report(
+    capture: Annotated[str | None, typer.Option(help="data capture root: local dir or s3:// prefix "
+                                                     "(default: the local endpoint's)")] = None,
+    endpoint: EndpointName = "marketrank",
+    k: Annotated[int, typer.Option(help="top-k for the overlap")] = 10,
+    min_pairs: Annotated[int, typer.Option(help="paired requests needed before recommending promote")] = 200,
+    shadow_sampling: Annotated[float, typer.Option(help="% of requests copied to the shadow")] = 100.0,
+    out: Annotated[Path | None, typer.Option(help="where report.json and shadow.png go")] = None,
+) -> None:
+    """Compare champion and challenger responses from data capture; recommend promote / keep-watching / rollback."""
+    import dataclasses
+
+    from serving import shadow_report as shadow
+
+    root = capture or str(workspace.capture_dir())
+    production = shadow.read_capture(root, endpoint, shadow.PRODUCTION)
+    challenger = shadow.read_capture(root, endpoint, shadow.SHADOW)
+    if not production:
+        raise FileNotFoundError(f"no capture records for endpoint {endpoint!r} under {root}")
+    thresholds = dataclasses.replace(shadow.ShadowThresholds(), min_pairs=min_pairs)
+    analysis = shadow.analyse(production, challenger, k)
+    report = shadow.build_report(production, challenger, k, thresholds, shadow_sampling / 100, analysis)
+    out = out or workspace.shadow_dir() / endpoint
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2))
+    chart = shadow.plot(report, analysis, out / "shadow.png")
+    agreement, latency = report["agreement"], report["latency_ms"]
+    ui.console.print(f"{report['pairs']} paired requests; top-{k} overlap {agreement['overlap']['mean']:.3f}, "
+                     f"Spearman {agreement['spearman']['mean']:.3f}, drift {agreement['drift']['mean']:.3f}; "
+                     f"p95 latency champion {latency['champion']['p95']} ms, challenger "
+                     f"{latency['challenger']['p95']} ms")
+    ui.console.print(f"recommendation: [bold]{report['recommendation']}[/bold] ({'; '.join(report['reasons'])})")
+    ui.console.print(f"report {out / 'latest.json'}, chart {chart}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ def capture_dir() -> Path:
     return home() / "data-capture"
 
 
+def shadow_dir() -> Path:
+    """Shadow reports per endpoint (``latest.json``, ``shadow.png``); ``endpoint promote`` acts on them."""
+    return home() / "shadow"
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 

@@ -69,6 +69,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from pipelines.deploy import PRODUCTION, SHADOW, EndpointState
 from serving import wire
+from serving.shadow_report import read_capture  # noqa: F401  (re-exported: the capture format lives there)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,21 @@ class Servable:
         if wire.SIGNATURE not in saved_model.signatures:
             raise ValueError(f"no {wire.SIGNATURE!r} signature (has {sorted(saved_model.signatures)})")
         signature = saved_model.signatures[wire.SIGNATURE]
-        return cls(name, version, path, saved_model, signature, dict(signature.structured_input_signature[1]),
-                   _signature_def(path))
+        servable = cls(name, version, path, saved_model, signature, dict(signature.structured_input_signature[1]),
+                       _signature_def(path))
+        servable.warm_up()
+        return servable
+
+    def warm_up(self) -> None:
+        """One request before serving (TF Serving's model warmup): the first call traces and allocates, and
+        would otherwise show up as a latency outlier of whichever variant happens to take it."""
+        def dummy(spec: tf.TensorSpec) -> tf.Tensor:
+            shape = [1 if i == 0 else (d or 2) for i, d in enumerate(spec.shape.as_list())]
+            if spec.dtype == tf.string:
+                return tf.fill(shape, "")
+            return tf.ones(shape, spec.dtype) if spec.dtype == tf.bool else tf.zeros(shape, spec.dtype)
+
+        self.signature(**{name: dummy(spec) for name, spec in self.inputs.items()})
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
         """A predict response body for a predict request body; ``wire.WireError`` names what is wrong."""
@@ -265,14 +279,6 @@ def capture_record(request: bytes, response: bytes, inference_id: str, inference
                               LATENCY_KEY: round(latency_ms, 3), MODEL_KEY: servable.name,
                               VERSION_KEY: str(servable.version)},
             "eventVersion": "0"}
-
-
-def read_capture(capture_dir: str | Path, endpoint: str, variant: str) -> list[dict[str, Any]]:
-    """All capture records of one variant, oldest hour first (a shadow report's input)."""
-    records = []
-    for path in sorted((Path(capture_dir) / endpoint / variant).glob("*/*/*/*/*.jsonl")):
-        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return records
 
 
 def _timed_predict(servable: Servable, body: dict[str, Any]) -> tuple[bytes, float]:

@@ -77,10 +77,10 @@ def test_gate_registry_and_shadow_deployment_sequence(workspace, monkeypatch):
 
     # 4. Promote, twice (the retry is a no-op), then roll back, twice.
     monkeypatch.setenv("MARKETRANK_HOME", str(workspace))
-    promoted = json.loads(runner.invoke(app, ["endpoint", "promote"], catch_exceptions=False).output)
+    promoted = json.loads(runner.invoke(app, ["endpoint", "promote", "--force"], catch_exceptions=False).output)
     assert promoted["action"] == "promote"
     assert _aliases(workspace) == {"champion": 2, "previous-champion": 1}
-    again = json.loads(runner.invoke(app, ["endpoint", "promote"], catch_exceptions=False).output)
+    again = json.loads(runner.invoke(app, ["endpoint", "promote", "--force"], catch_exceptions=False).output)
     assert again["action"] == "noop" and _endpoint(workspace) == promoted["state"]
     rolled = json.loads(runner.invoke(app, ["endpoint", "rollback"], catch_exceptions=False).output)
     assert rolled["action"] == "rollback"

@@ -1,0 +1,194 @@
+"""Shadow evaluation: pair the champion's and the challenger's captured responses and recommend an action.
+
+Input is SageMaker data capture (the real endpoint's S3 prefix or the local endpoint's directory, same layout:
+``<capture>/<endpoint>/<variant>/yyyy/mm/dd/hh/*.jsonl``). Records of the two variants are paired by
+``eventMetadata.inferenceId`` (the ranking API sends its request id as the inference id). For every pair the
+report measures how far the challenger's ranking departs from the champion's (top-k overlap, Spearman rank
+correlation, score drift of within-list standardised scores) and both variants' latency.
+
+Shadow traffic has no feedback on the challenger's ranking (users only saw the champion's), so the offline gate
+judges quality; the shadow phase checks that the challenger behaves in production: it answers, it is not slower
+than allowed, and it agrees with the champion as much as offline evaluation said it would. The recommendation:
+
+* ``rollback`` when the challenger failed on requests, is too slow, or its rankings look unrelated to the
+  champion's (mean top-k overlap below ``min_overlap``: a broken model or a feature mismatch);
+* ``keep-watching`` while fewer than ``min_pairs`` requests are paired;
+* ``promote`` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.deploy import PRODUCTION, SHADOW  # variant names: one definition
+from serving import wire
+
+
+@dataclasses.dataclass(frozen=True)
+class ShadowThresholds:
+    min_pairs: int = 200
+    #: Challenger p95 latency may be at most this multiple of the champion's, or the champion's plus the slack,
+    #: whichever is larger (a few ms either way are noise, not a regression).
+    max_latency_ratio: float = 1.5
+    latency_slack_ms: float = 10.0
+    #: Below this mean top-k overlap the challenger's rankings look unrelated to the champion's.
+    min_overlap: float = 0.2
+    #: Share of shadow copies without a capture record (failed) that triggers a rollback.
+    max_missing_share: float = 0.05
+
+
+def read_capture(capture: str | Path, endpoint: str, variant: str) -> list[dict[str, Any]]:
+    """All capture records of one variant, oldest hour first; ``capture`` may be an s3:// prefix."""
+    from training import storage
+
+    root = storage.stage_in(f"{str(capture).rstrip('/')}/{endpoint}/{variant}") if storage.is_s3(capture) else (
+        Path(capture) / endpoint / variant)
+    records = []
+    for path in sorted(Path(root).glob("*/*/*/*/*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def _decode(section: dict[str, Any]) -> dict[str, Any]:
+    data = section["data"]
+    if section.get("encoding") == "BASE64":
+        import base64
+
+        data = base64.b64decode(data)
+    return wire.decode(data)
+
+
+def _scores(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores of the real items, their mask) of every list in one captured request/response."""
+    request = _decode(record["captureData"]["endpointInput"])
+    inputs, _, _ = wire.request_inputs(request)
+    scores = wire.parse_scores(_decode(record["captureData"]["endpointOutput"]))
+    mask = np.asarray(inputs.get("mask", np.ones_like(scores, dtype=bool)), dtype=bool)
+    return scores, mask
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    ranks = np.empty(values.size)
+    ranks[np.argsort(-values, kind="stable")] = np.arange(values.size)
+    return ranks
+
+
+def compare_lists(champion: np.ndarray, challenger: np.ndarray, k: int) -> dict[str, float]:
+    """Agreement of two score vectors over the same items."""
+    top = min(k, champion.size)
+    overlap = len(set(np.argsort(-champion)[:top]) & set(np.argsort(-challenger)[:top])) / top
+    spearman = float(np.corrcoef(_ranks(champion), _ranks(challenger))[0, 1]) if champion.size > 1 else 1.0
+
+    def standardise(x: np.ndarray) -> np.ndarray:
+        return (x - x.mean()) / (x.std() or 1.0)
+
+    drift = float(np.mean(np.abs(standardise(challenger) - standardise(champion))))
+    return {"overlap": overlap, "spearman": spearman, "drift": drift}
+
+
+def pair(production: list[dict], shadow: list[dict]) -> list[tuple[dict, dict]]:
+    by_id = {r["eventMetadata"].get("inferenceId"): r for r in shadow if r["eventMetadata"].get("inferenceId")}
+    return [(p, by_id[i]) for p in production if (i := p["eventMetadata"].get("inferenceId")) in by_id]
+
+
+@dataclasses.dataclass
+class Analysis:
+    pairs: int
+    per_list: dict[str, list[float]]  # overlap, spearman, drift: one value per paired list
+    latency: dict[str, list[float]]  # per variant, ms
+
+
+def analyse(production: list[dict], shadow: list[dict], k: int = 10) -> Analysis:
+    pairs = pair(production, shadow)
+    per_list: dict[str, list[float]] = {"overlap": [], "spearman": [], "drift": []}
+    latency: dict[str, list[float]] = {PRODUCTION: [], SHADOW: []}
+    for champion_record, challenger_record in pairs:
+        champion_scores, mask = _scores(champion_record)
+        challenger_scores, _ = _scores(challenger_record)
+        for row in range(champion_scores.shape[0]):
+            real = mask[row]
+            for name, value in compare_lists(champion_scores[row][real], challenger_scores[row][real], k).items():
+                per_list[name].append(value)
+        for variant, record in ((PRODUCTION, champion_record), (SHADOW, challenger_record)):
+            if "latencyMs" in record["eventMetadata"]:
+                latency[variant].append(float(record["eventMetadata"]["latencyMs"]))
+    return Analysis(len(pairs), per_list, latency)
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p95": None, "p99": None}
+    array = np.asarray(values)
+    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
+            "p95": float(np.percentile(array, 95)), "p99": float(np.percentile(array, 99))}
+
+
+def build_report(production: list[dict], shadow: list[dict], k: int = 10,
+                 thresholds: ShadowThresholds = ShadowThresholds(), shadow_share: float = 1.0,
+                 analysis: Analysis | None = None) -> dict[str, Any]:
+    """The comparison and the recommendation (see the module docstring)."""
+    analysis = analysis or analyse(production, shadow, k)
+    expected = len(production) * shadow_share
+    missing_share = max(0.0, 1.0 - analysis.pairs / expected) if expected else 0.0
+    result = {
+        "pairs": analysis.pairs, "production_records": len(production), "shadow_records": len(shadow), "k": k,
+        "agreement": {name: _stats(values) for name, values in analysis.per_list.items()},
+        "latency_ms": {variant: _stats(values) for variant, values in analysis.latency.items()},
+        "missing_shadow_share": missing_share,
+        "thresholds": dataclasses.asdict(thresholds),
+    }
+    result["recommendation"], result["reasons"] = recommend(result, thresholds)
+    return result
+
+
+def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str, list[str]]:
+    reasons = []
+    overlap = report["agreement"]["overlap"]["mean"]
+    champion_p95, challenger_p95 = (report["latency_ms"][v]["p95"] for v in (PRODUCTION, SHADOW))
+    if report["missing_shadow_share"] > thresholds.max_missing_share and report["production_records"] >= 20:
+        reasons.append(f"{report['missing_shadow_share']:.0%} of shadow copies have no response "
+                       f"(> {thresholds.max_missing_share:.0%})")
+    if champion_p95 and challenger_p95:
+        allowed = max(thresholds.max_latency_ratio * champion_p95, champion_p95 + thresholds.latency_slack_ms)
+        if challenger_p95 > allowed:
+            reasons.append(f"challenger p95 latency {challenger_p95:.1f} ms > {allowed:.1f} ms allowed "
+                           f"({thresholds.max_latency_ratio}x or +{thresholds.latency_slack_ms:g} ms over the "
+                           f"champion's {champion_p95:.1f} ms)")
+    if overlap is not None and report["pairs"] >= 20 and overlap < thresholds.min_overlap:
+        reasons.append(f"mean top-{report['k']} overlap {overlap:.2f} < {thresholds.min_overlap}: rankings look "
+                       f"unrelated to the champion's")
+    if reasons:
+        return "rollback", reasons
+    if report["pairs"] < thresholds.min_pairs:
+        return "keep-watching", [f"{report['pairs']} paired requests < {thresholds.min_pairs}"]
+    return "promote", [f"{report['pairs']} paired requests, overlap {overlap:.2f}, latency within "
+                       f"{thresholds.max_latency_ratio}x"]
+
+
+def plot(report: dict[str, Any], analysis: Analysis, path: str | Path) -> Path:
+    """A PNG for people who prefer to look: agreement histograms and latency of both variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].hist(analysis.per_list["overlap"], bins=np.linspace(0, 1, 11), color="#4477aa")
+    axes[0].set_title(f"top-{report['k']} overlap per list")
+    axes[1].hist(analysis.per_list["spearman"], bins=np.linspace(-1, 1, 21), color="#228833")
+    axes[1].set_title("Spearman rank correlation per list")
+    axes[2].boxplot([analysis.latency[PRODUCTION], analysis.latency[SHADOW]], showfliers=False)
+    axes[2].set_xticks([1, 2], [PRODUCTION, SHADOW])
+    axes[2].set_title("model latency (ms)")
+    figure.suptitle(f"shadow report: {report['pairs']} paired requests -> {report['recommendation']}")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

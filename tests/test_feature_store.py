@@ -1,0 +1,231 @@
+"""Online feature store: materialisation from the real feature job output into both stores, one-round-trip
+fetches (counted by a real redis-server), and model inputs that the real SavedModel accepts and that agree with
+the features the Spark job wrote offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import redis
+from redis_fixtures import free_port, redis_server  # noqa: F401
+
+from serving.errors import StoreUnavailable
+from serving.feature_store import (
+    ITEM_PREFIX,
+    SPEC_KEY,
+    USER_PREFIX,
+    EmbeddedStore,
+    RedisStore,
+    RequestContext,
+    build_inputs,
+    fallback_scores,
+    materialize,
+    open_store,
+)
+from training.feature_spec import MASK, STRING
+from training.features import DAY_MS, FEATURES, ITEM_STATE_COLUMNS, USER_STATE_COLUMNS
+
+#: Features computed only from the request (surface, query, time) and static catalogue / profile attributes:
+#: identical online and offline for the same request. The rest depend on counters that grow after the request.
+STATIC = {"surface", "user_country", "user_tenure_days", "item_category", "item_style", "item_condition",
+          "item_brand_tier", "log_price_index", "age_days", "photos", "seller_rating", "seller_sales",
+          "same_country", "size_match", "fav_brand", "fav_style", "query_category_match", "query_brand_match",
+          "query_style_match", "query_title_overlap"}
+COUNTERS = {"user_history", "views", "likes", "bags"}  # only grow between the request and the end of the logs
+DERIVED = {"price_gap", "like_rate", "brand_affinity", "style_affinity", "category_affinity"}
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_run):
+    from training.export import load_spec
+
+    return load_spec(tiny_run["export_dir"])
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_run, spec, redis_server, tmp_path_factory):  # noqa: F811
+    path = tmp_path_factory.mktemp("store") / "feature_store.json"
+    embedded = EmbeddedStore(path)
+    cache = RedisStore(redis_server.url)
+    counts = {"embedded": materialize(tiny_run["features"], embedded, spec),
+              "redis": materialize(tiny_run["features"], cache, spec, batch_size=64)}
+    yield {"embedded": embedded, "redis": cache, "counts": counts, "path": path}
+    cache.close()
+
+
+@pytest.fixture(scope="module")
+def online(tiny_run):
+    def read(kind: str) -> pd.DataFrame:
+        return pq.read_table(tiny_run["features"] / "online" / kind).to_pandas()
+
+    return {"items": read("items"), "users": read("users")}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_run):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(tiny_run["export_dir"]))
+    return loaded, loaded.signatures["serving_default"]
+
+
+def _call(signature, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    import tensorflow as tf
+
+    specs = signature.structured_input_signature[1]
+    return signature(**{name: tf.constant(value, dtype=specs[name].dtype) for name, value in inputs.items()}
+                     )["scores"].numpy()
+
+
+def test_materialize_writes_every_id_and_the_models_spec(stores, online, spec):
+    expected = {"items": len(online["items"]), "users": len(online["users"])}
+    assert stores["counts"] == {"embedded": expected, "redis": expected}
+    assert stores["embedded"].get_spec() == spec and stores["redis"].get_spec() == spec
+    reloaded = EmbeddedStore(stores["path"])  # what `marketrank serve` loads from the workspace
+    assert reloaded.get_spec() == spec and reloaded.meta()["items"] == expected["items"]
+    some = list(online["items"]["item_id"][:20])
+    assert reloaded.fetch("u000000", some).items == stores["embedded"].fetch("u000000", some).items
+
+
+def test_redis_holds_plain_json_under_documented_keys(stores, online, redis_server):  # noqa: F811
+    client = redis.Redis.from_url(redis_server.url)
+    item_id, user = online["items"]["item_id"].iloc[0], online["users"].iloc[0]
+    item = json.loads(client.get(ITEM_PREFIX + item_id))
+    assert sorted(item) == sorted(ITEM_STATE_COLUMNS)
+    stored_user = json.loads(client.get(USER_PREFIX + user["user_id"]))
+    assert sorted(stored_user) == sorted(USER_STATE_COLUMNS)
+    assert isinstance(stored_user["brand_clicks"] or {}, dict)  # Parquet map -> JSON object
+    assert json.loads(client.get(SPEC_KEY))["list_size"] == stores["redis"].get_spec().list_size
+    client.close()
+
+
+def test_both_stores_return_identical_states_and_inputs(stores, online, spec):
+    users = list(online["users"]["user_id"])
+    items = list(online["items"]["item_id"])
+    for user_id in [*users[:40], "u-never-seen"]:
+        left = stores["embedded"].fetch(user_id, items[:50])
+        right = stores["redis"].fetch(user_id, items[:50])
+        assert left == right
+    with_history = next(u for u in users if (stores["redis"].fetch(u, []).user or {}).get("user_clicks"))
+    fetched = stores["redis"].fetch(with_history, items[:80])
+    assert isinstance(fetched.user["brand_clicks"], dict) and all(
+        isinstance(v, int) for v in fetched.user["brand_clicks"].values())
+    for surface, query in (("search", "vintage jeans"), ("feed", None)):
+        request = RequestContext(surface, query, int(pd.Timestamp("2025-11-01", tz="UTC").value // 1_000_000))
+        a = build_inputs(spec, request, stores["embedded"].fetch(with_history, items[:80]).user,
+                         stores["embedded"].fetch(with_history, items[:80]).items)
+        b = build_inputs(spec, request, fetched.user, fetched.items)
+        assert a.keys() == b.keys() == {*spec.names, MASK}
+        for name in a:
+            assert a[name].dtype == b[name].dtype, name
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_fetch_is_one_round_trip(stores, online, redis_server):  # noqa: F811
+    store = stores["redis"]
+    items = list(online["items"]["item_id"][:200]) + ["i-unknown"]
+    store.fetch("u000001", items)  # the pooled connection exists: no handshake commands below
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_resetstat()
+    fetched = store.fetch("u000001", items)
+    stats = {name.removeprefix("cmdstat_"): value["calls"] for name, value in admin.info("commandstats").items()}
+    admin.close()
+    stats = {name: calls for name, calls in stats.items() if not name.startswith(("config", "info"))}
+    assert stats == {"mget": 1}
+    assert len(fetched.items) == len(items) and fetched.items[-1] is None and fetched.items[0] is not None
+
+
+def test_online_inputs_agree_with_offline_features_and_feed_the_saved_model(tiny_run, stores, spec, saved_model):
+    features_dir: Path = tiny_run["features"]
+    test = pd.concat([pd.read_parquet(p) for p in sorted((features_dir / "test").glob("*.parquet"))],
+                     ignore_index=True)
+    requests = pd.read_parquet(Path(tiny_run["report"]["dataset"]["raw"]) / "requests").set_index("request_id")
+    assert {f.name for f in FEATURES} == STATIC | COUNTERS | DERIVED  # every feature is classified
+    checked = 0
+    for _, row in test.iterrows():
+        if row["surface"] != "search" or checked >= 3:
+            continue
+        checked += 1
+        query = requests.loc[row["request_id"], "query"]
+        item_ids = list(row["item_id"])
+        fetched = stores["redis"].fetch(row["user_id"], item_ids)
+        assert fetched.user is not None and all(s is not None for s in fetched.items)
+        inputs = build_inputs(spec, RequestContext("search", query, int(row["ts_ms"])), fetched.user, fetched.items)
+        n = len(item_ids)
+        for feature in spec.features:
+            value = inputs[feature.name]
+            offline = np.asarray(row[feature.name] if feature.scope == "item" else [row[feature.name]])
+            assert value.shape == ((1, n) if feature.scope == "item" else (1,)), feature.name
+            assert value.dtype == (object if feature.dtype == STRING else np.float32), feature.name
+            online_values = value.reshape(-1)
+            if feature.name in STATIC:
+                if feature.dtype == STRING:
+                    assert list(online_values) == list(offline), feature.name
+                else:
+                    np.testing.assert_allclose(online_values, offline.astype(np.float32), rtol=1e-5, atol=1e-5,
+                                               err_msg=feature.name)
+            elif feature.name in COUNTERS:
+                assert (online_values >= offline.astype(np.float32) - 1e-4).all(), feature.name
+        assert inputs[MASK].shape == (1, n) and inputs[MASK].all()
+        scores = _call(saved_model[1], inputs)
+        assert scores.shape == (1, n) and np.isfinite(scores).all()
+    assert checked == 3
+
+    signature = saved_model[1].structured_input_signature[1]
+    assert set(signature) == set(inputs)
+    for name, tensor in signature.items():
+        assert tensor.shape.rank == inputs[name].ndim, name
+        assert (tensor.dtype.name == "string") == (inputs[name].dtype == object), name
+
+
+def test_cold_start_user_gets_neutral_features_and_scores(stores, online, spec, saved_model):
+    items = list(online["items"]["item_id"][:25])
+    fetched = stores["redis"].fetch("u-brand-new", items)
+    assert fetched.user is None
+    inputs = build_inputs(spec, RequestContext("feed", None, 1_760_000_000_000), fetched.user, fetched.items)
+    assert inputs["user_country"].tolist() == ["unknown"] and inputs["user_history"].tolist() == [0.0]
+    assert not inputs["brand_affinity"].any() and not inputs["fav_brand"].any()
+    scores = _call(saved_model[1], inputs)
+    assert scores.shape == (1, 25) and np.isfinite(scores).all()
+
+
+def test_fallback_scores_are_popularity_plus_recency():
+    now = 100 * DAY_MS
+    states = [{"views": 10, "likes": 0, "bags": 0, "listed_ms": now},
+              {"views": 10, "likes": 2, "bags": 1, "listed_ms": now},  # more engagement
+              {"views": 10, "likes": 0, "bags": 0, "listed_ms": now - 28 * DAY_MS},  # four weeks older
+              {"views": None, "likes": None, "bags": None, "listed_ms": None}]
+    scores = fallback_scores(states, now)
+    np.testing.assert_allclose(scores, [np.log1p(10), np.log1p(10 + 6 + 5), np.log1p(10) - 2.0, 0.0])
+    assert list(np.argsort(-scores)) == [1, 0, 2, 3]
+
+
+def test_redis_store_that_cannot_be_reached_fails_fast():
+    import time
+
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.2, connect_timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="MGET"):
+        store.fetch("u1", ["i1"])
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    assert time.monotonic() - started < 1.0  # no retries inside redis-py
+    store.close()
+
+
+def test_open_store_and_embedded_store_without_a_file(tmp_path):
+    store = open_store("embedded")
+    assert isinstance(store, EmbeddedStore) and store.get_spec() is None
+    assert store.fetch("u", ["i"]).items == [None]
+    with pytest.raises(ValueError, match="feature store 'memcached://x'"):
+        open_store("memcached://x")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(StoreUnavailable, match="broken.json"):
+        EmbeddedStore(broken)
