@@ -49,10 +49,12 @@ def _one_line_errors(command):
     return wrapper
 
 
-def _quiet_logs(verbose: bool) -> None:
+def _quiet_logs(verbose: bool, configure: bool = True) -> None:
     if not verbose:  # set before TensorFlow / MLflow are imported (they read these once)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CUDA plugin noise on CPU-only machines
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not configure:  # the command installs its own handlers (the API logs JSON lines)
+        return
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("py4j", "absl", "tensorflow", "alembic", "mlflow", "sagemaker", "botocore", "moto"):
@@ -429,6 +431,68 @@ def shadow_report(
                      f"{latency['challenger']['p95']} ms")
     ui.console.print(f"recommendation: [bold]{report['recommendation']}[/bold] ({'; '.join(report['reasons'])})")
     ui.console.print(f"report {out / 'latest.json'}, chart {chart}")
+
+
+Store = Annotated[str, typer.Option(help="feature store: embedded (a file in the workspace) or redis://host:port/0")]
+
+
+@features_app.command("materialize")
+@_one_line_errors
+def features_materialize(
+    features: Annotated[Path | None, typer.Option(help="feature job output (default: the latest run's)")] = None,
+    model: Annotated[Path | None, typer.Option(help="model whose spec the API uses (default: the champion)")] = None,
+    store: Store = "embedded",
+    endpoint: EndpointName = "marketrank",
+) -> None:
+    """Load the feature job's online state (items, users) and the model's feature spec into the feature store."""
+    from pipelines.local import materialize_features, production_model_dir
+
+    features = features or Path(workspace.read_report()["dataset"]["features"])
+    model = model or production_model_dir(endpoint)
+    if model is None:
+        raise ValueError(f"endpoint {endpoint!r} has no production model: run `marketrank run` or pass --model")
+    with ui.step("materialize online features"):
+        counts = materialize_features(features, model, store)
+    ui.console.print(json.dumps({"store": store, **counts, "spec_from": str(model)}))
+
+
+@app.command()
+@_one_line_errors
+def serve(
+    host: Annotated[str, typer.Option(help="API address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port")] = 8080,
+    endpoint_port: Annotated[int, typer.Option(help="local model endpoint port (TF Serving REST)")] = 8501,
+    endpoint: EndpointName = "marketrank",
+    store: Store = "embedded",
+    budget_ms: Annotated[float, typer.Option(help="per-request time budget")] = 150.0,
+) -> None:
+    """Serve on this machine: the local endpoint (champion + shadow challenger, data capture) and the ranking API.
+
+    Then: curl -X POST localhost:8080/v1/rank -d '{"user_id": "u000001", "surface": "feed", "candidates": [...]}'
+    """
+    _quiet_logs(False, configure=False)
+    from serving import app as api
+    from serving import local_endpoint
+    from serving.feature_store import DEFAULT_STORE_FILE, open_store
+
+    manifest = workspace.endpoints_dir() / f"{endpoint}.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"no local endpoint {endpoint!r} ({manifest}): run `marketrank run` first")
+    store_path = workspace.home() / DEFAULT_STORE_FILE
+    probe = open_store(store, store_path)
+    try:
+        empty = probe.get_spec() is None
+    finally:
+        probe.close()
+    if empty:
+        features_materialize(features=None, model=None, store=store, endpoint=endpoint)
+    model_app = local_endpoint.create_app(workspace.models_dir(), manifest, workspace.capture_dir())
+    with local_endpoint.running(model_app, host="127.0.0.1", port=endpoint_port) as model_url:
+        ui.console.print(f"local endpoint {endpoint} on {model_url} (capture: {workspace.capture_dir()})")
+        settings = api.Settings(feature_store=store, store_path=str(store_path), model_url=model_url,
+                                model_name=endpoint, budget_ms=budget_ms)
+        ui.console.print(f"ranking API on http://{host}:{port}/v1/rank  (/healthz /readyz /metrics)")
+        api.serve(settings, host=host, port=port)
 
 
 if __name__ == "__main__":

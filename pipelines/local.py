@@ -140,6 +140,10 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
         deployment["aliases"] = sync_aliases(registry, deployment["state"])
     else:  # a rejected challenger never touches the endpoint
         deployment = {"action": "skipped", "reason": decision.message, **deploy.describe(backend)}
+    serving_model = production_model_dir(config.endpoint)
+    if serving_model is not None:
+        with ui.step("materialize online features for serving"):
+            deployment["feature_store"] = materialize_features(features_dir, serving_model)
     report = {
         "run_id": run_dir.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -161,6 +165,28 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
     }
     workspace.write_report(run_dir, report)
     return report
+
+
+def production_model_dir(endpoint: str = "marketrank") -> Path | None:
+    """The SavedModel version dir the local endpoint's production variant serves, if any."""
+    from training.export import latest_version
+
+    state = deploy.LocalBackend(workspace.endpoints_dir(), endpoint).current()
+    if state is None or state.production is None:
+        return None
+    return latest_version(workspace.models_dir() / state.production.model_name)
+
+
+def materialize_features(features_dir: Path, model_dir: Path, location: str | None = None) -> dict[str, int]:
+    """Fill the online feature store (embedded file by default) with the model's spec."""
+    from serving.feature_store import DEFAULT_STORE_FILE, materialize, open_store
+    from training.export import load_spec
+
+    store = open_store(location, workspace.home() / DEFAULT_STORE_FILE)
+    try:
+        return materialize(features_dir, store, load_spec(model_dir))
+    finally:
+        store.close()
 
 
 def sync_aliases(registry: LocalRegistry, state: dict[str, Any] | None) -> dict[str, int | None]:
