@@ -1,0 +1,855 @@
+"""The serving benchmark: the ranking API and the local endpoint under open-loop load, against the model's floor.
+
+``run_serving_benchmark(home, ...)`` serves a workspace the way ``marketrank serve`` does, in this process: the
+local endpoint (``serving.local_endpoint``, uvicorn in a thread) and the ranking API (``serving.app`` with the
+workspace's embedded feature store, uvicorn in a thread), both on 127.0.0.1 with free ports. The feature store is
+materialised first when it is empty. Then, per candidate count:
+
+* **Load**: an open-loop generator (``httpx.AsyncClient``, keep-alive, loopback only) sends requests at ``rate``
+  per second (Poisson arrivals by default) for ``warmup_seconds`` (not recorded) and then ``seconds``. It runs
+  in a child process by default, so the client's JSON work does not hold the servers' GIL. Requests are built
+  from the workspace with a fixed seed: users from the raw users table (users without online state are cold
+  starts, as in production), both surfaces (55% search, the simulator's share), search queries made of real
+  ``[brand] [style] category`` words, candidates sampled from the store's items (on search, the query's
+  category first). Per request: HTTP status, client-side latency (from the send, and from the scheduled send),
+  the API's ``timings_ms`` and its ``fallback`` flag.
+* **Floor**: the production SavedModel loaded with ``tf.saved_model.load`` and its ``serving_default``
+  signature called on batches that ``build_inputs`` made from the same requests (``floor_calls`` calls), plus
+  the in-process cost of every other step of the model stage (store fetch, ``build_inputs``, predict-body
+  encoding, the endpoint's own decode + predict + encode, response decoding), measured with no load running.
+
+The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
+count the latency percentiles, the achieved throughput, errors (non-200 or transport failure) and fallbacks
+counted separately, the stage timings, the floor and the API/floor ratios, an additive breakdown of the mean
+latency ("where the time goes"), the machine, versions, settings, and whether the project's target is met:
+API p99 <= 10 ms at 100 req/s for 300 candidates with no error and no fallback.
+
+Data capture goes to a temporary directory (deleted afterwards) so synthetic traffic never reaches the
+workspace's shadow report; the API's per-request JSON log lines go to a temporary file (their cost is kept).
+The endpoint's shadow variant, if the manifest has one, runs as it does under ``marketrank serve``.
+
+CLI: ``python -m serving.bench --home $MARKETRANK_HOME --out /tmp/bench`` (``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("marketrank.bench")
+
+#: The project's stated target; Metarank publishes ~20 ms for ranking 300 items.
+TARGET = {"p99_ms": 10.0, "rate_rps": 100.0, "candidates": 300, "errors": 0, "fallbacks": 0,
+          "reference": "Metarank publishes ~20 ms for 300 items"}
+SEARCH_SHARE = 0.55  # the simulator's share of search requests
+QUERY_BRAND_P, QUERY_STYLE_P, OWN_TASTE_P = 0.35, 0.35, 0.7  # the simulator's query intents
+MAX_REQUESTS_PER_PHASE = 100_000
+MAX_RATE, MAX_SECONDS = 5_000.0, 600.0
+CLIENT_CONNECTIONS = 100
+REQUEST_TIMEOUT_S = 10.0
+FLOOR_BATCHES = 10
+REPO_ROOT = Path(__file__).resolve().parents[1]
+JSON_FILE, PNG_FILE = "serving.json", "serving_latency.png"
+HOST = "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------------------------- workspace
+
+@dataclasses.dataclass
+class Workspace:
+    home: Path
+    endpoint: str
+    manifest: Path
+    state: dict[str, Any]
+    model_name: str
+    model_dir: Path
+    store_path: Path
+    materialized_now: bool
+    dataset: str | None
+    raw_dir: Path | None
+
+
+def _latest_report(home: Path) -> dict[str, Any] | None:
+    path = home / "runs" / "latest" / "report.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _dataset_dir(home: Path, report: dict[str, Any] | None, kind: str) -> Path | None:
+    """``data/<dataset>/<kind>`` of the latest run, inside ``home`` first (the workspace may have been copied)."""
+    if not report:
+        return None
+    dataset = report.get("dataset") or {}
+    local = home / "data" / str(dataset.get("name")) / kind
+    if local.exists():
+        return local
+    recorded = Path(dataset[kind]) if dataset.get(kind) else None
+    return recorded if recorded is not None and recorded.exists() else None
+
+
+def open_workspace(home: Path, endpoint: str = "marketrank") -> Workspace:
+    """The workspace's endpoint, production model and feature store (materialised here when empty)."""
+    from pipelines.deploy import LocalBackend
+    from serving.feature_store import DEFAULT_STORE_FILE, materialize, open_store
+    from training.export import latest_version, load_spec
+
+    home = Path(home).resolve()
+    backend = LocalBackend(home / "endpoints", endpoint)
+    state = backend.current()
+    if state is None or state.production is None:
+        raise FileNotFoundError(f"no local endpoint {endpoint!r} with a production model in {home} "
+                                f"({backend.path}): run `marketrank run` first")
+    model_dir = latest_version(home / "models" / state.production.model_name)
+    report = _latest_report(home)
+    store_path = home / DEFAULT_STORE_FILE
+    store = open_store("embedded", store_path)
+    try:
+        materialized_now = store.get_spec() is None
+        if materialized_now:
+            features = _dataset_dir(home, report, "features")
+            if features is None:
+                raise FileNotFoundError(f"the feature store {store_path} is empty and no run's features were found "
+                                        f"under {home}: run `marketrank features materialize` first")
+            log.info("materializing %s into %s", features, store_path)
+            materialize(features, store, load_spec(model_dir))
+    finally:
+        store.close()
+    return Workspace(home=home, endpoint=endpoint, manifest=backend.path, state=state.to_dict(),
+                     model_name=state.production.model_name, model_dir=model_dir, store_path=store_path,
+                     materialized_now=materialized_now,
+                     dataset=(report or {}).get("dataset", {}).get("name"), raw_dir=_dataset_dir(home, report, "raw"))
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+@dataclasses.dataclass
+class Catalogue:
+    """What realistic requests are made of: real user ids, item ids and query words."""
+
+    users: list[str]  # the raw users table (all registered users), else the store's users
+    users_source: str
+    user_states: dict[str, dict[str, Any]]
+    items: list[str]  # items with online state (the ones a retrieval stage would return)
+    by_category: dict[str, np.ndarray]  # category -> indices into items
+    brands: list[str]
+    styles: list[str]
+
+    @classmethod
+    def load(cls, store_path: Path, raw_dir: Path | None) -> Catalogue:
+        from serving.feature_store import ITEMS, USERS
+
+        content = json.loads(Path(store_path).read_text())
+        items, user_states = content[ITEMS], content[USERS]
+        item_ids = sorted(items)
+        if not item_ids:
+            raise ValueError(f"the feature store {store_path} holds no items")
+        categories: dict[str, list[int]] = {}
+        for index, item in enumerate(item_ids):
+            categories.setdefault(str(items[item].get("category")), []).append(index)
+        brands = sorted({str(s["brand"]) for s in items.values() if s.get("brand")})
+        styles = sorted({str(s["style"]) for s in items.values() if s.get("style")})
+        users, source = sorted(user_states), "feature store"
+        if raw_dir is not None and (raw_dir / "users").exists():
+            import pyarrow.parquet as pq
+
+            users = sorted(str(u) for u in pq.read_table(raw_dir / "users", columns=["user_id"])["user_id"]
+                           .to_pylist())
+            source = f"raw users table ({raw_dir / 'users'})"
+        if not users:
+            raise ValueError("no user ids: neither a raw users table nor users in the feature store")
+        return cls(users=users, users_source=source, user_states=user_states, items=item_ids,
+                   by_category={c: np.asarray(ix) for c, ix in sorted(categories.items())}, brands=brands,
+                   styles=styles)
+
+
+@dataclasses.dataclass
+class Plan:
+    """One phase's requests: send offsets (s, from the phase's start) and bodies; the first ``warmup`` are not
+    recorded."""
+
+    candidates: int
+    offsets: list[float]
+    requests: list[dict[str, Any]]
+    warmup: int
+
+    def bodies(self) -> list[str]:
+        return [json.dumps(r, separators=(",", ":")) for r in self.requests]
+
+
+def _query(rng: np.random.Generator, catalogue: Catalogue, user: str) -> tuple[str, str]:
+    """``[brand] [style] category`` as the simulator's searches: mostly the user's own brands and styles."""
+    category = str(rng.choice(list(catalogue.by_category)))
+    state = catalogue.user_states.get(user) or {}
+    words = []
+    if catalogue.brands and rng.random() < QUERY_BRAND_P:
+        own = state.get("user_fav_brands") or []
+        words.append(str(rng.choice(own)) if own and rng.random() < OWN_TASTE_P else str(rng.choice(catalogue.brands)))
+    if catalogue.styles and rng.random() < QUERY_STYLE_P:
+        own = state.get("user_fav_styles") or []
+        words.append(str(rng.choice(own)) if own and rng.random() < OWN_TASTE_P else str(rng.choice(catalogue.styles)))
+    return " ".join([*words, category]), category
+
+
+def _candidates(rng: np.random.Generator, catalogue: Catalogue, n: int, category: str | None) -> list[str]:
+    """``n`` distinct item ids; on search the query's category first (a retrieval stage's output), then others."""
+    if category is None:
+        chosen = rng.choice(len(catalogue.items), size=n, replace=False)
+    else:
+        matching = catalogue.by_category.get(category, np.empty(0, dtype=int))
+        first = rng.permutation(matching)[:n]
+        rest = np.setdiff1d(np.arange(len(catalogue.items)), first, assume_unique=True)
+        chosen = np.concatenate([first, rng.choice(rest, size=n - len(first), replace=False)])
+        chosen = rng.permutation(chosen)
+    return [catalogue.items[i] for i in chosen]
+
+
+def build_plan(catalogue: Catalogue, candidates: int, rate: float, seconds: float, warmup_seconds: float,
+               seed: int = 7, arrivals: str = "poisson", k: int | None = None) -> Plan:
+    """A reproducible phase: ``rate * (warmup_seconds + seconds)`` requests of ``candidates`` items each."""
+    rng = np.random.default_rng([seed, candidates])
+    warmup, measured = round(rate * warmup_seconds), max(1, round(rate * seconds))
+    total = warmup + measured
+    if arrivals == "poisson":
+        offsets = np.concatenate([[0.0], np.cumsum(rng.exponential(1 / rate, size=total - 1))])
+    elif arrivals == "uniform":
+        offsets = np.arange(total) / rate
+    else:
+        raise ValueError(f"arrivals: expected 'poisson' or 'uniform', got {arrivals!r}")
+    requests = []
+    for i in range(total):
+        user = str(rng.choice(catalogue.users))
+        body: dict[str, Any] = {"request_id": f"bench-{candidates}-{i}", "user_id": user}
+        category = None
+        if rng.random() < SEARCH_SHARE:
+            body["surface"] = "search"
+            body["query"], category = _query(rng, catalogue, user)
+        else:
+            body["surface"] = "feed"
+        body["candidates"] = _candidates(rng, catalogue, candidates, category)
+        if k is not None:
+            body["k"] = k
+        requests.append(body)
+    return Plan(candidates, [float(x) for x in offsets], requests, warmup)
+
+
+# ---------------------------------------------------------------------------------------------- load generator
+
+async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float], timeout_s: float,
+                 max_connections: int = CLIENT_CONNECTIONS) -> list[dict[str, Any]]:
+    """Open loop: request i is sent at ``offsets[i]`` whatever happened to the earlier ones."""
+    import httpx
+
+    if not base_url.startswith(f"http://{HOST}:"):
+        raise ValueError(f"the benchmark only talks to {HOST}, not {base_url}")
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=60.0)
+    results: list[dict[str, Any] | None] = [None] * len(bodies)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(timeout_s),
+                                 headers={"Content-Type": "application/json"}, trust_env=False) as client:
+        (await client.get("/healthz")).raise_for_status()
+
+        async def one(i: int, intended: float) -> None:
+            sent = time.perf_counter()
+            record: dict[str, Any] = {"lag_ms": (sent - intended) * 1000}
+            try:
+                response = await client.post("/v1/rank", content=bodies[i])
+                done = time.perf_counter()
+                record["status"] = response.status_code
+                try:
+                    payload = json.loads(response.content)
+                    record.update(fallback=payload.get("fallback"), reason=payload.get("reason"),
+                                  timings_ms=payload.get("timings_ms"), n_items=len(payload.get("items") or []),
+                                  unknown=len(payload.get("unknown_items") or []))
+                    if response.status_code != 200:
+                        record["error"] = str(payload.get("error"))[:200]
+                except ValueError:
+                    record["error"] = f"not JSON: {response.text[:200]}"
+            except httpx.HTTPError as err:
+                done = time.perf_counter()
+                record.update(status=None, error=f"{type(err).__name__}: {err}"[:200])
+            record.update(latency_ms=(done - sent) * 1000, from_schedule_ms=(done - intended) * 1000,
+                          sent_s=sent - start, done_s=done - start)
+            results[i] = record
+
+        tasks = []
+        start = time.perf_counter() + 0.05
+        for i, offset in enumerate(offsets):
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, start + offset)))
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s + 5)
+            for task in pending:
+                task.cancel()
+    return [r if r is not None else {"status": None, "error": "not answered before the drain deadline"}
+            for r in results]
+
+
+def _client_main(plan_path: str, result_path: str) -> None:
+    """The child process: run one phase's load from a plan file, write the records."""
+    plan = json.loads(Path(plan_path).read_text())
+    records = asyncio.run(_drive(plan["base_url"], plan["bodies"], plan["offsets"], plan["timeout_s"]))
+    Path(result_path).write_text(json.dumps(records))
+
+
+def run_load(base_url: str, plan: Plan, workdir: Path, client_process: bool = True,
+             timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Every request's record (warm-up included), in plan order."""
+    bodies = plan.bodies()
+    if not client_process:
+        return asyncio.run(_drive(base_url, bodies, plan.offsets, timeout_s))
+    plan_path, result_path = workdir / f"plan-{plan.candidates}.json", workdir / f"records-{plan.candidates}.json"
+    plan_path.write_text(json.dumps({"base_url": base_url, "bodies": bodies, "offsets": plan.offsets,
+                                     "timeout_s": timeout_s}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    code = "import sys; from serving.bench import _client_main; _client_main(sys.argv[1], sys.argv[2])"
+    limit = (plan.offsets[-1] if plan.offsets else 0) + timeout_s + 60
+    done = subprocess.run([sys.executable, "-c", code, str(plan_path), str(result_path)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=limit, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    records = json.loads(result_path.read_text())
+    plan_path.unlink(missing_ok=True)
+    result_path.unlink(missing_ok=True)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- floor
+
+def _stats(values: Sequence[float], percentiles: Sequence[int] = (50, 95, 99)) -> dict[str, float | int | None]:
+    array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if array.size == 0:
+        return {**{f"p{p}": None for p in percentiles}, "max": None, "mean": None, "n": 0}
+    out: dict[str, float | int | None] = {f"p{p}": round(float(np.percentile(array, p)), 3) for p in percentiles}
+    out.update(max=round(float(array.max()), 3), mean=round(float(array.mean()), 3), n=int(array.size))
+    return out
+
+
+def _timed(fn: Callable[[int], Any], calls: int) -> list[float]:
+    times = []
+    for i in range(calls):
+        started = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
+                  calls: int = 200) -> dict[str, Any]:
+    """The SavedModel signature's own time on ``build_inputs`` batches of ``requests`` (cycled), and the in-process
+    cost of the model stage's other steps on the same batches."""
+    import tensorflow as tf
+
+    from serving import wire
+    from serving.backends import scores_from_body
+    from serving.feature_store import RequestContext, build_inputs
+
+    specs = dict(signature.structured_input_signature[1])
+    now_ms = int(time.time() * 1000)
+    batches = []
+    for request in requests[:FLOOR_BATCHES]:
+        fetched = store.fetch(request["user_id"], request["candidates"])
+        known = [s for s in fetched.items if s is not None]
+        context = RequestContext(request["surface"], request.get("query"), now_ms)
+        inputs = build_inputs(spec, context, fetched.user, known)
+        tensors = {name: tf.constant(np.asarray(inputs[name]), dtype=s.dtype) for name, s in specs.items()}
+        raw = wire.encode(wire.predict_request(inputs))
+        batches.append({"request": request, "context": context, "user": fetched.user, "known": known,
+                        "inputs": inputs, "tensors": tensors, "raw": raw,
+                        "response": wire.encode(servable.predict(wire.decode(raw)))})
+    if not batches:
+        raise ValueError("no requests to measure the floor on")
+    n = len(batches)
+
+    def signature_call(i: int) -> None:
+        for value in signature(**batches[i % n]["tensors"]).values():
+            value.numpy()
+
+    for i in range(2 * n):  # traced and allocated before timing
+        signature_call(i)
+    floor = _stats(_timed(signature_call, calls))
+    parts = max(20, calls // 4)
+    steps = {
+        "store_fetch": lambda i: store.fetch(batches[i % n]["request"]["user_id"],
+                                             batches[i % n]["request"]["candidates"]),
+        "build_inputs": lambda i: build_inputs(spec, batches[i % n]["context"], batches[i % n]["user"],
+                                               batches[i % n]["known"]),
+        "encode_request": lambda i: wire.encode(wire.predict_request(batches[i % n]["inputs"])),
+        "endpoint_predict": lambda i: wire.encode(servable.predict(wire.decode(batches[i % n]["raw"]))),
+        "decode_response": lambda i: scores_from_body(wire.decode(batches[i % n]["response"]),
+                                                      len(batches[i % n]["known"])),
+    }
+    in_process = {name: _stats(_timed(fn, parts), (50, 99)) for name, fn in steps.items()}
+    return {"signature_ms": {"p50": floor["p50"], "p99": floor["p99"], "mean": floor["mean"], "max": floor["max"],
+                             "calls": calls},
+            "batches": n, "request_body_kb": round(float(np.mean([len(b["raw"]) for b in batches])) / 1024, 1),
+            "in_process_ms": in_process}
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+def summarize_phase(plan: Plan, requested: int, records: Sequence[dict[str, Any]], floor: dict[str, Any],
+                    catalogue: Catalogue) -> dict[str, Any]:
+    measured = list(records[plan.warmup:])
+    requests = plan.requests[plan.warmup:]
+    statuses = Counter(str(r.get("status")) for r in measured)
+    ok = [r for r in measured if r.get("status") == 200]
+    errors = [r for r in measured if r.get("status") != 200]
+    fallbacks = [r for r in ok if r.get("fallback")]
+    latency = _stats([r["latency_ms"] for r in measured if "latency_ms" in r])
+    timed = [r for r in ok if isinstance(r.get("timings_ms"), dict)]
+    stages = {stage: _stats([r["timings_ms"].get(stage) for r in timed], (50, 99))
+              for stage in ("features", "model", "rank", "total")}
+    stages["outside_ranker"] = _stats([r["latency_ms"] - r["timings_ms"]["total"] for r in timed], (50, 99))
+    stages["parse"] = _stats([r["timings_ms"]["total"] - sum(r["timings_ms"][s] for s in ("features", "model", "rank"))
+                              for r in timed], (50, 99))
+    finished = [r for r in measured if "done_s" in r]
+    duration = (max(r["done_s"] for r in finished) - min(r["sent_s"] for r in finished)) if finished else 0.0
+    offered = (len(measured) - 1) / (plan.offsets[-1] - plan.offsets[plan.warmup]) \
+        if len(measured) > 1 and plan.offsets[-1] > plan.offsets[plan.warmup] else None
+    signature = floor["signature_ms"]
+
+    def ratio(api: float | None, base: float | None) -> float | None:
+        return round(api / base, 2) if api is not None and base else None
+
+    return {
+        "candidates": plan.candidates,
+        "candidates_requested": requested,
+        "requests": len(measured),
+        "warmup_requests": plan.warmup,
+        "ok": len(ok),
+        "errors": len(errors),
+        "error_rate": round(len(errors) / len(measured), 5) if measured else None,
+        "fallbacks": len(fallbacks),
+        "fallback_rate": round(len(fallbacks) / len(measured), 5) if measured else None,
+        "fallback_reasons": dict(Counter(str(r.get("reason")) for r in fallbacks)),
+        "statuses": dict(statuses),
+        "error_samples": sorted({str(r.get("error")) for r in errors})[:5],
+        "short_answers": sum(1 for r, q in zip(records[plan.warmup:], requests, strict=True)
+                             if r.get("status") == 200 and r.get("n_items") != min(q.get("k") or plan.candidates,
+                                                                                    plan.candidates)),
+        "offered_rps": round(offered, 2) if offered else None,
+        "throughput_rps": round(len(ok) / duration, 2) if duration > 0 else None,
+        "duration_s": round(duration, 3),
+        "latency_ms": latency,
+        "latency_from_schedule_ms": _stats([r["from_schedule_ms"] for r in measured if "from_schedule_ms" in r]),
+        "client_lag_ms": _stats([r["lag_ms"] for r in measured if "lag_ms" in r], (50, 99)),
+        "stages_ms": stages,
+        "floor": floor,
+        "ratio_to_floor": {"p50": ratio(latency["p50"], signature["p50"]),
+                           "p99": ratio(latency["p99"], signature["p99"])},
+        "mix": {"search_share": round(float(np.mean([r["surface"] == "search" for r in requests])), 3),
+                "cold_start_share": round(float(np.mean([r["user_id"] not in catalogue.user_states
+                                                         for r in requests])), 3),
+                "distinct_users": len({r["user_id"] for r in requests}),
+                "query_examples": [r["query"] for r in requests if r["surface"] == "search"][:3]},
+    }
+
+
+#: The additive parts of the mean client latency (``breakdown_mean_ms``), in request order.
+BREAKDOWN = {
+    "parse": "API: body read, JSON parse and validation (timings total - stages)",
+    "features": "API features stage: store fetch + build_inputs",
+    "model_signature": "model stage: the SavedModel signature itself (floor mean, no load)",
+    "model_wire": "model stage: predict JSON encode, endpoint JSON decode/tensors/encode, response decode "
+                  "(in-process means, no load)",
+    "model_http": "model stage residual: HTTP hop to the endpoint, event loops, thread pools, GIL contention",
+    "rank": "API rank stage: sort and response items",
+    "outside_ranker": "client latency - API total: HTTP server, response JSON rendering, loopback, client",
+}
+
+
+def breakdown(result: dict[str, Any]) -> dict[str, float]:
+    """The mean client latency split into the additive parts of ``BREAKDOWN`` (means add up; percentiles do
+    not), plus ``client_latency`` and ``features_in_process`` (store fetch + build_inputs with no load)."""
+    stages, parts = result["stages_ms"], result["floor"]["in_process_ms"]
+
+    def mean(block: dict[str, Any]) -> float:
+        return float(block.get("mean") or 0.0)
+
+    signature = float(result["floor"]["signature_ms"]["mean"] or 0.0)
+    model_compute = mean(parts["encode_request"]) + mean(parts["endpoint_predict"]) + mean(parts["decode_response"])
+    split = {
+        "client_latency": mean(result["latency_ms"]),
+        "parse": mean(stages["parse"]),
+        "features": mean(stages["features"]),
+        "features_in_process": mean(parts["store_fetch"]) + mean(parts["build_inputs"]),
+        "model_signature": signature,
+        "model_wire": model_compute - signature,
+        "model_http": mean(stages["model"]) - model_compute,
+        "rank": mean(stages["rank"]),
+        "outside_ranker": mean(stages["outside_ranker"]),
+    }
+    return {name: round(value, 3) for name, value in split.items()}
+
+
+def _where_time_goes(results: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for result in results:
+        parts = result["breakdown_mean_ms"]
+        total = parts["client_latency"] or float("nan")
+        top = sorted(((parts[k], k) for k in BREAKDOWN), reverse=True)
+        lines.append(f"{result['candidates']} candidates: mean {total:.2f} ms = "
+                     + ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for v, k in top)
+                     + f" [features stage {parts['features']:.2f} vs {parts['features_in_process']:.2f} in process "
+                       "with no load]")
+    return lines
+
+
+def evaluate_target(results: Sequence[dict[str, Any]], rate: float) -> dict[str, Any]:
+    target = dict(TARGET)
+    match = next((r for r in results if r["candidates"] == TARGET["candidates"]), None)
+    if match is None or abs(rate - TARGET["rate_rps"]) > 1e-9:
+        return {**target, "met": None, "detail": f"not measured at the target's conditions ({TARGET['candidates']} "
+                                                 f"candidates at {TARGET['rate_rps']:.0f} req/s)"}
+    p99 = match["latency_ms"]["p99"]
+    met = p99 is not None and p99 <= TARGET["p99_ms"] and match["errors"] == 0 and match["fallbacks"] == 0
+    return {**target, "met": met, "measured_p99_ms": p99, "measured_errors": match["errors"],
+            "measured_fallbacks": match["fallbacks"], "measured_throughput_rps": match["throughput_rps"],
+            "detail": f"p99 {p99} ms vs {TARGET['p99_ms']} ms, {match['errors']} errors, {match['fallbacks']} "
+                      f"fallbacks at {match['throughput_rps']} req/s"}
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+def machine_info() -> dict[str, Any]:
+    cpu_model, ram_gib = platform.processor() or None, None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 2**20, 1)
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": os.cpu_count(), "usable_cores": usable, "cpu_model": cpu_model, "ram_gib": ram_gib,
+            "platform": platform.platform()}
+
+
+def versions() -> dict[str, Any]:
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for package in ("tensorflow", "numpy", "httpx", "uvicorn", "fastapi", "starlette", "h11"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    out["uvloop_installed"] = find_spec("uvloop") is not None
+    out["httptools_installed"] = find_spec("httptools") is not None
+    return out
+
+
+@contextlib.contextmanager
+def _api_log(path: Path) -> Iterator[Path]:
+    """The API's request log lines go to ``path`` (their cost is part of serving), not to the console."""
+    from serving.app import JsonFormatter
+
+    logger = logging.getLogger("marketrank.serving")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter())
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _log_problems(path: Path, limit: int = 5) -> list[str]:
+    """Non-request lines of the API log (warnings, errors), the first few."""
+    problems = []
+    with contextlib.suppress(OSError), path.open() as lines:
+        for line in lines:
+            if '"event": "rank"' not in line:
+                problems.append(line.strip()[:300])
+                if len(problems) >= limit:
+                    break
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+def _cpu_usage(since: tuple[float, float, float] | None = None) -> Any:
+    """(wall, this process's CPU s, waited-for children's CPU s); with ``since``: the cores each used meanwhile."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    now = (time.perf_counter(), me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime)
+    if since is None:
+        return now
+    wall = max(now[0] - since[0], 1e-9)
+    return {"servers_process_cores": round((now[1] - since[1]) / wall, 2),
+            "client_process_cores_incl_startup": round((now[2] - since[2]) / wall, 2), "phase_wall_s": round(wall, 2)}
+
+
+def _check(name: str, value: float, high: float, *, allow_zero: bool = False) -> None:
+    if not ((value >= 0 if allow_zero else value > 0) and value <= high):
+        raise ValueError(f"{name} must be in {'[' if allow_zero else '('}0, {high}], got {value}")
+
+
+def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1000), rate: float = 100.0,
+                          seconds: float = 20.0, warmup_seconds: float = 3.0, endpoint: str = "marketrank",
+                          budget_ms: float = 150.0, out: Path | None = None, seed: int = 7,
+                          arrivals: str = "poisson", k: int | None = None, floor_calls: int = 200,
+                          client_process: bool = True,
+                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark the ranking API over the workspace ``home`` (see the module doc); the report dict.
+
+    Writes ``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given.
+    """
+    note = progress or (lambda message: log.info("%s", message))
+    candidates = [int(n) for n in candidates]
+    if not candidates or any(n < 1 for n in candidates):
+        raise ValueError(f"candidates must be positive counts, got {candidates}")
+    _check("rate", rate, MAX_RATE)
+    _check("seconds", seconds, MAX_SECONDS)
+    _check("warmup_seconds", warmup_seconds, MAX_SECONDS, allow_zero=True)
+    if rate * (seconds + warmup_seconds) > MAX_REQUESTS_PER_PHASE:
+        raise ValueError(f"rate x (seconds + warmup_seconds) is over {MAX_REQUESTS_PER_PHASE} requests per phase")
+    if not 1 <= floor_calls <= 10_000:
+        raise ValueError(f"floor_calls must be in [1, 10000], got {floor_calls}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if arrivals not in ("poisson", "uniform"):
+        raise ValueError(f"arrivals: expected 'poisson' or 'uniform', got {arrivals!r}")
+
+    import tensorflow as tf
+
+    from serving import app as api
+    from serving import local_endpoint
+    from serving.feature_store import open_store
+
+    started = time.time()
+    loadavg_before = os.getloadavg()
+    workspace = open_workspace(Path(home), endpoint)
+    note(f"model {workspace.model_name} ({workspace.model_dir.name}); store {workspace.store_path}"
+         + (" (materialized now)" if workspace.materialized_now else ""))
+    catalogue = Catalogue.load(workspace.store_path, workspace.raw_dir)
+    store = open_store("embedded", workspace.store_path)
+    spec = store.get_spec()
+    settings = None
+    results: list[dict[str, Any]] = []
+    log_problems: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="marketrank-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            with _api_log(tmp / "api.log"):
+                model_app = local_endpoint.create_app(workspace.home / "models", workspace.manifest, tmp / "capture")
+                with local_endpoint.running(model_app, HOST, 0) as model_url:
+                    settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
+                                            model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
+                    with local_endpoint.running(api.create_app(settings), HOST, 0) as api_url:
+                        _wait_ready(api_url)
+                        servable = model_app.state.server.get(workspace.model_name)
+                        floor_model = tf.saved_model.load(str(workspace.model_dir), tags=["serve"])
+                        signature = floor_model.signatures["serving_default"]
+                        for requested in candidates:
+                            n = min(requested, len(catalogue.items), settings.max_candidates)
+                            plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
+                            note(f"{n} candidates: {len(plan.requests) - plan.warmup} requests at {rate:g} req/s "
+                                 f"after {plan.warmup} warm-up requests")
+                            usage = _cpu_usage()
+                            records = run_load(api_url, plan, tmp, client_process)
+                            cpu = _cpu_usage(usage)
+                            note(f"{n} candidates: floor ({floor_calls} signature calls)")
+                            floor = measure_floor(signature, servable, store, spec, plan.requests[plan.warmup:],
+                                                  floor_calls)
+                            result = summarize_phase(plan, requested, records, floor, catalogue)
+                            result["breakdown_mean_ms"] = breakdown(result)
+                            result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
+                            results.append(result)
+                            note(f"{n} candidates: p50 {result['latency_ms']['p50']} ms, p99 "
+                                 f"{result['latency_ms']['p99']} ms, {result['throughput_rps']} req/s, "
+                                 f"{result['errors']} errors, {result['fallbacks']} fallbacks; floor p50 "
+                                 f"{floor['signature_ms']['p50']} ms")
+            log_problems = _log_problems(tmp / "api.log")
+    finally:
+        store.close()
+
+    report = {
+        "benchmark": "serving",
+        "created": datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seconds": round(time.time() - started, 1),
+        "target": evaluate_target(results, rate),
+        "results": results,
+        "where_time_goes": _where_time_goes(results),
+        "machine": {**machine_info(), "loadavg_before": [round(x, 2) for x in loadavg_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                    "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (0)",
+                    "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default (0)"},
+        "versions": versions(),
+        "settings": {
+            "candidates": list(candidates), "rate_rps": rate, "seconds": seconds, "warmup_seconds": warmup_seconds,
+            "arrivals": arrivals, "seed": seed, "k": k, "floor_calls": floor_calls, "endpoint": endpoint,
+            "budget_ms": budget_ms, "host": HOST,
+            "client": {"process": "child process" if client_process else "in the servers' process",
+                       "library": "httpx.AsyncClient", "keep_alive": True, "max_connections": CLIENT_CONNECTIONS,
+                       "timeout_s": REQUEST_TIMEOUT_S,
+                       "latency": "from the send to the full response body (latency_ms); from the scheduled send "
+                                  "(latency_from_schedule_ms) also counts client lag"},
+            "servers": "local endpoint + ranking API in this process, uvicorn in threads (as `marketrank serve`); "
+                       "data capture to a temporary dir; API request log to a temporary file",
+            "api": dataclasses.asdict(settings) if settings else None,
+        },
+        "workspace": {
+            "home": str(workspace.home), "dataset": workspace.dataset, "endpoint_state": workspace.state,
+            "model": {"name": workspace.model_name, "version": workspace.model_dir.name,
+                      "path": str(workspace.model_dir)},
+            "store": {"path": str(workspace.store_path), "materialized_now": workspace.materialized_now,
+                      "items": len(catalogue.items), "users": len(catalogue.user_states),
+                      "features": len(spec.features) if spec else None},
+            "users": {"count": len(catalogue.users), "source": catalogue.users_source},
+            "shadow_variant_active": bool(workspace.state.get("shadow")),
+        },
+        "api_log_problems": log_problems,
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / JSON_FILE).write_text(json.dumps(report, indent=2))
+        plot(report, out / PNG_FILE)
+    return report
+
+
+def _wait_ready(api_url: str, timeout_s: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=api_url, trust_env=False, timeout=5.0) as client:
+        while True:
+            response = client.get("/readyz")
+            if response.status_code == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the ranking API is not ready after {timeout_s:.0f} s: {response.text[:500]}")
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------- chart and CLI
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Latency percentiles and the floor vs candidate count; the mean latency's breakdown per count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    results = report["results"]
+    xs = [r["candidates"] for r in results]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-"), ("max", "x:")):
+        left.plot(xs, [r["latency_ms"][key] for r in results], style, label=f"API {key}")
+    left.plot(xs, [r["floor"]["signature_ms"]["p50"] for r in results], "o--", color="gray", label="floor p50")
+    left.plot(xs, [r["floor"]["signature_ms"]["p99"] for r in results], "^--", color="black", label="floor p99")
+    left.axhline(TARGET["p99_ms"], color="red", lw=0.8, ls="-.", label=f"target p99 {TARGET['p99_ms']:.0f} ms")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.set_xticks(xs, [str(x) for x in xs])
+    left.set_xlabel("candidates per request")
+    left.set_ylabel("latency (ms)")
+    settings = report["settings"]
+    left.set_title(f"/v1/rank at {settings['rate_rps']:g} req/s ({settings['arrivals']}), "
+                   f"{report['machine']['usable_cores']} cores")
+    left.legend(fontsize=8)
+    left.grid(True, which="both", alpha=0.3)
+    bottom = np.zeros(len(results))
+    positions = np.arange(len(results))
+    for key in BREAKDOWN:
+        values = np.array([max(r["breakdown_mean_ms"][key], 0.0) for r in results])
+        right.bar(positions, values, bottom=bottom, label=key)
+        bottom += values
+    right.set_xticks(positions, [str(x) for x in xs])
+    right.set_xlabel("candidates per request")
+    right.set_ylabel("mean latency (ms)")
+    right.set_title("where the mean latency goes")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = (f"{'cands':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'req/s':>7} {'err':>4} {'fb':>4} "
+              f"{'feat':>7} {'model':>7} {'rank':>6} {'floor50':>8} {'floor99':>8} {'x50':>6} {'x99':>6}")
+    lines = [header]
+    for r in report["results"]:
+        lat, st, fl = r["latency_ms"], r["stages_ms"], r["floor"]["signature_ms"]
+        lines.append(f"{r['candidates']:>5} {lat['p50']:>8} {lat['p95']:>8} {lat['p99']:>8} {lat['max']:>8} "
+                     f"{r['throughput_rps']:>7} {r['errors']:>4} {r['fallbacks']:>4} {st['features']['mean']:>7} "
+                     f"{st['model']['mean']:>7} {st['rank']['mean']:>6} {fl['p50']:>8} {fl['p99']:>8} "
+                     f"{r['ratio_to_floor']['p50']:>6} {r['ratio_to_floor']['p99']:>6}")
+    target = report["target"]
+    verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
+    lines.append(f"target (p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, {target['candidates']} "
+                 f"candidates, no errors/fallbacks): {verdict} - {target['detail']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("MARKETRANK_HOME", "workspace")))
+    parser.add_argument("--candidates", default="50,300,1000", help="comma-separated candidate counts")
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup-seconds", type=float, default=3.0)
+    parser.add_argument("--endpoint", default="marketrank")
+    parser.add_argument("--budget-ms", type=float, default=150.0)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
+    parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--floor-calls", type=int, default=200)
+    parser.add_argument("--inline-client", action="store_true", help="run the load generator in this process")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("absl", "tensorflow", "httpx", "serving.local_endpoint"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    report = run_serving_benchmark(
+        args.home, candidates=[int(x) for x in args.candidates.split(",") if x.strip()], rate=args.rate,
+        seconds=args.seconds, warmup_seconds=args.warmup_seconds, endpoint=args.endpoint, budget_ms=args.budget_ms,
+        out=args.out, seed=args.seed, arrivals=args.arrivals, k=args.k, floor_calls=args.floor_calls,
+        client_process=not args.inline_client)
+    print(format_table(report))
+    for line in report["where_time_goes"]:
+        print(line)
+    if args.out:
+        print(f"report {args.out / JSON_FILE}, chart {args.out / PNG_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

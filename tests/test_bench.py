@@ -1,0 +1,105 @@
+"""The serving benchmark: request plans (fast) and a short real run on a copy of the session's tiny workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from serving import bench
+
+
+def _catalogue() -> bench.Catalogue:
+    items = [f"i{i:03d}" for i in range(60)]
+    categories = np.array(["jeans", "bags", "shoes"])[np.arange(60) % 3]
+    return bench.Catalogue(
+        users=[f"u{i:02d}" for i in range(12)], users_source="test",
+        user_states={f"u{i:02d}": {"user_fav_brands": ["acme"], "user_fav_styles": ["vintage"]} for i in range(8)},
+        items=items, by_category={c: np.flatnonzero(categories == c) for c in ("bags", "jeans", "shoes")},
+        brands=["acme", "zeta"], styles=["vintage", "sporty"])
+
+
+def test_plan_is_reproducible_and_realistic():
+    catalogue = _catalogue()
+    plan = bench.build_plan(catalogue, 25, rate=50.0, seconds=2.0, warmup_seconds=0.5, seed=3)
+    again = bench.build_plan(catalogue, 25, rate=50.0, seconds=2.0, warmup_seconds=0.5, seed=3)
+    assert plan.requests == again.requests and plan.offsets == again.offsets
+    assert plan.warmup == 25 and len(plan.requests) == 125
+    assert plan.offsets[0] == 0.0 and all(b >= a for a, b in zip(plan.offsets, plan.offsets[1:], strict=False))
+    assert 1.5 < plan.offsets[-1] < 3.5  # Poisson arrivals at 50/s over 2.5 s
+    surfaces = {r["surface"] for r in plan.requests}
+    assert surfaces == {"search", "feed"}
+    for request in plan.requests:
+        assert len(request["candidates"]) == len(set(request["candidates"])) == 25
+        assert set(request["candidates"]) <= set(catalogue.items)
+        assert request["user_id"] in catalogue.users
+        if request["surface"] == "search":
+            words = request["query"].split()
+            assert words[-1] in catalogue.by_category
+            assert set(words[:-1]) <= set(catalogue.brands) | set(catalogue.styles)
+            category = catalogue.by_category[words[-1]]
+            in_category = {catalogue.items[i] for i in category}
+            assert len(set(request["candidates"]) & in_category) == min(25, len(category))  # retrieval: category first
+        else:
+            assert "query" not in request
+    uniform = bench.build_plan(catalogue, 5, rate=10.0, seconds=1.0, warmup_seconds=0.0, arrivals="uniform")
+    assert uniform.offsets == pytest.approx([i / 10 for i in range(10)])
+    with pytest.raises(ValueError, match="arrivals"):
+        bench.build_plan(catalogue, 5, rate=10.0, seconds=1.0, warmup_seconds=0.0, arrivals="bursty")
+
+
+def test_target_needs_its_conditions():
+    result = {"candidates": 300, "latency_ms": {"p99": 8.0}, "errors": 0, "fallbacks": 0, "throughput_rps": 99.0}
+    assert bench.evaluate_target([result], 100.0)["met"] is True
+    assert bench.evaluate_target([{**result, "fallbacks": 1}], 100.0)["met"] is False
+    assert bench.evaluate_target([{**result, "latency_ms": {"p99": 10.5}}], 100.0)["met"] is False
+    assert bench.evaluate_target([result], 50.0)["met"] is None
+    assert bench.evaluate_target([{**result, "candidates": 50}], 100.0)["met"] is None
+
+
+@pytest.mark.slow
+def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
+    home = tmp_path / "workspace"
+    shutil.copytree(tiny_run["home"], home, symlinks=True)
+    (home / "feature_store.json").unlink()  # the benchmark materialises an empty store first
+    shutil.rmtree(home / "data-capture", ignore_errors=True)
+    out = tmp_path / "out"
+
+    # a generous budget: this checks the plumbing and the report, not the machine's speed
+    report = bench.run_serving_benchmark(home, candidates=(20,), rate=20.0, seconds=2.0, warmup_seconds=0.5,
+                                         budget_ms=1000.0, out=out, floor_calls=50)
+
+    assert json.loads((out / bench.JSON_FILE).read_text()) == json.loads(json.dumps(report))
+    assert (out / bench.PNG_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["workspace"]["store"]["materialized_now"] is True
+    assert (home / "feature_store.json").exists()
+    assert not (home / "data-capture").exists()  # capture went to a temporary directory
+    assert report["workspace"]["model"]["name"] == report["workspace"]["endpoint_state"]["production"]["model_name"]
+    assert report["workspace"]["users"]["source"].startswith("raw users table")
+    for key in ("machine", "versions", "settings", "target", "where_time_goes", "created"):
+        assert report[key]
+    assert report["machine"]["cores"] >= 1 and report["machine"]["ram_gib"] > 0
+    assert report["versions"]["tensorflow"] and report["versions"]["numpy"] and report["versions"]["python"]
+    assert report["target"]["met"] is None  # not measured at 300 candidates / 100 req/s
+
+    (result,) = report["results"]
+    assert result["candidates"] == 20 and result["requests"] == 40 and result["warmup_requests"] == 10
+    assert result["errors"] == 0 and result["error_rate"] == 0
+    assert result["fallbacks"] == 0 and result["statuses"] == {"200": 40} and result["short_answers"] == 0
+    latency = result["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert abs(result["throughput_rps"] - 20.0) <= 10.0
+    for stage in ("features", "model", "rank", "total"):
+        assert result["stages_ms"][stage]["mean"] > 0
+    assert result["stages_ms"]["total"]["mean"] <= latency["mean"]
+    floor = result["floor"]["signature_ms"]
+    assert 0 < floor["p50"] <= floor["p99"] and floor["calls"] == 50
+    assert result["ratio_to_floor"]["p50"] == pytest.approx(latency["p50"] / floor["p50"], rel=0.01)
+    parts = result["breakdown_mean_ms"]
+    assert sum(parts[k] for k in bench.BREAKDOWN) == pytest.approx(parts["client_latency"], abs=0.05)
+    assert 0 < result["mix"]["search_share"] < 1
+
+    # the shared session workspace was not touched
+    assert (tiny_run["home"] / "feature_store.json").exists()
