@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import is_numeric_dtype
 
 from training.feature_spec import CONTEXT, FLOAT, ITEM, STRING, Feature
 
@@ -105,54 +106,66 @@ def _member(values: pd.Series, lists: pd.Series) -> np.ndarray:
     return np.array(member, dtype=np.float32)
 
 
+def _num(column: pd.Series) -> np.ndarray:
+    """A raw column as float64 with missing values as 0 (vectorised; object columns are coerced)."""
+    values = column.to_numpy() if is_numeric_dtype(column) else pd.to_numeric(column, errors="coerce").to_numpy()
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isnan(values), 0.0, values)
+
+
 def assemble_features(raw: pd.DataFrame) -> pd.DataFrame:
-    """Model features for each row of ``raw`` (columns: ``RAW_COLUMNS``); other columns pass through."""
+    """Model features for each row of ``raw`` (columns: ``RAW_COLUMNS``); other columns pass through.
+
+    It runs once per Spark batch offline and once per ranking request online, so columns are built as NumPy
+    arrays and framed once (per-column DataFrame assignment costs more than the arithmetic).
+    """
     missing = [c for c in RAW_COLUMNS if c not in raw.columns]
     if missing:
         raise KeyError(f"assemble_features: missing raw columns {missing}")
-    out = raw.drop(columns=[c for c in RAW_COLUMNS if c != "ts_ms"]).copy()
-    num = lambda c: pd.to_numeric(raw[c], errors="coerce").fillna(0.0).to_numpy(np.float64)  # noqa: E731
-    clicks = num("user_clicks")
-    out["surface"] = raw["surface"].fillna("feed").astype(str).to_numpy()
-    out["user_country"] = raw["user_country"].fillna("unknown").astype(str).to_numpy()
-    out["user_history"] = clicks
+    clicks, ts = _num(raw["user_clicks"]), _num(raw["ts_ms"])
     signup = pd.to_numeric(raw["user_signup_ms"], errors="coerce").to_numpy(np.float64)
-    out["user_tenure_days"] = np.where(np.isnan(signup), 0.0, np.maximum(num("ts_ms") - signup, 0) / DAY_MS)
-
-    out["item_category"] = raw["category"].astype(str).to_numpy()
-    out["item_style"] = raw["style"].astype(str).to_numpy()
-    out["item_condition"] = raw["condition"].astype(str).to_numpy()
-    out["item_brand_tier"] = raw["brand_tier"].astype(str).to_numpy()
-    lpi = np.log(np.maximum(num("price"), 0.01) / np.maximum(num("category_median_price"), 0.01))
-    out["log_price_index"] = lpi
-    usual = np.divide(num("user_lpi_sum"), clicks, out=np.zeros_like(clicks), where=clicks > 0)
-    out["price_gap"] = np.where(clicks > 0, np.abs(lpi - usual), 0.0)
-    out["age_days"] = np.maximum(num("ts_ms") - num("listed_ms"), 0) / DAY_MS
-    out["photos"] = num("photos")
-    out["seller_rating"] = num("seller_rating")
-    out["seller_sales"] = num("seller_sales")
-    out["same_country"] = (raw["seller_country"].to_numpy() == raw["user_country"].to_numpy()).astype(np.float64)
-    out["size_match"] = (raw["size"].to_numpy() == raw["user_size"].to_numpy()).astype(np.float64)
-    views, likes = num("views"), num("likes")
-    out["views"], out["likes"], out["bags"] = views, likes, num("bags")
-    out["like_rate"] = (likes + 1.0) / (views + 10.0)
+    lpi = np.log(np.maximum(_num(raw["price"]), 0.01) / np.maximum(_num(raw["category_median_price"]), 0.01))
+    usual = np.divide(_num(raw["user_lpi_sum"]), clicks, out=np.zeros_like(clicks), where=clicks > 0)
+    views, likes = _num(raw["views"]), _num(raw["likes"])
     denominator = clicks + 1.0
-    out["brand_affinity"] = num("user_brand_clicks") / denominator
-    out["style_affinity"] = num("user_style_clicks") / denominator
-    out["category_affinity"] = num("user_category_clicks") / denominator
-    out["fav_brand"] = _member(raw["brand"], raw["user_fav_brands"])
-    out["fav_style"] = _member(raw["style"], raw["user_fav_styles"])
-
     query = [_tokens(q) for q in raw["query"]]
-    out["query_category_match"] = [float(c in q) for c, q in zip(raw["category"], query, strict=True)]
-    out["query_brand_match"] = [float(b in q) for b, q in zip(raw["brand"], query, strict=True)]
-    out["query_style_match"] = [float(s in q) for s, q in zip(raw["style"], query, strict=True)]
-    out["query_title_overlap"] = [len(q & _tokens(t)) / len(q) if q else 0.0
-                                  for t, q in zip(raw["title"], query, strict=True)]
+    features = {
+        "surface": raw["surface"].fillna("feed").astype(str).to_numpy(),
+        "user_country": raw["user_country"].fillna("unknown").astype(str).to_numpy(),
+        "user_history": clicks,
+        "user_tenure_days": np.where(np.isnan(signup), 0.0, np.maximum(ts - signup, 0) / DAY_MS),
+        "item_category": raw["category"].astype(str).to_numpy(),
+        "item_style": raw["style"].astype(str).to_numpy(),
+        "item_condition": raw["condition"].astype(str).to_numpy(),
+        "item_brand_tier": raw["brand_tier"].astype(str).to_numpy(),
+        "log_price_index": lpi,
+        "price_gap": np.where(clicks > 0, np.abs(lpi - usual), 0.0),
+        "age_days": np.maximum(ts - _num(raw["listed_ms"]), 0) / DAY_MS,
+        "photos": _num(raw["photos"]),
+        "seller_rating": _num(raw["seller_rating"]),
+        "seller_sales": _num(raw["seller_sales"]),
+        "same_country": raw["seller_country"].to_numpy() == raw["user_country"].to_numpy(),
+        "size_match": raw["size"].to_numpy() == raw["user_size"].to_numpy(),
+        "views": views,
+        "likes": likes,
+        "bags": _num(raw["bags"]),
+        "like_rate": (likes + 1.0) / (views + 10.0),
+        "brand_affinity": _num(raw["user_brand_clicks"]) / denominator,
+        "style_affinity": _num(raw["user_style_clicks"]) / denominator,
+        "category_affinity": _num(raw["user_category_clicks"]) / denominator,
+        "fav_brand": _member(raw["brand"], raw["user_fav_brands"]),
+        "fav_style": _member(raw["style"], raw["user_fav_styles"]),
+        "query_category_match": [c in q for c, q in zip(raw["category"], query, strict=True)],
+        "query_brand_match": [b in q for b, q in zip(raw["brand"], query, strict=True)],
+        "query_style_match": [s in q for s, q in zip(raw["style"], query, strict=True)],
+        "query_title_overlap": [len(q & _tokens(t)) / len(q) if q else 0.0
+                                for t, q in zip(raw["title"], query, strict=True)],
+    }
     for feature in FEATURES:
         if feature.dtype == FLOAT:
-            out[feature.name] = np.asarray(out[feature.name], dtype=np.float32)
-    return out
+            features[feature.name] = np.asarray(features[feature.name], dtype=np.float32)
+    passthrough = raw.drop(columns=[c for c in RAW_COLUMNS if c != "ts_ms"])
+    return pd.concat([passthrough, pd.DataFrame(features, index=raw.index)], axis=1)
 
 
 def online_raw_frame(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
@@ -162,14 +175,15 @@ def online_raw_frame(surface: str, query: str | None, ts_ms: int, user: Mapping[
     An unknown user (``None``) is a cold start: no country, size, favourites or history.
     """
     user = user or {}
-    per_key = {key: dict(user.get(f"{key}_clicks") or {}) for key in ("brand", "style", "category")}
-    rows = []
-    for item in items:
-        row = {c: item.get(c) for c in ITEM_STATE_COLUMNS}
-        row.update(surface=surface, query=query, ts_ms=ts_ms, user_country=user.get("user_country"),
-                   user_size=user.get("user_size"), user_fav_brands=user.get("user_fav_brands"),
-                   user_fav_styles=user.get("user_fav_styles"), user_signup_ms=user.get("user_signup_ms"),
-                   user_clicks=user.get("user_clicks") or 0, user_lpi_sum=user.get("user_lpi_sum") or 0.0,
-                   **{f"user_{key}_clicks": per_key[key].get(item.get(key), 0) for key in per_key})
-        rows.append(row)
-    return pd.DataFrame(rows, columns=list(RAW_COLUMNS))
+    n = len(items)
+    columns: dict[str, Any] = {c: [item.get(c) for item in items] for c in ITEM_STATE_COLUMNS}
+    shared = {"surface": surface, "query": query, "ts_ms": ts_ms, "user_country": user.get("user_country"),
+              "user_size": user.get("user_size"), "user_signup_ms": user.get("user_signup_ms"),
+              "user_clicks": user.get("user_clicks") or 0, "user_lpi_sum": user.get("user_lpi_sum") or 0.0}
+    columns.update({name: [value] * n for name, value in shared.items()})
+    for name in ("user_fav_brands", "user_fav_styles"):  # lists: one object per row, not broadcast elementwise
+        columns[name] = [user.get(name)] * n
+    for key in ("brand", "style", "category"):
+        clicks = dict(user.get(f"{key}_clicks") or {})
+        columns[f"user_{key}_clicks"] = [clicks.get(value, 0) for value in columns[key]]
+    return pd.DataFrame(columns, columns=list(RAW_COLUMNS))
