@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError
 
 from marketrank import ui, workspace
 from pipelines.deploy import DeployError
 from pipelines.gate import GateThresholds
+from serving.errors import StoreUnavailable
 from training.hparams import HParams
 
 app = typer.Typer(help="marketrank: learning-to-rank for a second-hand fashion marketplace.", no_args_is_help=True,
@@ -33,7 +35,8 @@ app.add_typer(features_app, name="features")
 app.add_typer(report_app, name="report")
 
 #: Exceptions that are the user's input, not a bug: shown as one line.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, DeployError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, DeployError,
+               BotoCoreError, ClientError, StoreUnavailable)
 
 
 def _one_line_errors(command):
@@ -253,7 +256,7 @@ def _endpoint_action(action: str, target: str, endpoint: str, data_capture_uri: 
                                    boto3.client("s3"), boto3.client("ssm"))
         result["state"] = json.loads(result["state"])
     else:
-        result = {"promote": deploy.promote, "rollback": deploy.rollback}[action](backend)
+        result = {"promote": deploy.promote, "rollback": deploy.rollback, "reject": deploy.reject}[action](backend)
         from pipelines.local import sync_aliases
         from pipelines.registry import LocalRegistry
 
@@ -298,6 +301,14 @@ def endpoint_promote(target: Target = "local", endpoint: EndpointName = "marketr
     _endpoint_action("promote", target, endpoint, data_capture_uri)
 
 
+@endpoint_app.command("reject")
+@_one_line_errors
+def endpoint_reject(target: Target = "local", endpoint: EndpointName = "marketrank",
+                    data_capture_uri: CaptureUri = None) -> None:
+    """Drop the shadow challenger; the live champion stays (what a shadow report's rollback means)."""
+    _endpoint_action("reject", target, endpoint, data_capture_uri)
+
+
 @endpoint_app.command("rollback")
 @_one_line_errors
 def endpoint_rollback(target: Target = "local", endpoint: EndpointName = "marketrank",
@@ -307,13 +318,10 @@ def endpoint_rollback(target: Target = "local", endpoint: EndpointName = "market
 
 
 def _pipeline_config(name: str | None, region: str | None, bucket: str | None, role_arn: str | None):
-    import dataclasses
-
+    """Defaults, then the MARKETRANK_* environment (what CI sets from the CDK outputs), then the options."""
     from pipelines.definition import PipelineConfig
 
-    overrides = {k: v for k, v in {"name": name, "region": region, "bucket": bucket, "role_arn": role_arn}.items()
-                 if v is not None}
-    return dataclasses.replace(PipelineConfig(), **overrides)
+    return PipelineConfig.from_env(name=name, region=region, bucket=bucket, role_arn=role_arn)
 
 
 PipelineName = Annotated[str | None, typer.Option("--name", help="pipeline name (default marketrank)")]
@@ -404,7 +412,8 @@ def shadow_report(
     endpoint: EndpointName = "marketrank",
     k: Annotated[int, typer.Option(help="top-k for the overlap")] = 10,
     min_pairs: Annotated[int, typer.Option(help="paired requests needed before recommending promote")] = 200,
-    shadow_sampling: Annotated[float, typer.Option(help="% of requests copied to the shadow")] = 100.0,
+    shadow_sampling: Annotated[float | None, typer.Option(
+        help="% of requests copied to the shadow (default: the local endpoint's shadow weight, else 100)")] = None,
     out: Annotated[Path | None, typer.Option(help="where report.json and shadow.png go")] = None,
 ) -> None:
     """Compare champion and challenger responses from data capture; recommend promote / keep-watching / rollback."""
@@ -418,8 +427,15 @@ def shadow_report(
     if not production:
         raise FileNotFoundError(f"no capture records for endpoint {endpoint!r} under {root}")
     thresholds = dataclasses.replace(shadow.ShadowThresholds(), min_pairs=min_pairs)
+    if shadow_sampling is None:
+        from pipelines import deploy
+
+        state = deploy.LocalBackend(workspace.endpoints_dir(), endpoint).current() if capture is None else None
+        share = state.shadow.weight if state is not None and state.shadow is not None else 1.0
+    else:
+        share = shadow_sampling / 100
     analysis = shadow.analyse(production, challenger, k)
-    report = shadow.build_report(production, challenger, k, thresholds, shadow_sampling / 100, analysis)
+    report = shadow.build_report(production, challenger, k, thresholds, share, analysis)
     out = out or workspace.shadow_dir() / endpoint
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2))

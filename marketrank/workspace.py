@@ -41,9 +41,10 @@ def mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
 
 
-def mlflow_artifacts() -> str:
-    """Where a local MLflow store keeps artifacts (beside its database, not in the current directory)."""
-    return (home() / "mlartifacts").as_uri()
+def mlflow_artifacts() -> str | None:
+    """Where the embedded MLflow store keeps artifacts (beside its database, not in the current directory);
+    None with a tracking server (MLFLOW_TRACKING_URI), which decides where its artifacts go."""
+    return None if os.environ.get("MLFLOW_TRACKING_URI") else (home() / "mlartifacts").as_uri()
 
 
 def models_dir() -> Path:

@@ -469,6 +469,7 @@ def upsert(config: PipelineConfig = PipelineConfig(), role_arn: str | None = Non
     with _aws_errors(resource):
         boto_session = boto3.Session(region_name=config.region)
         definition = render(config, sdk.pipeline_session(boto_session, config.bucket, config.prefix))
+        ensure_champion_prefix(boto_session.client("s3"), config)
         sm = boto_session.client("sagemaker")
         if _pipeline_exists(sm, config.name):
             response = sm.update_pipeline(PipelineName=config.name, PipelineDefinition=definition, RoleArn=role,
@@ -477,6 +478,17 @@ def upsert(config: PipelineConfig = PipelineConfig(), role_arn: str | None = Non
             response = sm.create_pipeline(PipelineName=config.name, PipelineDefinition=definition, RoleArn=role,
                                           PipelineDescription=description)
     return response["PipelineArn"]
+
+
+NO_CHAMPION_MARKER = "no-champion"
+
+
+def ensure_champion_prefix(s3, config: PipelineConfig) -> None:
+    """Evaluate always mounts the champion prefix and SageMaker rejects an empty input prefix, so before the
+    first deployment it holds a marker file (which ``training.evaluate.has_model`` treats as no champion)."""
+    bucket, _, prefix = config.champion_uri[len("s3://"):].partition("/")
+    if s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) == 0:
+        s3.put_object(Bucket=bucket, Key=prefix + NO_CHAMPION_MARKER, Body=b"no champion deployed yet\n")
 
 
 def _pipeline_exists(sm, name: str) -> bool:

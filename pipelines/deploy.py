@@ -87,14 +87,23 @@ def plan_promote(current: EndpointState | None) -> tuple[str, EndpointState | No
 
 
 def plan_rollback(current: EndpointState | None) -> tuple[str, EndpointState | None]:
-    """Back to the previous champion (and the shadow is dropped). A second rollback has nothing to do."""
+    """Back to the previous champion (any shadow is dropped too). A second rollback has nothing to do.
+    With no promotion to undo, a shadow deployment is undone instead (the challenger is dropped)."""
     if current is None or current.production is None:
         raise DeployError("nothing is deployed: there is no endpoint to roll back")
     if current.previous is None:
-        if current.shadow is not None:  # rolling back a shadow deployment = stop shadowing
-            return "drop-shadow", dataclasses.replace(current, shadow=None)
-        return "noop", current
+        return plan_reject(current)
     return "rollback", EndpointState(production=current.previous, shadow=None, previous=None)
+
+
+def plan_reject(current: EndpointState | None) -> tuple[str, EndpointState | None]:
+    """Drop the shadow challenger and leave the live champion (and its rollback target) alone: what a shadow
+    report's "rollback" recommendation means. Idempotent: with no shadow there is nothing to do."""
+    if current is None or current.production is None:
+        raise DeployError("nothing is deployed: there is no endpoint to reject a challenger on")
+    if current.shadow is None:
+        return "noop", current
+    return "drop-shadow", dataclasses.replace(current, shadow=None)
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -136,6 +145,10 @@ def promote(backend: Backend) -> dict[str, Any]:
 
 def rollback(backend: Backend) -> dict[str, Any]:
     return _apply(backend, *_plan(backend, plan_rollback))
+
+
+def reject(backend: Backend) -> dict[str, Any]:
+    return _apply(backend, *_plan(backend, plan_reject))
 
 
 def describe(backend: Backend) -> dict[str, Any]:
@@ -185,6 +198,14 @@ class SageMakerBackend:
                              shadow=variant((config.get("ShadowProductionVariants") or [None])[0]),
                              previous=previous)
 
+    def _current_capture(self) -> dict[str, Any] | None:
+        """The live config's DataCaptureConfig, kept when this backend was not given one (CLI promote)."""
+        endpoint = self._endpoint()
+        if endpoint is None:
+            return None
+        return self.sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"]).get(
+            "DataCaptureConfig")
+
     def _config_spec(self, state: EndpointState) -> dict[str, Any]:
         def variant(v: Variant, name: str) -> dict[str, Any]:
             return {"VariantName": name, "ModelName": v.model_name, "InstanceType": v.instance_type,
@@ -193,7 +214,10 @@ class SageMakerBackend:
         spec: dict[str, Any] = {"ProductionVariants": [variant(state.production, PRODUCTION)]}
         if state.shadow is not None:
             spec["ShadowProductionVariants"] = [variant(state.shadow, SHADOW)]
-        if self.data_capture_uri:
+        kept = None if self.data_capture_uri else self._current_capture()
+        if kept:
+            spec["DataCaptureConfig"] = kept
+        elif self.data_capture_uri:
             spec["DataCaptureConfig"] = {
                 "EnableCapture": True, "InitialSamplingPercentage": 100, "DestinationS3Uri": self.data_capture_uri,
                 "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],

@@ -1,6 +1,6 @@
 """AWS Lambda entry point of the pipeline's DeployShadow step (and of promote / rollback automation).
 
-Event: ``{"action": "deploy_shadow" | "promote" | "rollback", "endpoint_name": ..., "model_package_arn": ...,
+Event: ``{"action": "deploy_shadow" | "promote" | "rollback" | "reject", "endpoint_name": ..., "model_package_arn": ...,
 "shadow_sampling_percentage": 20}``. Environment (set by the CDK stack): ``MODEL_EXECUTION_ROLE_ARN``,
 ``INSTANCE_TYPE``, ``INSTANCE_COUNT``, ``DATA_CAPTURE_URI``, optional ``KMS_KEY_ID``, ``CHAMPION_PARAMETER``
 (SSM parameter holding the live champion's model data URL, read by ``cdk deploy`` so it never rolls the live
@@ -19,7 +19,7 @@ from typing import Any
 from pipelines import deploy
 
 log = logging.getLogger("marketrank.deploy_lambda")
-ACTIONS = ("deploy_shadow", "promote", "rollback")
+ACTIONS = ("deploy_shadow", "promote", "rollback", "reject")
 
 
 def _model_data_url(sm, model_name: str) -> str | None:
@@ -77,6 +77,8 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
         result = deploy.deploy_shadow(backend, challenger)
     elif action == "promote":
         result = deploy.promote(backend)
+    elif action == "reject":
+        result = deploy.reject(backend)
     else:
         result = deploy.rollback(backend)
     state = result["state"]

@@ -337,6 +337,10 @@ class Ranker:
         self.metrics = Metrics(self.breaker)
         self.executor = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="store")
         self.spec = None
+        #: Added to the wall clock to get the features' "now": the online state is as of the end of its logs
+        #: (``meta.as_of_ms``), so ages and tenures are measured from there plus the time since materialising.
+        #: ~0 when the logs are live; large for replayed or simulated logs, whose counters are not from today.
+        self.clock_offset_ms = 0
 
     async def store_call(self, fn, timeout_s: float, *args: Any):
         """A store call, in the thread pool when it blocks; StoreUnavailable past ``timeout_s``."""
@@ -351,6 +355,12 @@ class Ranker:
 
     async def load_spec(self, timeout_s: float = 1.0) -> None:
         self.spec = await self.store_call(self.store.get_spec, timeout_s)
+        meta = await self.store_call(self.store.meta, timeout_s) or {}
+        if meta.get("as_of_ms") and meta.get("materialized_ms"):
+            self.clock_offset_ms = int(meta["as_of_ms"]) - int(meta["materialized_ms"])
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000) + self.clock_offset_ms
 
     async def rank(self, request: RankRequest, started: float) -> tuple[dict[str, Any], dict[str, Any]]:
         """(response body, log fields) for a valid request that arrived at ``started`` (monotonic)."""
@@ -510,7 +520,7 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise BadRequest("body", f"is not valid JSON: {err}") from None
-            parsed = parse_rank_request(body, max_candidates=settings.max_candidates)
+            parsed = parse_rank_request(body, max_candidates=settings.max_candidates, ts_ms=ranker.now_ms())
         except ApiError as err:
             ranker.metrics.requests.labels(status=str(err.status)).inc()
             log.info(json.dumps({"event": "rank", "status": err.status, "error": err.message,

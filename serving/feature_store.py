@@ -356,7 +356,10 @@ def materialize(features_dir: str | Path, store: FeatureStore, spec: FeatureSpec
         ITEMS: store.write(ITEMS, read_state(online / ITEMS, "item_id", ITEM_STATE_COLUMNS, batch_size), batch_size),
         USERS: store.write(USERS, read_state(online / USERS, "user_id", USER_STATE_COLUMNS, batch_size), batch_size),
     }
-    store.put_spec(spec, meta={"source": str(features_dir), "materialized_ms": int(time.time() * 1000), **counts})
+    stats_path = Path(features_dir) / "stats.json"
+    as_of = json.loads(stats_path.read_text()).get("online_as_of_ms") if stats_path.exists() else None
+    store.put_spec(spec, meta={"source": str(features_dir), "materialized_ms": int(time.time() * 1000),
+                               "as_of_ms": as_of, **counts})
     store.flush()
     return counts
 

@@ -10,8 +10,9 @@ Shadow traffic has no feedback on the challenger's ranking (users only saw the c
 judges quality; the shadow phase checks that the challenger behaves in production: it answers, it is not slower
 than allowed, and it agrees with the champion as much as offline evaluation said it would. The recommendation:
 
-* ``rollback`` when the challenger failed on requests, is too slow, or its rankings look unrelated to the
-  champion's (mean top-k overlap below ``min_overlap``: a broken model or a feature mismatch);
+* ``rollback`` (of the shadow deployment: ``marketrank endpoint reject`` drops the challenger, the champion
+  stays) when the challenger failed on requests, is too slow, or its rankings look unrelated to the champion's
+  (mean top-k overlap below ``min_overlap``: a broken model or a feature mismatch);
 * ``keep-watching`` while fewer than ``min_pairs`` requests are paired;
 * ``promote`` otherwise.
 """

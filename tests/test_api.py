@@ -221,8 +221,12 @@ def test_personalised_ranking_end_to_end(store_url, model_server, catalogue, sig
     # The scores are the SavedModel's on the store's state (same code path, checked with plain TF here).
     store = RedisStore(store_url)
     fetched = store.fetch(user, candidates)
+    meta = store.meta()
     store.close()
-    inputs = build_inputs(spec, RequestContext("search", "vintage jeans", before), fetched.user, fetched.items)
+    # The API's "now" is the online state's as-of time plus the time since materialising (see Ranker.now_ms).
+    now = before + int(meta["as_of_ms"]) - int(meta["materialized_ms"])
+    assert abs(now - int(meta["as_of_ms"])) < 10 * 60_000  # simulated logs: "now" is their end, not today
+    inputs = build_inputs(spec, RequestContext("search", "vintage jeans", now), fetched.user, fetched.items)
     import tensorflow as tf
 
     specs = signature.structured_input_signature[1]

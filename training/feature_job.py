@@ -435,7 +435,9 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
         spec.save(tmp)
         for split in SPLITS:  # each split channel carries the spec, so a training job needs nothing else
             spec.save(tmp / split)
+        as_of = max(tables[t].select(F.max(_to_ms(tables[t], "ts"))).first()[0] for t in ("requests", "interactions"))
         stats = {"splits": counts, "time_cuts_ms": cuts, "list_size": config.list_size, "position_bias": position_bias,
+                 "online_as_of_ms": as_of,
                  "max_list_length": lists.select(F.max(F.size("item_id"))).first()[0]}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         rows.unpersist()

@@ -109,7 +109,8 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
           tracking_uri: str | None = None, experiment: str = "marketrank", run_name: str | None = None,
           progress: Callable[[int, dict], None] | None = None, train_lists: int | None = None,
           artifact_location: str | None = None) -> TrainResult:
-    """Fit, early-stop on validation NDCG@10, export. Sources are split dirs or zero-argument batch callables."""
+    """Fit, early-stop on the validation signal of ``hparams.early_stopping``, export the best epoch. Sources are
+    split dirs or zero-argument batch callables."""
     import tensorflow as tf
 
     from training import data, export
@@ -148,6 +149,8 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
         start = time.perf_counter()
         fit = model.fit(train_ds, validation_data=valid_ds, epochs=hparams.epochs, verbose=0,
                         callbacks=[stopper, epoch_logger.callback, tf.keras.callbacks.TerminateOnNaN()])
+        if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
+            model.set_weights(stopper.best_weights)  # Keras restores them only when it stopped early
         seconds = time.perf_counter() - start
         history = {k: [float(x) for x in v] for k, v in fit.history.items()}
         if not history.get("val_ndcg_10"):
