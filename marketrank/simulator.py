@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from training.features import popularity_recency
+
 CATEGORIES = ["dresses", "tops", "jeans", "coats", "sneakers", "boots", "bags", "skirts", "knitwear", "jackets"]
 CATEGORY_BASE_PRICE = [28, 14, 24, 55, 45, 50, 40, 18, 22, 48]
 STYLES = ["vintage", "streetwear", "minimalist", "boho", "sporty", "classic"]
@@ -222,7 +224,7 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
         age = (ts - listed_ms[shown]) / DAY_MS
 
         # Legacy policy: popularity + recency, nothing personal.
-        legacy = np.log1p(views[shown] + 3 * likes[shown] + 5 * bags[shown]) - age / 14 + rng.normal(0, 0.3, n_shown)
+        legacy = popularity_recency(views[shown], likes[shown], bags[shown], age) + rng.normal(0, 0.3, n_shown)
         shown = shown[rng.permutation(n_shown) if randomized[r] else np.argsort(-legacy, kind="stable")]
         age = (ts - listed_ms[shown]) / DAY_MS
 

@@ -39,7 +39,14 @@ import numpy as np
 from serving.errors import StoreUnavailable
 from training.feature_job import ONLINE_DIR
 from training.feature_spec import CONTEXT, MASK, STRING, FeatureSpec
-from training.features import DAY_MS, ITEM_STATE_COLUMNS, USER_STATE_COLUMNS, assemble_features, online_raw_frame
+from training.features import (
+    DAY_MS,
+    ITEM_STATE_COLUMNS,
+    USER_STATE_COLUMNS,
+    assemble_features,
+    online_raw_frame,
+    popularity_recency,
+)
 
 ITEM_PREFIX, USER_PREFIX = "mr:item:", "mr:user:"
 SPEC_KEY, META_KEY = "mr:spec", "mr:meta"
@@ -394,7 +401,7 @@ def build_inputs(spec: FeatureSpec, request: HasContext, user_state: Mapping[str
 
 
 def fallback_scores(item_states: Sequence[Mapping[str, Any]], now_ms: int) -> np.ndarray:
-    """Popularity + recency, the legacy policy: ``log1p(views + 3 likes + 5 bags) - age_days / 14``."""
+    """Popularity + recency, the legacy policy (``training.features.popularity_recency``)."""
 
     def number(state: Mapping[str, Any], key: str) -> float:
         value = state.get(key)
@@ -404,5 +411,4 @@ def fallback_scores(item_states: Sequence[Mapping[str, Any]], now_ms: int) -> np
     likes = np.array([number(s, "likes") for s in item_states], dtype=np.float64)
     bags = np.array([number(s, "bags") for s in item_states], dtype=np.float64)
     listed = np.array([number(s, "listed_ms") or now_ms for s in item_states], dtype=np.float64)
-    age_days = np.maximum(now_ms - listed, 0.0) / DAY_MS
-    return np.log1p(np.maximum(views + 3 * likes + 5 * bags, 0.0)) - age_days / 14.0
+    return popularity_recency(views, likes, bags, np.maximum(now_ms - listed, 0.0) / DAY_MS)

@@ -97,6 +97,12 @@ LIST_COLUMNS = ("request_id", "user_id", "ts_ms", "split")
 ITEM_COLUMNS = ("item_id", "position", "label", "relevance", "true_score")
 
 
+def popularity_recency(views: np.ndarray, likes: np.ndarray, bags: np.ndarray, age_days: np.ndarray) -> np.ndarray:
+    """The legacy ranking (popularity + recency, nothing personal): the simulator's logging policy and the
+    ranking API's fallback when the model cannot answer."""
+    return np.log1p(np.maximum(views + 3 * likes + 5 * bags, 0.0)) - age_days / 14.0
+
+
 def _tokens(text: object) -> set[str]:
     return set(str(text).lower().split()) if isinstance(text, str) and text else set()
 
