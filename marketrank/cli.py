@@ -29,6 +29,8 @@ pipeline_app = typer.Typer(help="The SageMaker Pipeline: definition, upsert, sta
 app.add_typer(pipeline_app, name="pipeline")
 shadow_app = typer.Typer(help="Shadow evaluation of the challenger against the champion.", no_args_is_help=True)
 app.add_typer(shadow_app, name="shadow")
+bench_app = typer.Typer(help="Benchmarks the project ships (numbers come only from runs).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
@@ -509,6 +511,30 @@ def serve(
                                 model_name=endpoint, budget_ms=budget_ms)
         ui.console.print(f"ranking API on http://{host}:{port}/v1/rank  (/healthz /readyz /metrics)")
         api.serve(settings, host=host, port=port)
+
+
+@bench_app.command("serve")
+@_one_line_errors
+def bench_serve(
+    candidates: Annotated[str, typer.Option(help="comma-separated candidate counts per request")] = "50,300,1000",
+    rate: Annotated[float, typer.Option(help="offered load, requests per second")] = 100.0,
+    seconds: Annotated[float, typer.Option(help="measured seconds per candidate count")] = 20.0,
+    model_server: Annotated[str, typer.Option(help="local endpoint in a 'thread' (as `serve`) or a 'process'")] = (
+        "process"),
+    out: Annotated[Path | None, typer.Option(help="where serving.json and serving_latency.png go")] = None,
+    endpoint: EndpointName = "marketrank",
+) -> None:
+    """Load-test the ranking API on loopback (after `make run`): p50/p95/p99, throughput, errors, raw-model floor."""
+    _quiet_logs(False)
+    from serving import bench
+
+    out = out or workspace.home() / "bench"
+    with ui.step("serving benchmark") as s:
+        report = bench.run_serving_benchmark(workspace.home(), candidates=[int(c) for c in candidates.split(",")],
+                                             rate=rate, seconds=seconds, endpoint=endpoint, out=out,
+                                             model_server=model_server, progress=s.note)
+    ui.console.print(bench.format_table(report))
+    ui.console.print(f"results {out / 'serving.json'}, plot {out / 'serving_latency.png'}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """The serving benchmark: the ranking API and the local endpoint under open-loop load, against the model's floor.
 
 ``run_serving_benchmark(home, ...)`` serves a workspace the way ``marketrank serve`` does, in this process: the
-local endpoint (``serving.local_endpoint``, uvicorn in a thread) and the ranking API (``serving.app`` with the
-workspace's embedded feature store, uvicorn in a thread), both on 127.0.0.1 with free ports. The feature store is
+local endpoint (``serving.local_endpoint``, uvicorn in a thread; ``model_server="process"`` runs it in a child
+process instead, as production runs TF Serving apart from the API) and the ranking API (``serving.app`` with the
+workspace's embedded feature store, uvicorn in a thread), all on 127.0.0.1 with free ports. The feature store is
 materialised first when it is empty. Then, per candidate count:
 
+* **Unloaded**: ``unloaded_requests`` requests one at a time (closed loop, after 5 unrecorded ones): the service
+  time with no queueing, and its stage timings.
 * **Load**: an open-loop generator (``httpx.AsyncClient``, keep-alive, loopback only) sends requests at ``rate``
   per second (Poisson arrivals by default) for ``warmup_seconds`` (not recorded) and then ``seconds``. It runs
   in a child process by default, so the client's JSON work does not hold the servers' GIL. Requests are built
@@ -19,10 +22,13 @@ materialised first when it is empty. Then, per candidate count:
   encoding, the endpoint's own decode + predict + encode, response decoding), measured with no load running.
 
 The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
-count the latency percentiles, the achieved throughput, errors (non-200 or transport failure) and fallbacks
-counted separately, the stage timings, the floor and the API/floor ratios, an additive breakdown of the mean
-latency ("where the time goes"), the machine, versions, settings, and whether the project's target is met:
-API p99 <= 10 ms at 100 req/s for 300 candidates with no error and no fallback.
+count the latency percentiles of all answers (and of model-ranked and fallback answers apart), the achieved
+throughput, errors (non-200 or transport failure) and fallbacks (``fallback: true``, by reason) counted
+separately, the stage timings of model-ranked answers, the unloaded block, the floor and the API/floor ratios,
+additive breakdowns of the mean latency unloaded and under load ("where the time goes"), CPU use (this process,
+the client, the whole machine: a busy neighbour shows as ``other_processes_cores``), the breaker's state, the
+machine, versions, settings, and whether the project's target is met: API p99 <= 10 ms at 100 req/s for 300
+candidates with no error and no fallback. Between phases it waits for a breaker the previous phase opened.
 
 Data capture goes to a temporary directory (deleted afterwards) so synthetic traffic never reaches the
 workspace's shadow report; the API's per-request JSON log lines go to a temporary file (their cost is kept).
@@ -66,6 +72,7 @@ MAX_RATE, MAX_SECONDS = 5_000.0, 600.0
 CLIENT_CONNECTIONS = 100
 REQUEST_TIMEOUT_S = 10.0
 FLOOR_BATCHES = 10
+UNLOADED_WARM = 5  # unloaded requests sent first and not recorded
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JSON_FILE, PNG_FILE = "serving.json", "serving_latency.png"
 HOST = "127.0.0.1"
@@ -251,9 +258,10 @@ def build_plan(catalogue: Catalogue, candidates: int, rate: float, seconds: floa
 
 # ---------------------------------------------------------------------------------------------- load generator
 
-async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float], timeout_s: float,
+async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float] | None, timeout_s: float,
                  max_connections: int = CLIENT_CONNECTIONS) -> list[dict[str, Any]]:
-    """Open loop: request i is sent at ``offsets[i]`` whatever happened to the earlier ones."""
+    """Open loop: request i is sent at ``offsets[i]`` whatever happened to the earlier ones. ``offsets`` None:
+    closed loop, one request at a time (the unloaded service time)."""
     import httpx
 
     if not base_url.startswith(f"http://{HOST}:"):
@@ -290,6 +298,10 @@ async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float],
 
         tasks = []
         start = time.perf_counter() + 0.05
+        if offsets is None:
+            for i in range(len(bodies)):
+                await one(i, time.perf_counter())
+            offsets = []
         for i, offset in enumerate(offsets):
             delay = start + offset - time.perf_counter()
             if delay > 0:
@@ -306,22 +318,21 @@ async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float],
 def _client_main(plan_path: str, result_path: str) -> None:
     """The child process: run one phase's load from a plan file, write the records."""
     plan = json.loads(Path(plan_path).read_text())
-    records = asyncio.run(_drive(plan["base_url"], plan["bodies"], plan["offsets"], plan["timeout_s"]))
+    records = asyncio.run(_drive(plan["base_url"], plan["bodies"], plan.get("offsets"), plan["timeout_s"]))
     Path(result_path).write_text(json.dumps(records))
 
 
-def run_load(base_url: str, plan: Plan, workdir: Path, client_process: bool = True,
-             timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Every request's record (warm-up included), in plan order."""
-    bodies = plan.bodies()
+def run_load(base_url: str, bodies: Sequence[str], offsets: Sequence[float] | None, workdir: Path,
+             client_process: bool = True, timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Every request's record, in order: open loop at ``offsets``, or one at a time when ``offsets`` is None."""
     if not client_process:
-        return asyncio.run(_drive(base_url, bodies, plan.offsets, timeout_s))
-    plan_path, result_path = workdir / f"plan-{plan.candidates}.json", workdir / f"records-{plan.candidates}.json"
-    plan_path.write_text(json.dumps({"base_url": base_url, "bodies": bodies, "offsets": plan.offsets,
+        return asyncio.run(_drive(base_url, bodies, offsets, timeout_s))
+    plan_path, result_path = workdir / "plan.json", workdir / "records.json"
+    plan_path.write_text(json.dumps({"base_url": base_url, "bodies": list(bodies), "offsets": offsets,
                                      "timeout_s": timeout_s}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     code = "import sys; from serving.bench import _client_main; _client_main(sys.argv[1], sys.argv[2])"
-    limit = (plan.offsets[-1] if plan.offsets else 0) + timeout_s + 60
+    limit = (offsets[-1] if offsets else len(bodies) * timeout_s) + timeout_s + 60
     done = subprocess.run([sys.executable, "-c", code, str(plan_path), str(result_path)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=limit, check=False)
     if done.returncode != 0:
@@ -363,7 +374,10 @@ def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests
     from serving.feature_store import RequestContext, build_inputs
 
     specs = dict(signature.structured_input_signature[1])
-    now_ms = int(time.time() * 1000)
+    meta = store.meta() or {}  # the API's clock: the online state's as-of time plus the time since materialising
+    offset = int(meta["as_of_ms"]) - int(meta["materialized_ms"]) if meta.get("as_of_ms") and meta.get(
+        "materialized_ms") else 0
+    now_ms = int(time.time() * 1000) + offset
     batches = []
     for request in requests[:FLOOR_BATCHES]:
         fetched = store.fetch(request["user_id"], request["candidates"])
@@ -406,31 +420,50 @@ def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests
 
 # ---------------------------------------------------------------------------------------------- summary
 
+STAGES = ("features", "model", "rank", "total")
+
+
+def stage_stats(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-stage stats of answered requests: the API's ``timings_ms`` plus ``parse`` (total - stages) and
+    ``outside_ranker`` (client latency - API total)."""
+    timed = [r for r in records if r.get("status") == 200 and isinstance(r.get("timings_ms"), dict)]
+    stages = {stage: _stats([r["timings_ms"].get(stage) for r in timed], (50, 99)) for stage in STAGES}
+    stages["parse"] = _stats([r["timings_ms"]["total"] - sum(r["timings_ms"][s] for s in STAGES[:3]) for r in timed],
+                             (50, 99))
+    stages["outside_ranker"] = _stats([r["latency_ms"] - r["timings_ms"]["total"] for r in timed], (50, 99))
+    return stages
+
+
+def summarize_unloaded(records: Sequence[dict[str, Any]], warm: int) -> dict[str, Any]:
+    measured = list(records[warm:])
+    ranked = [r for r in measured if r.get("status") == 200 and not r.get("fallback")]
+    return {"requests": len(measured), "errors": sum(r.get("status") != 200 for r in measured),
+            "fallbacks": sum(bool(r.get("fallback")) for r in measured if r.get("status") == 200),
+            "latency_ms": _stats([r["latency_ms"] for r in ranked]), "stages_ms": stage_stats(ranked)}
+
+
 def summarize_phase(plan: Plan, requested: int, records: Sequence[dict[str, Any]], floor: dict[str, Any],
-                    catalogue: Catalogue) -> dict[str, Any]:
+                    catalogue: Catalogue, unloaded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One candidate count's result from its open-loop records (warm-up included), floor and unloaded block."""
     measured = list(records[plan.warmup:])
     requests = plan.requests[plan.warmup:]
     statuses = Counter(str(r.get("status")) for r in measured)
     ok = [r for r in measured if r.get("status") == 200]
     errors = [r for r in measured if r.get("status") != 200]
     fallbacks = [r for r in ok if r.get("fallback")]
+    ranked = [r for r in ok if not r.get("fallback")]
     latency = _stats([r["latency_ms"] for r in measured if "latency_ms" in r])
-    timed = [r for r in ok if isinstance(r.get("timings_ms"), dict)]
-    stages = {stage: _stats([r["timings_ms"].get(stage) for r in timed], (50, 99))
-              for stage in ("features", "model", "rank", "total")}
-    stages["outside_ranker"] = _stats([r["latency_ms"] - r["timings_ms"]["total"] for r in timed], (50, 99))
-    stages["parse"] = _stats([r["timings_ms"]["total"] - sum(r["timings_ms"][s] for s in ("features", "model", "rank"))
-                              for r in timed], (50, 99))
     finished = [r for r in measured if "done_s" in r]
     duration = (max(r["done_s"] for r in finished) - min(r["sent_s"] for r in finished)) if finished else 0.0
     offered = (len(measured) - 1) / (plan.offsets[-1] - plan.offsets[plan.warmup]) \
         if len(measured) > 1 and plan.offsets[-1] > plan.offsets[plan.warmup] else None
     signature = floor["signature_ms"]
+    rate = offered or 0.0
 
     def ratio(api: float | None, base: float | None) -> float | None:
         return round(api / base, 2) if api is not None and base else None
 
-    return {
+    result = {
         "candidates": plan.candidates,
         "candidates_requested": requested,
         "requests": len(measured),
@@ -443,16 +476,20 @@ def summarize_phase(plan: Plan, requested: int, records: Sequence[dict[str, Any]
         "fallback_reasons": dict(Counter(str(r.get("reason")) for r in fallbacks)),
         "statuses": dict(statuses),
         "error_samples": sorted({str(r.get("error")) for r in errors})[:5],
-        "short_answers": sum(1 for r, q in zip(records[plan.warmup:], requests, strict=True)
+        "short_answers": sum(1 for r, q in zip(measured, requests, strict=True)
                              if r.get("status") == 200 and r.get("n_items") != min(q.get("k") or plan.candidates,
                                                                                     plan.candidates)),
         "offered_rps": round(offered, 2) if offered else None,
         "throughput_rps": round(len(ok) / duration, 2) if duration > 0 else None,
         "duration_s": round(duration, 3),
         "latency_ms": latency,
+        "latency_model_ranked_ms": _stats([r["latency_ms"] for r in ranked]),
+        "latency_fallback_ms": _stats([r["latency_ms"] for r in fallbacks]),
         "latency_from_schedule_ms": _stats([r["from_schedule_ms"] for r in measured if "from_schedule_ms" in r]),
         "client_lag_ms": _stats([r["lag_ms"] for r in measured if "lag_ms" in r], (50, 99)),
-        "stages_ms": stages,
+        "stages_ms": stage_stats(ranked),
+        "stages_ms_fallback": stage_stats(fallbacks),
+        "unloaded": unloaded,
         "floor": floor,
         "ratio_to_floor": {"p50": ratio(latency["p50"], signature["p50"]),
                            "p99": ratio(latency["p99"], signature["p99"])},
@@ -462,9 +499,19 @@ def summarize_phase(plan: Plan, requested: int, records: Sequence[dict[str, Any]
                 "distinct_users": len({r["user_id"] for r in requests}),
                 "query_examples": [r["query"] for r in requests if r["surface"] == "search"][:3]},
     }
+    result["breakdown_mean_ms"] = {
+        "unloaded": breakdown(unloaded["stages_ms"], unloaded["latency_ms"], floor)
+        if unloaded and unloaded["latency_ms"]["n"] else None,
+        "under_load": breakdown(result["stages_ms"], result["latency_model_ranked_ms"], floor)
+        if ranked else None,
+    }
+    if unloaded and unloaded["latency_ms"]["mean"]:
+        # one GIL-bound server: the share of each second its service time takes at the offered rate
+        result["estimated_utilization"] = round(rate * unloaded["latency_ms"]["mean"] / 1000, 2)
+    return result
 
 
-#: The additive parts of the mean client latency (``breakdown_mean_ms``), in request order.
+#: The additive parts of a mean client latency (``breakdown_mean_ms``), in request order.
 BREAKDOWN = {
     "parse": "API: body read, JSON parse and validation (timings total - stages)",
     "features": "API features stage: store fetch + build_inputs",
@@ -477,18 +524,18 @@ BREAKDOWN = {
 }
 
 
-def breakdown(result: dict[str, Any]) -> dict[str, float]:
-    """The mean client latency split into the additive parts of ``BREAKDOWN`` (means add up; percentiles do
-    not), plus ``client_latency`` and ``features_in_process`` (store fetch + build_inputs with no load)."""
-    stages, parts = result["stages_ms"], result["floor"]["in_process_ms"]
+def breakdown(stages: dict[str, Any], latency: dict[str, Any], floor: dict[str, Any]) -> dict[str, float]:
+    """A mean client latency split into the additive parts of ``BREAKDOWN`` (means add up; percentiles do not),
+    plus ``client_latency`` and ``features_in_process`` (store fetch + build_inputs with no load)."""
+    parts = floor["in_process_ms"]
 
     def mean(block: dict[str, Any]) -> float:
         return float(block.get("mean") or 0.0)
 
-    signature = float(result["floor"]["signature_ms"]["mean"] or 0.0)
+    signature = float(floor["signature_ms"]["mean"] or 0.0)
     model_compute = mean(parts["encode_request"]) + mean(parts["endpoint_predict"]) + mean(parts["decode_response"])
     split = {
-        "client_latency": mean(result["latency_ms"]),
+        "client_latency": mean(latency),
         "parse": mean(stages["parse"]),
         "features": mean(stages["features"]),
         "features_in_process": mean(parts["store_fetch"]) + mean(parts["build_inputs"]),
@@ -504,13 +551,19 @@ def breakdown(result: dict[str, Any]) -> dict[str, float]:
 def _where_time_goes(results: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
     for result in results:
-        parts = result["breakdown_mean_ms"]
-        total = parts["client_latency"] or float("nan")
-        top = sorted(((parts[k], k) for k in BREAKDOWN), reverse=True)
-        lines.append(f"{result['candidates']} candidates: mean {total:.2f} ms = "
-                     + ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for v, k in top)
-                     + f" [features stage {parts['features']:.2f} vs {parts['features_in_process']:.2f} in process "
-                       "with no load]")
+        for label, parts in result["breakdown_mean_ms"].items():
+            if not parts:
+                continue
+            total = parts["client_latency"] or float("nan")
+            top = sorted(((parts[k], k) for k in BREAKDOWN), reverse=True)
+            lines.append(f"{result['candidates']} candidates, {label.replace('_', ' ')} (model-ranked answers): mean "
+                         f"{total:.2f} ms = " + ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for v, k in top))
+        if result.get("estimated_utilization") is not None:
+            unloaded_mean = result["unloaded"]["latency_ms"]["mean"]
+            lines.append(f"{result['candidates']} candidates: {result['offered_rps']} req/s x unloaded mean "
+                         f"{unloaded_mean} ms = utilization ~{result['estimated_utilization']} of one GIL-bound "
+                         f"server; {result['fallbacks']} of {result['requests']} answers were fallbacks "
+                         f"{result['fallback_reasons'] or ''}".rstrip())
     return lines
 
 
@@ -602,12 +655,42 @@ def _cpu_usage(since: tuple[float, float, float] | None = None) -> Any:
     import resource
 
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    now = (time.perf_counter(), me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime)
+    now = (time.perf_counter(), me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime, *_machine_jiffies())
     if since is None:
         return now
     wall = max(now[0] - since[0], 1e-9)
-    return {"servers_process_cores": round((now[1] - since[1]) / wall, 2),
-            "client_process_cores_incl_startup": round((now[2] - since[2]) / wall, 2), "phase_wall_s": round(wall, 2)}
+    out = {"servers_process_cores": round((now[1] - since[1]) / wall, 2),
+           "client_process_cores_incl_startup": round((now[2] - since[2]) / wall, 2), "phase_wall_s": round(wall, 2)}
+    busy, total = now[3] - since[3], now[4] - since[4]
+    if total > 0:  # the whole machine, from /proc/stat: a busy neighbour shows up as other_processes_cores
+        machine = busy / total * (os.cpu_count() or 1)
+        out.update(machine_busy_cores=round(machine, 2),
+                   other_processes_cores=round(max(machine - out["servers_process_cores"]
+                                                   - out["client_process_cores_incl_startup"], 0.0), 2))
+    return out
+
+
+def _wait_quiet(max_s: float = 30.0, busy_cores: float = 0.3, window_s: float = 0.25) -> float:
+    """Seconds waited (at most ``max_s``) until the machine's busy cores over a window drop below ``busy_cores``."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        before = _machine_jiffies()
+        time.sleep(window_s)
+        after = _machine_jiffies()
+        total = after[1] - before[1]
+        if total <= 0 or (after[0] - before[0]) / total * (os.cpu_count() or 1) < busy_cores:
+            break
+    return round(time.monotonic() - started, 2)
+
+
+def _machine_jiffies() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine since boot; (0, 0) where /proc/stat is missing."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def _check(name: str, value: float, high: float, *, allow_zero: bool = False) -> None:
@@ -619,7 +702,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
                           seconds: float = 20.0, warmup_seconds: float = 3.0, endpoint: str = "marketrank",
                           budget_ms: float = 150.0, out: Path | None = None, seed: int = 7,
                           arrivals: str = "poisson", k: int | None = None, floor_calls: int = 200,
-                          client_process: bool = True,
+                          unloaded_requests: int = 50, client_process: bool = True, model_server: str = "thread",
                           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark the ranking API over the workspace ``home`` (see the module doc); the report dict.
 
@@ -634,10 +717,14 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
     _check("warmup_seconds", warmup_seconds, MAX_SECONDS, allow_zero=True)
     if rate * (seconds + warmup_seconds) > MAX_REQUESTS_PER_PHASE:
         raise ValueError(f"rate x (seconds + warmup_seconds) is over {MAX_REQUESTS_PER_PHASE} requests per phase")
+    if not 0 <= unloaded_requests <= 10_000:
+        raise ValueError(f"unloaded_requests must be in [0, 10000], got {unloaded_requests}")
     if not 1 <= floor_calls <= 10_000:
         raise ValueError(f"floor_calls must be in [1, 10000], got {floor_calls}")
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if model_server not in ("thread", "process"):
+        raise ValueError(f"model_server: expected 'thread' or 'process', got {model_server!r}")
     if arrivals not in ("poisson", "uniform"):
         raise ValueError(f"arrivals: expected 'poisson' or 'uniform', got {arrivals!r}")
 
@@ -659,37 +746,30 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
     results: list[dict[str, Any]] = []
     log_problems: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="marketrank-bench-") as tmp_name:
+        with tempfile.TemporaryDirectory(prefix="marketrank-bench-") as tmp_name, contextlib.ExitStack() as stack:
             tmp = Path(tmp_name)
-            with _api_log(tmp / "api.log"):
+            stack.enter_context(_api_log(tmp / "api.log"))
+            if model_server == "thread":  # as `marketrank serve`
                 model_app = local_endpoint.create_app(workspace.home / "models", workspace.manifest, tmp / "capture")
-                with local_endpoint.running(model_app, HOST, 0) as model_url:
-                    settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
-                                            model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
-                    with local_endpoint.running(api.create_app(settings), HOST, 0) as api_url:
-                        _wait_ready(api_url)
-                        servable = model_app.state.server.get(workspace.model_name)
-                        floor_model = tf.saved_model.load(str(workspace.model_dir), tags=["serve"])
-                        signature = floor_model.signatures["serving_default"]
-                        for requested in candidates:
-                            n = min(requested, len(catalogue.items), settings.max_candidates)
-                            plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
-                            note(f"{n} candidates: {len(plan.requests) - plan.warmup} requests at {rate:g} req/s "
-                                 f"after {plan.warmup} warm-up requests")
-                            usage = _cpu_usage()
-                            records = run_load(api_url, plan, tmp, client_process)
-                            cpu = _cpu_usage(usage)
-                            note(f"{n} candidates: floor ({floor_calls} signature calls)")
-                            floor = measure_floor(signature, servable, store, spec, plan.requests[plan.warmup:],
-                                                  floor_calls)
-                            result = summarize_phase(plan, requested, records, floor, catalogue)
-                            result["breakdown_mean_ms"] = breakdown(result)
-                            result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
-                            results.append(result)
-                            note(f"{n} candidates: p50 {result['latency_ms']['p50']} ms, p99 "
-                                 f"{result['latency_ms']['p99']} ms, {result['throughput_rps']} req/s, "
-                                 f"{result['errors']} errors, {result['fallbacks']} fallbacks; floor p50 "
-                                 f"{floor['signature_ms']['p50']} ms")
+                model_url = stack.enter_context(local_endpoint.running(model_app, HOST, 0))
+            else:  # as production: the model server is another process
+                model_url = stack.enter_context(_endpoint_process(workspace, tmp / "capture"))
+            settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
+                                    model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
+            api_app = api.create_app(settings)
+            api_url = stack.enter_context(local_endpoint.running(api_app, HOST, 0))
+            _wait_ready(api_url)
+            # the endpoint's predict path, in process, for the breakdown; and the raw SavedModel for the floor
+            servable = local_endpoint.Servable.load(workspace.model_name, int(workspace.model_dir.name),
+                                                    workspace.model_dir)
+            floor_model = tf.saved_model.load(str(workspace.model_dir), tags=["serve"])
+            servers = _Servers(api_url, api_app, servable, floor_model.signatures["serving_default"], store, spec,
+                               catalogue, tmp, client_process, note)
+            for requested in candidates:
+                n = min(requested, len(catalogue.items), settings.max_candidates)
+                plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
+                results.append(_run_phase(servers, plan, requested, floor_calls, unloaded_requests))
+            stack.close()
             log_problems = _log_problems(tmp / "api.log")
     finally:
         store.close()
@@ -708,15 +788,22 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
         "versions": versions(),
         "settings": {
             "candidates": list(candidates), "rate_rps": rate, "seconds": seconds, "warmup_seconds": warmup_seconds,
-            "arrivals": arrivals, "seed": seed, "k": k, "floor_calls": floor_calls, "endpoint": endpoint,
+            "arrivals": arrivals, "seed": seed, "k": k, "floor_calls": floor_calls,
+            "unloaded_requests": unloaded_requests, "endpoint": endpoint,
             "budget_ms": budget_ms, "host": HOST,
             "client": {"process": "child process" if client_process else "in the servers' process",
                        "library": "httpx.AsyncClient", "keep_alive": True, "max_connections": CLIENT_CONNECTIONS,
                        "timeout_s": REQUEST_TIMEOUT_S,
                        "latency": "from the send to the full response body (latency_ms); from the scheduled send "
                                   "(latency_from_schedule_ms) also counts client lag"},
-            "servers": "local endpoint + ranking API in this process, uvicorn in threads (as `marketrank serve`); "
-                       "data capture to a temporary dir; API request log to a temporary file",
+            "model_server": model_server,
+            "cpu_note": "cores = CPU seconds per wall second during the open-loop phase; servers_process = this "
+                        "process (API, and the endpoint with model_server=thread); other_processes_cores includes "
+                        "the endpoint process with model_server=process",
+            "servers": ("local endpoint + ranking API in this process, uvicorn in threads (as `marketrank serve`)"
+                        if model_server == "thread" else "ranking API in this process (uvicorn in a thread), local "
+                        "endpoint in a child process (uvicorn, as TF Serving runs beside the API in production)")
+                       + "; data capture to a temporary dir; API request log to a temporary file",
             "api": dataclasses.asdict(settings) if settings else None,
         },
         "workspace": {
@@ -737,6 +824,107 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
         (out / JSON_FILE).write_text(json.dumps(report, indent=2))
         plot(report, out / PNG_FILE)
     return report
+
+
+@dataclasses.dataclass
+class _Servers:
+    api_url: str
+    api_app: Any
+    servable: Any
+    signature: Any
+    store: Any
+    spec: Any
+    catalogue: Catalogue
+    workdir: Path
+    client_process: bool
+    note: Callable[[str], None]
+
+    def wait_breaker_closed(self) -> float:
+        """Seconds waited for an open breaker (a previous phase's) to reach half-open; the next request probes."""
+        breaker = self.api_app.state.runtime.breaker
+        started = time.monotonic()
+        while breaker.state == breaker.OPEN and time.monotonic() - started < breaker.reset_timeout_s + 2:
+            time.sleep(0.1)
+        return round(time.monotonic() - started, 2)
+
+
+def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, unloaded_requests: int
+               ) -> dict[str, Any]:
+    """One candidate count: unloaded requests one at a time, the open-loop load, then the floor."""
+    n, note = plan.candidates, servers.note
+    bodies = plan.bodies()
+    unloaded = None
+    waited = servers.wait_breaker_closed()
+    if unloaded_requests:
+        sequence = (bodies[plan.warmup:] * (1 + (unloaded_requests + UNLOADED_WARM) // max(len(bodies), 1)))
+        note(f"{n} candidates: {unloaded_requests} requests one at a time (unloaded)")
+        records = run_load(servers.api_url, sequence[: unloaded_requests + UNLOADED_WARM], None, servers.workdir,
+                           servers.client_process)
+        unloaded = summarize_unloaded(records, UNLOADED_WARM)
+        waited += servers.wait_breaker_closed()
+    note(f"{n} candidates: {len(plan.requests) - plan.warmup} requests (open loop) after {plan.warmup} warm-up "
+         "requests")
+    usage = _cpu_usage()
+    records = run_load(servers.api_url, bodies, plan.offsets, servers.workdir, servers.client_process)
+    cpu = _cpu_usage(usage)
+    breaker = servers.api_app.state.runtime.breaker.state
+    quiet = _wait_quiet()  # cancelled model calls and queued data capture finish before the floor is timed
+    note(f"{n} candidates: floor ({floor_calls} signature calls)")
+    floor = measure_floor(servers.signature, servers.servable, servers.store, servers.spec,
+                          plan.requests[plan.warmup:], floor_calls)
+    result = summarize_phase(plan, requested, records, floor, servers.catalogue, unloaded)
+    result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
+    result["breaker"] = {"state_after_load": breaker, "waited_s": waited}
+    result["floor"]["quiet_wait_s"] = quiet
+    note(f"{n} candidates: p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms, "
+         f"{result['throughput_rps']} req/s, {result['errors']} errors, {result['fallbacks']} fallbacks"
+         f"{' ' + str(result['fallback_reasons']) if result['fallbacks'] else ''}; unloaded p50 "
+         f"{unloaded['latency_ms']['p50'] if unloaded else None} ms; floor p50 {floor['signature_ms']['p50']} ms")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float = 180.0) -> Iterator[str]:
+    """The local endpoint in a child process on 127.0.0.1 (a free port); yields its base URL once /ping is 200."""
+    import httpx
+
+    port = _free_port()
+    code = ("import sys, uvicorn; from pathlib import Path; from serving.local_endpoint import create_app; "
+            "uvicorn.run(create_app(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), host=sys.argv[4], "
+            "port=int(sys.argv[5]), log_level='warning', access_log=False)")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-c", code, str(workspace.home / "models"), str(workspace.manifest),
+                                str(capture_dir), HOST, str(port)], cwd=REPO_ROOT, env=env)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=url, trust_env=False, timeout=2.0) as client:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the local endpoint process exited with {process.returncode}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get("/ping").status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the local endpoint process did not become ready in {timeout_s:.0f} s")
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 def _wait_ready(api_url: str, timeout_s: float = 30.0) -> None:
@@ -765,9 +953,13 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
     results = report["results"]
     xs = [r["candidates"] for r in results]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 6))
     for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-"), ("max", "x:")):
-        left.plot(xs, [r["latency_ms"][key] for r in results], style, label=f"API {key}")
+        left.plot(xs, [r["latency_ms"][key] for r in results], style, label=f"API {key} (all answers)")
+    if all(r.get("unloaded") for r in results):
+        for key, style in (("p50", "o-."), ("p99", "^-.")):
+            left.plot(xs, [r["unloaded"]["latency_ms"][key] for r in results], style, color="tab:purple", alpha=0.7,
+                      label=f"API {key} unloaded (one at a time)")
     left.plot(xs, [r["floor"]["signature_ms"]["p50"] for r in results], "o--", color="gray", label="floor p50")
     left.plot(xs, [r["floor"]["signature_ms"]["p99"] for r in results], "^--", color="black", label="floor p99")
     left.axhline(TARGET["p99_ms"], color="red", lw=0.8, ls="-.", label=f"target p99 {TARGET['p99_ms']:.0f} ms")
@@ -780,19 +972,26 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     settings = report["settings"]
     left.set_title(f"/v1/rank at {settings['rate_rps']:g} req/s ({settings['arrivals']}), "
                    f"{report['machine']['usable_cores']} cores")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     left.grid(True, which="both", alpha=0.3)
-    bottom = np.zeros(len(results))
     positions = np.arange(len(results))
-    for key in BREAKDOWN:
-        values = np.array([max(r["breakdown_mean_ms"][key], 0.0) for r in results])
-        right.bar(positions, values, bottom=bottom, label=key)
+    bottom = np.zeros(len(results))
+    for index, key in enumerate(BREAKDOWN):
+        values = np.array([max((r["breakdown_mean_ms"]["unloaded"] or {}).get(key, 0.0), 0.0) for r in results])
+        right.bar(positions, values, width=0.6, bottom=bottom, color=f"C{index}", label=key)
         bottom += values
+    for position, top, result in zip(positions, bottom, results, strict=True):
+        loaded = result["latency_model_ranked_ms"]
+        mean = f"{loaded['mean']:.1f}" if loaded["mean"] is not None else "-"
+        right.annotate(f"under load: mean {mean} ms\n"
+                       f"({loaded['n']} model-ranked, {result['fallbacks']} fallbacks)",
+                       (position, top), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
+    right.set_ylim(0, max(float(bottom.max()), 1.0) * 1.3)
     right.set_xticks(positions, [str(x) for x in xs])
     right.set_xlabel("candidates per request")
-    right.set_ylabel("mean latency (ms)")
-    right.set_title("where the mean latency goes")
-    right.legend(fontsize=8)
+    right.set_ylabel("mean latency, one request at a time (ms)")
+    right.set_title("where the time goes (unloaded service time)")
+    right.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -802,15 +1001,22 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = (f"{'cands':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'req/s':>7} {'err':>4} {'fb':>4} "
-              f"{'feat':>7} {'model':>7} {'rank':>6} {'floor50':>8} {'floor99':>8} {'x50':>6} {'x99':>6}")
+    header = (f"{'cands':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'req/s':>7} {'err':>4} {'fb':>5} "
+              f"{'un-p50':>7} {'un-p99':>7} {'feat':>7} {'model':>7} {'rank':>7} {'floor50':>8} {'floor99':>8} "
+              f"{'x50':>7} {'x99':>7}")
     lines = [header]
+    def cell(value: Any, width: int) -> str:
+        return f"{'-' if value is None else value:>{width}}"
+
     for r in report["results"]:
         lat, st, fl = r["latency_ms"], r["stages_ms"], r["floor"]["signature_ms"]
-        lines.append(f"{r['candidates']:>5} {lat['p50']:>8} {lat['p95']:>8} {lat['p99']:>8} {lat['max']:>8} "
-                     f"{r['throughput_rps']:>7} {r['errors']:>4} {r['fallbacks']:>4} {st['features']['mean']:>7} "
-                     f"{st['model']['mean']:>7} {st['rank']['mean']:>6} {fl['p50']:>8} {fl['p99']:>8} "
-                     f"{r['ratio_to_floor']['p50']:>6} {r['ratio_to_floor']['p99']:>6}")
+        unloaded = (r.get("unloaded") or {}).get("latency_ms") or {}
+        lines.append(" ".join([cell(r["candidates"], 5), *(cell(lat[key], 8) for key in ("p50", "p95", "p99", "max")),
+                               cell(r["throughput_rps"], 7), cell(r["errors"], 4), cell(r["fallbacks"], 5),
+                               cell(unloaded.get("p50"), 7), cell(unloaded.get("p99"), 7),
+                               *(cell(st[key]["mean"], 7) for key in ("features", "model", "rank")),
+                               cell(fl["p50"], 8), cell(fl["p99"], 8), cell(r["ratio_to_floor"]["p50"], 7),
+                               cell(r["ratio_to_floor"]["p99"], 7)]))
     target = report["target"]
     verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
     lines.append(f"target (p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, {target['candidates']} "
@@ -832,7 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
     parser.add_argument("--k", type=int, default=None)
     parser.add_argument("--floor-calls", type=int, default=200)
+    parser.add_argument("--unloaded-requests", type=int, default=50, help="one-at-a-time requests per count")
     parser.add_argument("--inline-client", action="store_true", help="run the load generator in this process")
+    parser.add_argument("--model-server", choices=("thread", "process"), default="thread",
+                        help="the local endpoint in a thread of this process (as `marketrank serve`) or in a child "
+                             "process (as production's separate model server)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -842,7 +1052,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.home, candidates=[int(x) for x in args.candidates.split(",") if x.strip()], rate=args.rate,
         seconds=args.seconds, warmup_seconds=args.warmup_seconds, endpoint=args.endpoint, budget_ms=args.budget_ms,
         out=args.out, seed=args.seed, arrivals=args.arrivals, k=args.k, floor_calls=args.floor_calls,
-        client_process=not args.inline_client)
+        unloaded_requests=args.unloaded_requests, client_process=not args.inline_client,
+        model_server=args.model_server)
     print(format_table(report))
     for line in report["where_time_goes"]:
         print(line)

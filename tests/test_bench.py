@@ -69,7 +69,8 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
 
     # a generous budget: this checks the plumbing and the report, not the machine's speed
     report = bench.run_serving_benchmark(home, candidates=(20,), rate=20.0, seconds=2.0, warmup_seconds=0.5,
-                                         budget_ms=1000.0, out=out, floor_calls=50)
+                                         budget_ms=1000.0, out=out, floor_calls=50,
+                                         unloaded_requests=10)
 
     assert json.loads((out / bench.JSON_FILE).read_text()) == json.loads(json.dumps(report))
     assert (out / bench.PNG_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,9 +98,33 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
     floor = result["floor"]["signature_ms"]
     assert 0 < floor["p50"] <= floor["p99"] and floor["calls"] == 50
     assert result["ratio_to_floor"]["p50"] == pytest.approx(latency["p50"] / floor["p50"], rel=0.01)
-    parts = result["breakdown_mean_ms"]
-    assert sum(parts[k] for k in bench.BREAKDOWN) == pytest.approx(parts["client_latency"], abs=0.05)
+    unloaded = result["unloaded"]
+    assert unloaded["requests"] == 10 and unloaded["errors"] == 0 and unloaded["fallbacks"] == 0
+    assert 0 < unloaded["latency_ms"]["p50"] <= unloaded["latency_ms"]["p99"]
+    for label in ("unloaded", "under_load"):
+        parts = result["breakdown_mean_ms"][label]
+        assert sum(parts[k] for k in bench.BREAKDOWN) == pytest.approx(parts["client_latency"], abs=0.05)
+        assert parts["model_signature"] > 0 and parts["features"] > 0
+    assert result["latency_model_ranked_ms"]["n"] == 40 and result["latency_fallback_ms"]["n"] == 0
+    assert result["cpu"]["servers_process_cores"] > 0
     assert 0 < result["mix"]["search_share"] < 1
 
     # the shared session workspace was not touched
     assert (tiny_run["home"] / "feature_store.json").exists()
+
+
+@pytest.mark.slow
+def test_model_server_in_a_child_process(tiny_run, tmp_path):
+    home = tmp_path / "workspace"
+    shutil.copytree(tiny_run["home"], home, symlinks=True)
+
+    report = bench.run_serving_benchmark(home, candidates=(10,), rate=20.0, seconds=1.0, warmup_seconds=0.2,
+                                         budget_ms=1000.0, floor_calls=10, unloaded_requests=3,
+                                         model_server="process")
+
+    assert report["settings"]["model_server"] == "process" and report["workspace"]["store"]["materialized_now"] is False
+    (result,) = report["results"]
+    assert result["errors"] == 0 and result["fallbacks"] == 0 and result["requests"] == 20
+    assert result["unloaded"]["requests"] == 3 and result["floor"]["signature_ms"]["p50"] > 0
+    with pytest.raises(ValueError, match="model_server"):
+        bench.run_serving_benchmark(home, model_server="docker")
