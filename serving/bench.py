@@ -945,11 +945,11 @@ def _wait_ready(api_url: str, timeout_s: float = 30.0) -> None:
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Latency percentiles and the floor vs candidate count; the mean latency's breakdown per count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    from serving.charts import pyplot, save_figure
+
+    plt = pyplot()
 
     results = report["results"]
     xs = [r["candidates"] for r in results]
@@ -993,11 +993,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     right.set_title("where the time goes (unloaded service time)")
     right.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def format_table(report: dict[str, Any]) -> str:

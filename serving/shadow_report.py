@@ -173,12 +173,9 @@ def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str
 
 def plot(report: dict[str, Any], analysis: Analysis, path: str | Path) -> Path:
     """A PNG for people who prefer to look: agreement histograms and latency of both variants."""
-    import matplotlib
+    from serving.charts import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    figure, axes = pyplot().subplots(1, 3, figsize=(13, 3.8))
     axes[0].hist(analysis.per_list["overlap"], bins=np.linspace(0, 1, 11), color="#4477aa")
     axes[0].set_title(f"top-{report['k']} overlap per list")
     axes[1].hist(analysis.per_list["spearman"], bins=np.linspace(-1, 1, 21), color="#228833")
@@ -188,8 +185,4 @@ def plot(report: dict[str, Any], analysis: Analysis, path: str | Path) -> Path:
     axes[2].set_title("model latency (ms)")
     figure.suptitle(f"shadow report: {report['pairs']} paired requests -> {report['recommendation']}")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
