@@ -1,0 +1,40 @@
+"""Stage settings from cdk.json context: the real file parses, and bad stages are errors naming the stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.config import STAGE_KEY, STAGES_KEY, stage_config
+
+CONTEXT = json.loads((Path(__file__).parent.parent / "cdk.json").read_text())["context"]
+
+
+def test_cdk_json_stages_parse():
+    dev = stage_config(CONTEXT)
+    assert dev.name == CONTEXT[STAGE_KEY] == "dev"
+    prod = stage_config(CONTEXT, "prod")
+    assert prod.endpoint_instance_count >= 2 and prod.region == CONTEXT[STAGES_KEY]["prod"]["region"]
+
+
+def test_unknown_stage_is_an_error_not_a_default():
+    with pytest.raises(ValueError, match="unknown stage 'staging'.*dev.*prod"):
+        stage_config(CONTEXT, "staging")
+
+
+def test_missing_or_unknown_setting_names_it():
+    broken = {STAGES_KEY: {"dev": {k: v for k, v in CONTEXT[STAGES_KEY]["dev"].items() if k != "region"}},
+              STAGE_KEY: "dev"}
+    with pytest.raises(ValueError, match="missing settings \\['region'\\]"):
+        stage_config(broken)
+    extra = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], "colour": "blue"}}, STAGE_KEY: "dev"}
+    with pytest.raises(ValueError, match="unknown settings \\['colour'\\]"):
+        stage_config(extra)
+
+
+def test_bad_values_are_rejected():
+    bad = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], "account": "123"}}, STAGE_KEY: "dev"}
+    with pytest.raises(ValueError, match="12 digits"):
+        stage_config(bad)
