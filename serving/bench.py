@@ -70,6 +70,9 @@ QUERY_BRAND_P, QUERY_STYLE_P, OWN_TASTE_P = 0.35, 0.35, 0.7  # the simulator's q
 MAX_REQUESTS_PER_PHASE = 100_000
 MAX_RATE, MAX_SECONDS = 5_000.0, 600.0
 CLIENT_CONNECTIONS = 100
+#: Idle keep-alive connections are dropped by the client before uvicorn's 5 s ``timeout_keep_alive`` closes them:
+#: otherwise a request can race the server's close and fail with a ReadError that is the client's doing.
+CLIENT_KEEPALIVE_S = 4.0
 REQUEST_TIMEOUT_S = 10.0
 FLOOR_BATCHES = 10
 UNLOADED_WARM = 5  # unloaded requests sent first and not recorded
@@ -267,7 +270,7 @@ async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float] 
     if not base_url.startswith(f"http://{HOST}:"):
         raise ValueError(f"the benchmark only talks to {HOST}, not {base_url}")
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                          keepalive_expiry=60.0)
+                          keepalive_expiry=CLIENT_KEEPALIVE_S)
     results: list[dict[str, Any] | None] = [None] * len(bodies)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(timeout_s),
                                  headers={"Content-Type": "application/json"}, trust_env=False) as client:
@@ -793,6 +796,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             "budget_ms": budget_ms, "host": HOST,
             "client": {"process": "child process" if client_process else "in the servers' process",
                        "library": "httpx.AsyncClient", "keep_alive": True, "max_connections": CLIENT_CONNECTIONS,
+                       "keepalive_expiry_s": CLIENT_KEEPALIVE_S,
                        "timeout_s": REQUEST_TIMEOUT_S,
                        "latency": "from the send to the full response body (latency_ms); from the scheduled send "
                                   "(latency_from_schedule_ms) also counts client lag"},
