@@ -37,8 +37,7 @@ import numpy as np
 from serving import wire
 from serving.errors import BreakerOpen, ModelBadResponse, ModelError, ModelTimeout, ModelUnavailable
 
-VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
-INFERENCE_ID_HEADER = "X-Amzn-SageMaker-Inference-Id"
+VARIANT_HEADER, INFERENCE_ID_HEADER = wire.VARIANT_HEADER, wire.INFERENCE_ID_HEADER
 REQUEST_ID_HEADER = "X-Request-Id"
 #: Optional response header a model server may set with the version that answered.
 VERSION_HEADER = "X-Model-Version"

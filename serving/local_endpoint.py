@@ -73,8 +73,7 @@ from serving.shadow_report import read_capture  # noqa: F401  (re-exported: the 
 
 log = logging.getLogger(__name__)
 
-INFERENCE_ID_HEADER = "X-Amzn-SageMaker-Inference-Id"
-VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
+INFERENCE_ID_HEADER, VARIANT_HEADER = wire.INFERENCE_ID_HEADER, wire.VARIANT_HEADER
 #: Extra ``eventMetadata`` keys of the capture records.
 LATENCY_KEY, MODEL_KEY, VERSION_KEY = "latencyMs", "modelName", "modelVersion"
 MAX_PENDING_SHADOW = 64

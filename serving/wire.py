@@ -28,6 +28,10 @@ import numpy as np
 SIGNATURE = "serving_default"
 OUTPUT = "scores"
 CONTENT_TYPE = "application/json"
+#: SageMaker runtime headers both sides of the wire use: the caller's inference id (pairs data-capture records)
+#: and the variant that answered.
+INFERENCE_ID_HEADER = "X-Amzn-SageMaker-Inference-Id"
+VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
 PREDICT_METHOD = "tensorflow/serving/predict"
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?P<verb>:predict|/metadata)?$")
