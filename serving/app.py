@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -56,10 +55,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving import heap
 from serving.backends import (
     CachedProbe,
     CircuitBreaker,
@@ -296,7 +297,11 @@ class JsonFormatter(logging.Formatter):
         line = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name, "message": message}
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
+        return _json_line(line)
+
+
+def _json_line(fields: Mapping[str, Any]) -> str:
+    return orjson.dumps(fields, default=str).decode()
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -497,6 +502,7 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
         await ranker.probe.check()  # learns the served version where the backend can tell
         log.info("ranking API up: store %s, model %s, budget %.0f ms, spec %s", ranker.store.describe(),
                  ranker.backend.describe(), settings.budget_ms, "loaded" if ranker.spec else "missing")
+        heap.settle("start-up")  # the store and the spec stay alive: keep full GC passes from walking them
         try:
             yield
         finally:
@@ -517,19 +523,19 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
         try:
             raw = await request.body()
             try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as err:
                 raise BadRequest("body", f"is not valid JSON: {err}") from None
             parsed = parse_rank_request(body, max_candidates=settings.max_candidates, ts_ms=ranker.now_ms())
         except ApiError as err:
             ranker.metrics.requests.labels(status=str(err.status)).inc()
-            log.info(json.dumps({"event": "rank", "status": err.status, "error": err.message,
+            log.info(_json_line({"event": "rank", "status": err.status, "error": err.message,
                                  "field": getattr(err, "field", None)}))
             return error_response(err)
         response, fields = await ranker.rank(parsed, started)
         ranker.metrics.requests.labels(status="200").inc()
-        log.info(json.dumps({**fields, "status": 200}))
-        return JSONResponse(response)
+        log.info(_json_line({**fields, "status": 200}))
+        return Response(orjson.dumps(response), media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -4,7 +4,7 @@
 about itself: production variant, version). Both backends speak TF Serving's REST predict API through
 ``serving.wire``:
 
-* ``TFServingBackend(base_url, model_name)``: httpx.AsyncClient (pooled keep-alive connections) POSTing
+* ``TFServingBackend(base_url, model_name)``: an aiohttp session (pooled keep-alive connections) POSTing
   ``/v1/models/<name>[/versions/<v>]:predict``; or, when the URL ends in ``/invocations``, a SageMaker-style
   container (the TF Serving inference image, or ``serving.local_endpoint``), POSTing the same body there.
   Readiness: ``GET /v1/models/<name>`` (a version AVAILABLE) or ``GET /ping``.
@@ -100,9 +100,7 @@ class TFServingBackend(ModelBackend):
     kind = "tfserving"
 
     def __init__(self, base_url: str, model_name: str, *, version: str | int | None = None,
-                 max_connections: int = 100, max_keepalive: int = 20, client: Any | None = None):
-        import httpx
-
+                 max_connections: int = 100):
         super().__init__(model_name)
         url = base_url.rstrip("/")
         self.sagemaker_style = url.endswith("/invocations")
@@ -111,47 +109,59 @@ class TFServingBackend(ModelBackend):
         self.status_url = self.root + ("/ping" if self.sagemaker_style else f"/v1/models/{model_name}" + (
             f"/versions/{version}" if version is not None else ""))
         self.pinned = str(version) if version is not None else None
-        self._httpx = httpx
-        self.client = client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive,
-                                keepalive_expiry=30.0),
-            timeout=httpx.Timeout(1.0), headers={"Accept": wire.CONTENT_TYPE})
+        self.max_connections = max_connections
+        self._session = None  # aiohttp wants its session made on the running loop: made on first use
 
-    async def _request(self, method: str, url: str, timeout_s: float, **kwargs: Any):
-        httpx = self._httpx
+    def _client(self):
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30.0)
+            self._session = aiohttp.ClientSession(connector=connector, headers={"Accept": wire.CONTENT_TYPE},
+                                                  auto_decompress=False)
+        return self._session
+
+    async def _request(self, method: str, url: str, timeout_s: float, **kwargs: Any) -> tuple[int, Any, bytes]:
+        """(status, headers, body). aiohttp, not httpx: ~0.15 ms a loopback call against httpx's ~0.65 ms."""
+        import aiohttp
+
+        async def call() -> tuple[int, Any, bytes]:
+            async with self._client().request(method, url, **kwargs) as response:
+                return response.status, response.headers, await response.read()
+
         try:
-            return await asyncio.wait_for(self.client.request(method, url, timeout=httpx.Timeout(timeout_s),
-                                                              **kwargs), timeout_s)
-        except (asyncio.TimeoutError, httpx.TimeoutException) as err:
+            return await asyncio.wait_for(call(), timeout_s)
+        except asyncio.TimeoutError as err:
             raise ModelTimeout(f"{self.describe()}: no answer within {timeout_s * 1000:.0f} ms") from err
-        except httpx.HTTPError as err:
+        except (aiohttp.ClientError, OSError) as err:
             raise ModelUnavailable(f"{self.describe()}: {type(err).__name__}: {err}") from err
 
     async def score(self, inputs: Mapping[str, np.ndarray], request_id: str, timeout_s: float) -> Prediction:
         body = wire.encode(wire.predict_request(inputs))
         headers = {"Content-Type": wire.CONTENT_TYPE, REQUEST_ID_HEADER: request_id,
                    INFERENCE_ID_HEADER: request_id}
-        response = await self._request("POST", self.predict_url, timeout_s, content=body, headers=headers)
-        if response.status_code >= 500 or response.status_code in (404, 408, 429):
-            raise ModelUnavailable(f"{self.describe()}: HTTP {response.status_code}: {response.text[:200]}")
+        status, response_headers, content = await self._request("POST", self.predict_url, timeout_s, data=body,
+                                                                headers=headers)
+        if status >= 500 or status in (404, 408, 429):
+            raise ModelUnavailable(f"{self.describe()}: HTTP {status}: {content[:200].decode('utf-8', 'replace')}")
         try:
-            payload = wire.decode(response.content)
+            payload = wire.decode(content)
         except wire.WireError as err:
-            raise ModelBadResponse(f"{self.describe()}: HTTP {response.status_code}: {err}") from err
-        if response.status_code >= 400:
-            raise ModelBadResponse(f"{self.describe()}: HTTP {response.status_code}: {payload.get('error')}")
+            raise ModelBadResponse(f"{self.describe()}: HTTP {status}: {err}") from err
+        if status >= 400:
+            raise ModelBadResponse(f"{self.describe()}: HTTP {status}: {payload.get('error')}")
         scores = scores_from_body(payload, _n_items(inputs))
-        return Prediction(scores, variant=response.headers.get(VARIANT_HEADER),
-                          version=response.headers.get(VERSION_HEADER) or self.pinned or self.version)
+        return Prediction(scores, variant=response_headers.get(VARIANT_HEADER),
+                          version=response_headers.get(VERSION_HEADER) or self.pinned or self.version)
 
     async def probe(self, timeout_s: float) -> dict[str, Any]:
-        response = await self._request("GET", self.status_url, timeout_s)
-        if response.status_code != 200:
-            raise ModelUnavailable(f"{self.describe()}: GET {self.status_url} -> HTTP {response.status_code}")
+        status_code, _, content = await self._request("GET", self.status_url, timeout_s)
+        if status_code != 200:
+            raise ModelUnavailable(f"{self.describe()}: GET {self.status_url} -> HTTP {status_code}")
         if self.sagemaker_style:
             return {"url": self.status_url, "status": 200}
         try:
-            status = wire.decode(response.content).get("model_version_status") or []
+            status = wire.decode(content).get("model_version_status") or []
             available = [s["version"] for s in status if s.get("state") == "AVAILABLE"]
         except (wire.WireError, AttributeError, KeyError, TypeError) as err:
             raise ModelBadResponse(f"{self.describe()}: model status is not TF Serving's: {err}") from err
@@ -161,7 +171,8 @@ class TFServingBackend(ModelBackend):
         return {"url": self.status_url, "version": self.version}
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def describe(self) -> str:
         return f"tfserving:{self.predict_url}"

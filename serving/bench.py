@@ -8,7 +8,7 @@ materialised first when it is empty. Then, per candidate count:
 
 * **Unloaded**: ``unloaded_requests`` requests one at a time (closed loop, after 5 unrecorded ones): the service
   time with no queueing, and its stage timings.
-* **Load**: an open-loop generator (``httpx.AsyncClient``, keep-alive, loopback only) sends requests at ``rate``
+* **Load**: an open-loop generator (``aiohttp`` on uvloop, keep-alive, loopback only) sends requests at ``rate``
   per second (Poisson arrivals by default) for ``warmup_seconds`` (not recorded) and then ``seconds``. It runs
   in a child process by default, so the client's JSON work does not hold the servers' GIL. Requests are built
   from the workspace with a fixed seed: users from the raw users table (users without online state are cold
@@ -265,34 +265,38 @@ async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float] 
                  max_connections: int = CLIENT_CONNECTIONS) -> list[dict[str, Any]]:
     """Open loop: request i is sent at ``offsets[i]`` whatever happened to the earlier ones. ``offsets`` None:
     closed loop, one request at a time (the unloaded service time)."""
-    import httpx
+    import aiohttp
 
     if not base_url.startswith(f"http://{HOST}:"):
         raise ValueError(f"the benchmark only talks to {HOST}, not {base_url}")
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                          keepalive_expiry=CLIENT_KEEPALIVE_S)
     results: list[dict[str, Any] | None] = [None] * len(bodies)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(timeout_s),
-                                 headers={"Content-Type": "application/json"}, trust_env=False) as client:
-        (await client.get("/healthz")).raise_for_status()
+    # aiohttp rather than httpx: ~0.15 ms of client work per call instead of ~0.65 ms, which would be counted in
+    # every latency and would take CPU from the servers on a 2-core machine.
+    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=CLIENT_KEEPALIVE_S)
+    async with aiohttp.ClientSession(base_url=base_url, connector=connector, trust_env=False,
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                     headers={"Content-Type": "application/json"}) as client:
+        async with client.get("/healthz") as health:
+            health.raise_for_status()
 
         async def one(i: int, intended: float) -> None:
             sent = time.perf_counter()
             record: dict[str, Any] = {"lag_ms": (sent - intended) * 1000}
             try:
-                response = await client.post("/v1/rank", content=bodies[i])
+                async with client.post("/v1/rank", data=bodies[i]) as response:
+                    content = await response.read()
                 done = time.perf_counter()
-                record["status"] = response.status_code
+                record["status"] = response.status
                 try:
-                    payload = json.loads(response.content)
+                    payload = json.loads(content)
                     record.update(fallback=payload.get("fallback"), reason=payload.get("reason"),
                                   timings_ms=payload.get("timings_ms"), n_items=len(payload.get("items") or []),
                                   unknown=len(payload.get("unknown_items") or []))
-                    if response.status_code != 200:
+                    if response.status != 200:
                         record["error"] = str(payload.get("error"))[:200]
                 except ValueError:
-                    record["error"] = f"not JSON: {response.text[:200]}"
-            except httpx.HTTPError as err:
+                    record["error"] = f"not JSON: {content[:200].decode('utf-8', 'replace')}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 done = time.perf_counter()
                 record.update(status=None, error=f"{type(err).__name__}: {err}"[:200])
             record.update(latency_ms=(done - sent) * 1000, from_schedule_ms=(done - intended) * 1000,
@@ -318,10 +322,19 @@ async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float] 
             for r in results]
 
 
+def _run(coroutine):
+    """``asyncio.run`` on uvloop where it is installed (as uvicorn runs the servers)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 def _client_main(plan_path: str, result_path: str) -> None:
     """The child process: run one phase's load from a plan file, write the records."""
     plan = json.loads(Path(plan_path).read_text())
-    records = asyncio.run(_drive(plan["base_url"], plan["bodies"], plan.get("offsets"), plan["timeout_s"]))
+    records = _run(_drive(plan["base_url"], plan["bodies"], plan.get("offsets"), plan["timeout_s"]))
     Path(result_path).write_text(json.dumps(records))
 
 
@@ -329,7 +342,7 @@ def run_load(base_url: str, bodies: Sequence[str], offsets: Sequence[float] | No
              client_process: bool = True, timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
     """Every request's record, in order: open loop at ``offsets``, or one at a time when ``offsets`` is None."""
     if not client_process:
-        return asyncio.run(_drive(base_url, bodies, offsets, timeout_s))
+        return _run(_drive(base_url, bodies, offsets, timeout_s))
     plan_path, result_path = workdir / "plan.json", workdir / "records.json"
     plan_path.write_text(json.dumps({"base_url": base_url, "bodies": list(bodies), "offsets": offsets,
                                      "timeout_s": timeout_s}))
@@ -608,7 +621,8 @@ def versions() -> dict[str, Any]:
     from importlib.util import find_spec
 
     out: dict[str, Any] = {"python": platform.python_version()}
-    for package in ("tensorflow", "numpy", "httpx", "uvicorn", "fastapi", "starlette", "h11"):
+    for package in ("tensorflow", "numpy", "aiohttp", "orjson", "uvicorn", "uvloop", "httptools", "fastapi",
+                    "starlette"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -653,24 +667,38 @@ def _log_problems(path: Path, limit: int = 5) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the benchmark
 
-def _cpu_usage(since: tuple[float, float, float] | None = None) -> Any:
-    """(wall, this process's CPU s, waited-for children's CPU s); with ``since``: the cores each used meanwhile."""
+def _cpu_usage(since: tuple | None = None, model_pid: int | None = None) -> Any:
+    """(wall, this process's CPU s, waited-for children's CPU s, the model server process's CPU s, machine
+    jiffies); with ``since``: the cores each used meanwhile."""
     import resource
 
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    now = (time.perf_counter(), me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime, *_machine_jiffies())
+    now = (time.perf_counter(), me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime,
+           _process_cpu_s(model_pid), *_machine_jiffies())
     if since is None:
         return now
     wall = max(now[0] - since[0], 1e-9)
     out = {"servers_process_cores": round((now[1] - since[1]) / wall, 2),
            "client_process_cores_incl_startup": round((now[2] - since[2]) / wall, 2), "phase_wall_s": round(wall, 2)}
-    busy, total = now[3] - since[3], now[4] - since[4]
+    if model_pid is not None:
+        out["model_server_process_cores"] = round((now[3] - since[3]) / wall, 2)
+    busy, total = now[4] - since[4], now[5] - since[5]
     if total > 0:  # the whole machine, from /proc/stat: a busy neighbour shows up as other_processes_cores
         machine = busy / total * (os.cpu_count() or 1)
-        out.update(machine_busy_cores=round(machine, 2),
-                   other_processes_cores=round(max(machine - out["servers_process_cores"]
-                                                   - out["client_process_cores_incl_startup"], 0.0), 2))
+        ours = sum(v for k, v in out.items() if k.endswith("_cores"))
+        out.update(machine_busy_cores=round(machine, 2), other_processes_cores=round(max(machine - ours, 0.0), 2))
     return out
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a running process (Linux /proc); 0 where unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _wait_quiet(max_s: float = 30.0, busy_cores: float = 0.3, window_s: float = 0.25) -> float:
@@ -734,7 +762,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
     import tensorflow as tf
 
     from serving import app as api
-    from serving import local_endpoint
+    from serving import heap, local_endpoint
     from serving.feature_store import open_store
 
     started = time.time()
@@ -754,9 +782,9 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             stack.enter_context(_api_log(tmp / "api.log"))
             if model_server == "thread":  # as `marketrank serve`
                 model_app = local_endpoint.create_app(workspace.home / "models", workspace.manifest, tmp / "capture")
-                model_url = stack.enter_context(local_endpoint.running(model_app, HOST, 0))
+                model_url, model_pid = stack.enter_context(local_endpoint.running(model_app, HOST, 0)), None
             else:  # as production: the model server is another process
-                model_url = stack.enter_context(_endpoint_process(workspace, tmp / "capture"))
+                model_url, model_pid = stack.enter_context(_endpoint_process(workspace, tmp / "capture"))
             settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
                                     model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
             api_app = api.create_app(settings)
@@ -766,8 +794,11 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             servable = local_endpoint.Servable.load(workspace.model_name, int(workspace.model_dir.name),
                                                     workspace.model_dir)
             floor_model = tf.saved_model.load(str(workspace.model_dir), tags=["serve"])
+            # The API runs in this process, which now holds TensorFlow for the floor (the real API never does):
+            # freeze it too, or full GC passes over TF's objects (~200 ms) would land inside the API's requests.
+            heap.settle("loading the floor models")
             servers = _Servers(api_url, api_app, servable, floor_model.signatures["serving_default"], store, spec,
-                               catalogue, tmp, client_process, note)
+                               catalogue, tmp, client_process, note, model_pid)
             for requested in candidates:
                 n = min(requested, len(catalogue.items), settings.max_candidates)
                 plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
@@ -795,15 +826,16 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             "unloaded_requests": unloaded_requests, "endpoint": endpoint,
             "budget_ms": budget_ms, "host": HOST,
             "client": {"process": "child process" if client_process else "in the servers' process",
-                       "library": "httpx.AsyncClient", "keep_alive": True, "max_connections": CLIENT_CONNECTIONS,
+                       "library": "aiohttp.ClientSession on uvloop", "keep_alive": True,
+                       "max_connections": CLIENT_CONNECTIONS,
                        "keepalive_expiry_s": CLIENT_KEEPALIVE_S,
                        "timeout_s": REQUEST_TIMEOUT_S,
                        "latency": "from the send to the full response body (latency_ms); from the scheduled send "
                                   "(latency_from_schedule_ms) also counts client lag"},
             "model_server": model_server,
             "cpu_note": "cores = CPU seconds per wall second during the open-loop phase; servers_process = this "
-                        "process (API, and the endpoint with model_server=thread); other_processes_cores includes "
-                        "the endpoint process with model_server=process",
+                        "process (API, and the endpoint with model_server=thread); model_server_process_cores: the "
+                        "endpoint's process with model_server=process",
             "servers": ("local endpoint + ranking API in this process, uvicorn in threads (as `marketrank serve`)"
                         if model_server == "thread" else "ranking API in this process (uvicorn in a thread), local "
                         "endpoint in a child process (uvicorn, as TF Serving runs beside the API in production)")
@@ -842,6 +874,7 @@ class _Servers:
     workdir: Path
     client_process: bool
     note: Callable[[str], None]
+    model_pid: int | None = None  # the local endpoint's process, when it runs in one
 
     def wait_breaker_closed(self) -> float:
         """Seconds waited for an open breaker (a previous phase's) to reach half-open; the next request probes."""
@@ -868,9 +901,9 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
         waited += servers.wait_breaker_closed()
     note(f"{n} candidates: {len(plan.requests) - plan.warmup} requests (open loop) after {plan.warmup} warm-up "
          "requests")
-    usage = _cpu_usage()
+    usage = _cpu_usage(model_pid=servers.model_pid)
     records = run_load(servers.api_url, bodies, plan.offsets, servers.workdir, servers.client_process)
-    cpu = _cpu_usage(usage)
+    cpu = _cpu_usage(usage, servers.model_pid)
     breaker = servers.api_app.state.runtime.breaker.state
     quiet = _wait_quiet()  # cancelled model calls and queued data capture finish before the floor is timed
     note(f"{n} candidates: floor ({floor_calls} signature calls)")
@@ -896,15 +929,17 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float = 180.0) -> Iterator[str]:
-    """The local endpoint in a child process on 127.0.0.1 (a free port); yields its base URL once /ping is 200."""
+def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float = 180.0
+                      ) -> Iterator[tuple[str, int]]:
+    """The local endpoint in a child process on 127.0.0.1 (a free port); yields (base URL, pid) once /ping is 200."""
     import httpx
 
     port = _free_port()
     code = ("import sys, uvicorn; from pathlib import Path; from serving.local_endpoint import create_app; "
             "uvicorn.run(create_app(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), host=sys.argv[4], "
             "port=int(sys.argv[5]), log_level='warning', access_log=False)")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+    env = {"SAGEMAKER_TFS_INTRA_OP_PARALLELISM": "1", "SAGEMAKER_TFS_INTER_OP_PARALLELISM": "1", **os.environ,
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-c", code, str(workspace.home / "models"), str(workspace.manifest),
                                 str(capture_dir), HOST, str(port)], cwd=REPO_ROOT, env=env)
@@ -921,7 +956,7 @@ def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float 
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the local endpoint process did not become ready in {timeout_s:.0f} s")
                 time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:

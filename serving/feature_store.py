@@ -3,7 +3,7 @@
 The store holds, per id, the state the feature job wrote under ``<features>/online/`` (``ITEM_STATE_COLUMNS``
 per item, ``USER_STATE_COLUMNS`` per user: counters as of the end of the logs) plus the model's feature spec.
 ``build_inputs`` turns a request's state into the exported signature's inputs with the training code
-(``training.features.online_raw_frame`` + ``assemble_features``): the feature logic exists once.
+(``training.features.online_raw_columns`` + ``feature_columns``): the feature logic exists once.
 
 Two stores, one interface (``FeatureStore``):
 
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 
 from serving.errors import StoreUnavailable
 from training.feature_job import ONLINE_DIR
@@ -43,8 +44,8 @@ from training.features import (
     DAY_MS,
     ITEM_STATE_COLUMNS,
     USER_STATE_COLUMNS,
-    assemble_features,
-    online_raw_frame,
+    feature_columns,
+    online_raw_columns,
     popularity_recency,
 )
 
@@ -114,8 +115,8 @@ def decode_state(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
         raise StoreUnavailable(f"feature store holds a value that is not JSON: {err}") from err
     if not isinstance(value, dict):
         raise StoreUnavailable("feature store holds a value that is not a JSON object")
@@ -381,17 +382,17 @@ def build_inputs(spec: FeatureSpec, request: HasContext, user_state: Mapping[str
     """
     if not item_states:
         raise ValueError("build_inputs needs at least one item")
-    raw = online_raw_frame(request.surface, request.query, int(request.ts_ms), user_state, item_states)
-    features = assemble_features(raw)
+    features = feature_columns(online_raw_columns(request.surface, request.query, int(request.ts_ms), user_state,
+                                                  item_states))
     n = len(item_states)
     inputs: dict[str, np.ndarray] = {}
     for feature in spec.features:
         if feature.shape:
             raise ValueError(f"feature {feature.name!r}: the online path builds scalar features only")
-        if feature.name not in features.columns:
-            raise KeyError(f"feature {feature.name!r} of the spec is not computed by assemble_features")
+        if feature.name not in features:
+            raise KeyError(f"feature {feature.name!r} of the spec is not computed by feature_columns")
         dtype = object if feature.dtype == STRING else np.float32
-        values = features[feature.name].to_numpy()
+        values = features[feature.name]
         if feature.scope == CONTEXT:
             inputs[feature.name] = np.asarray(values[:1], dtype=dtype)
         else:

@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import tensorflow as tf
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -68,7 +70,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 from pipelines.deploy import PRODUCTION, SHADOW, EndpointState
-from serving import wire
+from serving import heap, wire
 from serving.shadow_report import read_capture  # noqa: F401  (re-exported: the capture format lives there)
 
 log = logging.getLogger(__name__)
@@ -260,7 +262,10 @@ class ModelServer:
                 log.info("model %s: no versions left under %s, unloaded", name, self.models_dir / name)
                 del served[name]
             self._failed = {p: f for p, f in self._failed.items() if p.exists()}
+            changed = served.keys() != self._served.keys() or any(v is not self._served[k] for k, v in served.items())
             self._served = served
+        if changed:
+            heap.settle("a model (re)load")  # one pause here rather than a full collection inside requests
 
 
 # ---------------------------------------------------------------------------------------------- endpoint
@@ -357,7 +362,9 @@ class Endpoint:
         received = datetime.now(timezone.utc)
         servable, state = self.production()
         body = wire.decode(raw)
-        payload, latency = await run_in_threadpool(_timed_predict, servable, body)
+        # On the event loop, not in a thread: a ~1 ms CPU-bound call gains nothing from a thread hop but its cost
+        # (the GIL serialises it anyway); the shadow copy and data capture still run off this path.
+        payload, latency = _timed_predict(servable, body)
         inference_id = inference_id or str(uuid.uuid4())
         with contextlib.suppress(RuntimeError):  # shutting down
             self._capture_pool.submit(self._capture, PRODUCTION, raw, payload, inference_id, received, latency,
@@ -398,7 +405,7 @@ class Endpoint:
             with self._capture_lock:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with path.open("a", encoding="utf-8") as out:
-                    out.write(json.dumps(record, separators=(",", ":")) + "\n")
+                    out.write(orjson.dumps(record).decode() + "\n")
         except OSError as err:
             log.error("endpoint %s: data capture to %s failed: %s", self.name, path, err)
 
@@ -422,9 +429,34 @@ def _error_handler(status: int):
     return handle
 
 
+#: The SageMaker TF Serving container's thread settings (0: TensorFlow picks), honoured here the same way.
+THREAD_SETTINGS = {"SAGEMAKER_TFS_INTRA_OP_PARALLELISM": tf.config.threading.set_intra_op_parallelism_threads,
+                   "SAGEMAKER_TFS_INTER_OP_PARALLELISM": tf.config.threading.set_inter_op_parallelism_threads}
+
+
+def configure_threads(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """Apply ``SAGEMAKER_TFS_{INTRA,INTER}_OP_PARALLELISM`` before TensorFlow starts its thread pools. One thread
+    each suits a small ranking model on a few shared cores: the pools' spinning costs more than it parallelises."""
+    environ = os.environ if environ is None else environ
+    applied = {}
+    for name, setter in THREAD_SETTINGS.items():
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        if not value.isdigit():
+            raise ValueError(f"{name} must be a whole number of threads, got {value!r}")
+        try:
+            setter(int(value))
+            applied[name] = int(value)
+        except RuntimeError:  # TensorFlow already ran something in this process: its pools are fixed
+            log.warning("%s=%s ignored: TensorFlow is already initialised in this process", name, value)
+    return applied
+
+
 def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, capture_dir: Path | None = None,
                poll_seconds: float = 2.0) -> Starlette:
     """The local endpoint as an ASGI app (``app.state.server``: the ModelServer, ``app.state.endpoint``)."""
+    configure_threads()
     server = ModelServer(models_dir)
     endpoint = Endpoint(endpoint_manifest, server, capture_dir)
 
@@ -473,7 +505,7 @@ def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, ca
             return _json(payload, headers={VARIANT_HEADER: PRODUCTION})
         if predict:
             body = wire.decode(await request.body())
-            return _json((await run_in_threadpool(_timed_predict, servable, body))[0])
+            return _json(_timed_predict(servable, body)[0])
         if parts["verb"] == "/metadata":
             return _json(wire.metadata(name, servable.version, **servable.signature_def))
         return _json(wire.model_status([(servable.version, "AVAILABLE")]))

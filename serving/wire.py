@@ -18,12 +18,12 @@ module, so the client code is the same for both.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 
 SIGNATURE = "serving_default"
 OUTPUT = "scores"
@@ -51,13 +51,14 @@ def predict_request(inputs: Mapping[str, Any], signature_name: str = SIGNATURE) 
 
 
 def encode(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    """Compact JSON (orjson: a 300-candidate predict body is ~70 kB, and the stdlib takes ~1 ms to write it)."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def decode(raw: bytes | str) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as err:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
         raise WireError(f"body is not JSON: {err}") from err
     if not isinstance(body, dict):
         raise WireError("body must be a JSON object")

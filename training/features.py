@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import is_numeric_dtype
 
 from training.feature_spec import CONTEXT, FLOAT, ITEM, STRING, Feature
 
@@ -92,6 +91,11 @@ ITEM_STATE_COLUMNS = ("title", "category", "brand", "brand_tier", "style", "size
 USER_STATE_COLUMNS = ("user_country", "user_size", "user_fav_brands", "user_fav_styles", "user_signup_ms",
                       "user_clicks", "user_lpi_sum", "brand_clicks", "style_clicks", "category_clicks")
 
+#: Raw columns that are numbers (the rest are text, lists or maps): the online path builds them as float64.
+NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user_lpi_sum", "price", "photos",
+                                 "category_median_price", "listed_ms", "seller_rating", "seller_sales", "views",
+                                 "likes", "bags", "user_brand_clicks", "user_style_clicks", "user_category_clicks"})
+
 #: Output columns that are not features but travel with each list.
 LIST_COLUMNS = ("request_id", "user_id", "ts_ms", "split")
 ITEM_COLUMNS = ("item_id", "position", "label", "relevance", "true_score")
@@ -107,89 +111,134 @@ def _tokens(text: object) -> set[str]:
     return set(str(text).lower().split()) if isinstance(text, str) and text else set()
 
 
-def _member(values: pd.Series, lists: pd.Series) -> np.ndarray:
+def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
     member = [v in (ls if ls is not None else ()) for v, ls in zip(values, lists, strict=True)]
     return np.array(member, dtype=np.float32)
 
 
-def _num(column: pd.Series) -> np.ndarray:
-    """A raw column as float64 with missing values as 0 (vectorised; object columns are coerced)."""
-    values = column.to_numpy() if is_numeric_dtype(column) else pd.to_numeric(column, errors="coerce").to_numpy()
-    values = np.asarray(values, dtype=np.float64)
+def _num(column: np.ndarray) -> np.ndarray:
+    """A raw column as float64 with missing values as 0 (object columns are coerced: None, text -> 0)."""
+    if column.dtype.kind not in "biuf":
+        column = pd.to_numeric(column, errors="coerce")
+    values = np.asarray(column, dtype=np.float64)
     return np.where(np.isnan(values), 0.0, values)
 
 
-def assemble_features(raw: pd.DataFrame) -> pd.DataFrame:
-    """Model features for each row of ``raw`` (columns: ``RAW_COLUMNS``); other columns pass through.
+def _text(column: np.ndarray) -> np.ndarray:
+    """str() of every value, as an object array (what TF string inputs take)."""
+    return column.astype(str).astype(object)
 
-    It runs once per Spark batch offline and once per ranking request online, so columns are built as NumPy
-    arrays and framed once (per-column DataFrame assignment costs more than the arithmetic).
+
+def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Model features (``FEATURES``, float features as float32) from raw columns (``RAW_COLUMNS``: equal-length
+    arrays or lists, one row per (request, candidate item)).
+
+    The one implementation of the feature logic: ``assemble_features`` runs it per Spark batch offline and the
+    ranking API per request online (on plain NumPy arrays: a DataFrame per request costs more than the maths).
     """
-    missing = [c for c in RAW_COLUMNS if c not in raw.columns]
+    missing = [c for c in RAW_COLUMNS if c not in raw]
     if missing:
         raise KeyError(f"assemble_features: missing raw columns {missing}")
-    clicks, ts = _num(raw["user_clicks"]), _num(raw["ts_ms"])
-    signup = pd.to_numeric(raw["user_signup_ms"], errors="coerce").to_numpy(np.float64)
-    lpi = np.log(np.maximum(_num(raw["price"]), 0.01) / np.maximum(_num(raw["category_median_price"]), 0.01))
-    usual = np.divide(_num(raw["user_lpi_sum"]), clicks, out=np.zeros_like(clicks), where=clicks > 0)
-    views, likes = _num(raw["views"]), _num(raw["likes"])
+    col = {c: np.asarray(raw[c]) for c in RAW_COLUMNS}
+    clicks, ts = _num(col["user_clicks"]), _num(col["ts_ms"])
+    signup = np.asarray(pd.to_numeric(col["user_signup_ms"], errors="coerce"), dtype=np.float64)
+    lpi = np.log(np.maximum(_num(col["price"]), 0.01) / np.maximum(_num(col["category_median_price"]), 0.01))
+    usual = np.divide(_num(col["user_lpi_sum"]), clicks, out=np.zeros_like(clicks), where=clicks > 0)
+    views, likes = _num(col["views"]), _num(col["likes"])
     denominator = clicks + 1.0
-    query = [_tokens(q) for q in raw["query"]]
+    tokens: dict[Any, set[str]] = {}  # one query per request: tokenised once, not once per candidate
+    query = [tokens[q] if q in tokens else tokens.setdefault(q, _tokens(q)) for q in col["query"]]
+    surface, country = col["surface"], col["user_country"]
     features = {
-        "surface": raw["surface"].fillna("feed").astype(str).to_numpy(),
-        "user_country": raw["user_country"].fillna("unknown").astype(str).to_numpy(),
+        "surface": _text(np.where(pd.isna(surface), "feed", surface)),
+        "user_country": _text(np.where(pd.isna(country), "unknown", country)),
         "user_history": clicks,
         "user_tenure_days": np.where(np.isnan(signup), 0.0, np.maximum(ts - signup, 0) / DAY_MS),
-        "item_category": raw["category"].astype(str).to_numpy(),
-        "item_style": raw["style"].astype(str).to_numpy(),
-        "item_condition": raw["condition"].astype(str).to_numpy(),
-        "item_brand_tier": raw["brand_tier"].astype(str).to_numpy(),
+        "item_category": _text(col["category"]),
+        "item_style": _text(col["style"]),
+        "item_condition": _text(col["condition"]),
+        "item_brand_tier": _text(col["brand_tier"]),
         "log_price_index": lpi,
         "price_gap": np.where(clicks > 0, np.abs(lpi - usual), 0.0),
-        "age_days": np.maximum(ts - _num(raw["listed_ms"]), 0) / DAY_MS,
-        "photos": _num(raw["photos"]),
-        "seller_rating": _num(raw["seller_rating"]),
-        "seller_sales": _num(raw["seller_sales"]),
-        "same_country": raw["seller_country"].to_numpy() == raw["user_country"].to_numpy(),
-        "size_match": raw["size"].to_numpy() == raw["user_size"].to_numpy(),
+        "age_days": np.maximum(ts - _num(col["listed_ms"]), 0) / DAY_MS,
+        "photos": _num(col["photos"]),
+        "seller_rating": _num(col["seller_rating"]),
+        "seller_sales": _num(col["seller_sales"]),
+        "same_country": col["seller_country"] == country,
+        "size_match": col["size"] == col["user_size"],
         "views": views,
         "likes": likes,
-        "bags": _num(raw["bags"]),
+        "bags": _num(col["bags"]),
         "like_rate": (likes + 1.0) / (views + 10.0),
-        "brand_affinity": _num(raw["user_brand_clicks"]) / denominator,
-        "style_affinity": _num(raw["user_style_clicks"]) / denominator,
-        "category_affinity": _num(raw["user_category_clicks"]) / denominator,
-        "fav_brand": _member(raw["brand"], raw["user_fav_brands"]),
-        "fav_style": _member(raw["style"], raw["user_fav_styles"]),
-        "query_category_match": [c in q for c, q in zip(raw["category"], query, strict=True)],
-        "query_brand_match": [b in q for b, q in zip(raw["brand"], query, strict=True)],
-        "query_style_match": [s in q for s, q in zip(raw["style"], query, strict=True)],
+        "brand_affinity": _num(col["user_brand_clicks"]) / denominator,
+        "style_affinity": _num(col["user_style_clicks"]) / denominator,
+        "category_affinity": _num(col["user_category_clicks"]) / denominator,
+        "fav_brand": _member(col["brand"], col["user_fav_brands"]),
+        "fav_style": _member(col["style"], col["user_fav_styles"]),
+        "query_category_match": [c in q for c, q in zip(col["category"], query, strict=True)],
+        "query_brand_match": [b in q for b, q in zip(col["brand"], query, strict=True)],
+        "query_style_match": [s in q for s, q in zip(col["style"], query, strict=True)],
         "query_title_overlap": [len(q & _tokens(t)) / len(q) if q else 0.0
-                                for t, q in zip(raw["title"], query, strict=True)],
+                                for t, q in zip(col["title"], query, strict=True)],
     }
     for feature in FEATURES:
         if feature.dtype == FLOAT:
             features[feature.name] = np.asarray(features[feature.name], dtype=np.float32)
+    return features
+
+
+def assemble_features(raw: pd.DataFrame) -> pd.DataFrame:
+    """``feature_columns`` of a DataFrame, framed with ``raw``'s other columns (and ``ts_ms``) passed through."""
+    missing = [c for c in RAW_COLUMNS if c not in raw.columns]
+    if missing:
+        raise KeyError(f"assemble_features: missing raw columns {missing}")
+    features = feature_columns({c: raw[c].to_numpy() for c in RAW_COLUMNS})
     passthrough = raw.drop(columns=[c for c in RAW_COLUMNS if c != "ts_ms"])
     return pd.concat([passthrough, pd.DataFrame(features, index=raw.index)], axis=1)
 
 
-def online_raw_frame(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
-                     items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """RAW_COLUMNS rows for one request from feature-store state (``USER_STATE_COLUMNS``, ``ITEM_STATE_COLUMNS``).
+def _state_column(values: list, numeric: bool) -> np.ndarray:
+    """Numbers as float64 (None -> NaN: missing, as offline), falling back to objects for anything else."""
+    if numeric:
+        try:
+            return np.array(values, dtype=np.float64)
+        except (TypeError, ValueError):  # text in a numeric field: _num coerces it to 0 as offline
+            pass
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def _repeat(value: Any, n: int) -> np.ndarray:
+    column = np.empty(n, dtype=object)
+    column.fill(value)  # one object per row, lists included (never broadcast elementwise)
+    return column
+
+
+def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
+                       items: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """RAW_COLUMNS for one request from feature-store state (``USER_STATE_COLUMNS``, ``ITEM_STATE_COLUMNS``).
 
     An unknown user (``None``) is a cold start: no country, size, favourites or history.
     """
     user = user or {}
     n = len(items)
-    columns: dict[str, Any] = {c: [item.get(c) for item in items] for c in ITEM_STATE_COLUMNS}
+    columns: dict[str, np.ndarray] = {}
+    for c in ITEM_STATE_COLUMNS:
+        columns[c] = _state_column([item.get(c) for item in items], c in NUMERIC_RAW_COLUMNS)
     shared = {"surface": surface, "query": query, "ts_ms": ts_ms, "user_country": user.get("user_country"),
               "user_size": user.get("user_size"), "user_signup_ms": user.get("user_signup_ms"),
-              "user_clicks": user.get("user_clicks") or 0, "user_lpi_sum": user.get("user_lpi_sum") or 0.0}
-    columns.update({name: [value] * n for name, value in shared.items()})
-    for name in ("user_fav_brands", "user_fav_styles"):  # lists: one object per row, not broadcast elementwise
-        columns[name] = [user.get(name)] * n
+              "user_clicks": user.get("user_clicks") or 0, "user_lpi_sum": user.get("user_lpi_sum") or 0.0,
+              "user_fav_brands": user.get("user_fav_brands"), "user_fav_styles": user.get("user_fav_styles")}
+    columns.update({name: _state_column([value] * n, True) if name in NUMERIC_RAW_COLUMNS else _repeat(value, n)
+                    for name, value in shared.items()})
     for key in ("brand", "style", "category"):
-        clicks = dict(user.get(f"{key}_clicks") or {})
-        columns[f"user_{key}_clicks"] = [clicks.get(value, 0) for value in columns[key]]
-    return pd.DataFrame(columns, columns=list(RAW_COLUMNS))
+        clicks = dict(user.get(f"{key}_clicks") or {})  # a JSON object, or Parquet's (key, value) pairs
+        columns[f"user_{key}_clicks"] = np.array([clicks.get(value, 0) for value in columns[key]], dtype=np.float64)
+    return {c: columns[c] for c in RAW_COLUMNS}
+
+
+def online_raw_frame(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
+                     items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """``online_raw_columns`` as a DataFrame (for inspection and tests; the API uses the columns directly)."""
+    return pd.DataFrame(online_raw_columns(surface, query, ts_ms, user, items), columns=list(RAW_COLUMNS))
