@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint synth clean
 
 $(BIN)/marketrank: pyproject.toml training/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# CloudFormation templates into cdk.out/, offline (no AWS, no npm CLI); cdk-nag runs and fails it on a finding.
+# `make synth STAGE=prod` for another stage of cdk.json.
+synth: setup
+	MARKETRANK_CDK_CONTEXT='$(if $(STAGE),{"marketrank:stage": "$(STAGE)"})' $(BIN)/python -m infra.app
 
 clean:
 	rm -rf $(VENV) workspace cdk.out .pytest_cache

@@ -2,9 +2,15 @@
 
 Event: ``{"action": "deploy_shadow" | "promote" | "rollback" | "reject", "endpoint_name": ..., "model_package_arn": ...,
 "shadow_sampling_percentage": 20}``. Environment (set by the CDK stack): ``MODEL_EXECUTION_ROLE_ARN``,
-``INSTANCE_TYPE``, ``INSTANCE_COUNT``, ``DATA_CAPTURE_URI``, optional ``KMS_KEY_ID``, ``CHAMPION_PARAMETER``
-(SSM parameter holding the live champion's model data URL, read by ``cdk deploy`` so it never rolls the live
-model back) and ``CHAMPION_URI`` (S3 object the pipeline's Evaluate step reads as the champion).
+``INSTANCE_TYPE``, ``INSTANCE_COUNT``, ``DATA_CAPTURE_URI``, optional ``KMS_KEY_ID``, ``CHAMPION_PARAMETER`` and
+``CHALLENGER_PARAMETER`` (SSM parameters holding the live production and shadow models' data URLs, or ``none``:
+``cdk deploy`` reads them, so it redeploys what is live and never rolls the model back), ``CHAMPION_URI`` (S3
+object the pipeline's Evaluate step reads as the champion) and ``CREATE_ENDPOINT``.
+
+Ownership: with ``CREATE_ENDPOINT=false`` (the CDK Serving stack's setting) the endpoint is CloudFormation's to
+create; this Lambda only changes the variants of an existing one. A first model, with no endpoint yet, is then
+published to the champion parameter (action ``publish_champion``) and the next ``cdk deploy`` creates the endpoint
+serving it. Without the setting (tests, a hand-made account) the first deploy creates the endpoint itself.
 
 The outputs are top-level strings, as SageMaker's LambdaStep expects.
 """
@@ -20,6 +26,8 @@ from pipelines import deploy
 
 log = logging.getLogger("marketrank.deploy_lambda")
 ACTIONS = ("deploy_shadow", "promote", "rollback", "reject")
+#: The parameters' value while no model holds the role (the Serving stack's conditions test for it).
+NO_MODEL = "none"
 
 
 def _model_data_url(sm, model_name: str) -> str | None:
@@ -30,6 +38,20 @@ def _model_data_url(sm, model_name: str) -> str | None:
         package = sm.describe_model_package(ModelPackageName=container["ModelPackageName"])
         return package["InferenceSpecification"]["Containers"][0].get("ModelDataUrl")
     return None
+
+
+def publish_challenger(sm, ssm, model_name: str | None, env: dict[str, str]) -> None:
+    """Point the challenger SSM parameter at the shadow model's artifact (``none`` without a shadow)."""
+    if env.get("CHALLENGER_PARAMETER"):
+        url = _model_data_url(sm, model_name) if model_name else None
+        ssm.put_parameter(Name=env["CHALLENGER_PARAMETER"], Value=url or NO_MODEL, Type="String", Overwrite=True)
+
+
+def _creates_endpoint(env: dict[str, str]) -> bool:
+    value = env.get("CREATE_ENDPOINT", "true").strip().lower()
+    if value not in ("true", "false"):
+        raise deploy.DeployError(f"CREATE_ENDPOINT must be 'true' or 'false', got {env['CREATE_ENDPOINT']!r}")
+    return value == "true"
 
 
 def publish_champion(sm, s3, ssm, model_name: str, env: dict[str, str]) -> str | None:
@@ -57,9 +79,12 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
     endpoint = event.get("endpoint_name") or env.get("ENDPOINT_NAME")
     if not endpoint:
         raise deploy.DeployError("no endpoint_name in the event and no ENDPOINT_NAME in the environment")
+    creates_endpoint = _creates_endpoint(env)
     backend = deploy.SageMakerBackend(sm, endpoint, data_capture_uri=env.get("DATA_CAPTURE_URI"),
                                       kms_key_id=env.get("KMS_KEY_ID") or None)
     before = backend.current()
+    if action == "deploy_shadow" and before is None and not creates_endpoint:
+        return _publish_first_model(event, backend, sm, s3, ssm, env)
     if action == "deploy_shadow":
         if not event.get("model_package_arn"):
             raise deploy.DeployError(f"endpoint {endpoint!r}: deploy_shadow needs model_package_arn")
@@ -87,11 +112,29 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
     if production and (before is None or before.production is None
                        or before.production.model_name != production["model_name"]):
         champion_url = publish_champion(sm, s3, ssm, production["model_name"], env)
+    publish_challenger(sm, ssm, ((state or {}).get("shadow") or {}).get("model_name"), env)  # idempotent
     log.info("endpoint %s: %s -> %s", endpoint, result["action"], result["endpoint_config_name"])
     return {"action": result["action"], "endpoint_config_name": result["endpoint_config_name"] or "",
             "production_model": production.get("model_name", ""),
             "shadow_model": ((state or {}).get("shadow") or {}).get("model_name", ""),
             "champion_model_data_url": champion_url or "", "state": json.dumps(state)}
+
+
+def _publish_first_model(event: dict[str, Any], backend: deploy.SageMakerBackend, sm, s3, ssm,
+                         env: dict[str, str]) -> dict[str, Any]:
+    """No endpoint and CloudFormation creates it: make the model the champion the next ``cdk deploy`` serves."""
+    if not event.get("model_package_arn"):
+        raise deploy.DeployError(f"endpoint {backend.endpoint_name!r}: deploy_shadow needs model_package_arn")
+    if not env.get("CHAMPION_PARAMETER"):
+        raise deploy.DeployError(f"endpoint {backend.endpoint_name!r} does not exist and CREATE_ENDPOINT=false, "
+                                 "but no CHAMPION_PARAMETER is set for `cdk deploy` to create it from")
+    model = backend.ensure_model(event["model_package_arn"], env["MODEL_EXECUTION_ROLE_ARN"])
+    url = publish_champion(sm, s3, ssm, model, env)
+    publish_challenger(sm, ssm, None, env)
+    log.info("endpoint %s does not exist: model %s published as champion (%s); `cdk deploy` of the Serving stack "
+             "creates the endpoint", backend.endpoint_name, model, url)
+    return {"action": "publish_champion", "endpoint_config_name": "", "production_model": model, "shadow_model": "",
+            "champion_model_data_url": url or "", "state": json.dumps(None)}
 
 
 def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:

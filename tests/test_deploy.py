@@ -28,6 +28,7 @@ ENDPOINT = "marketrank-test"
 GROUP = "marketrank-ranker"
 BUCKET = "marketrank-artifacts"
 PARAMETER = "/marketrank/champion/model-data-url"
+CHALLENGER_PARAMETER = "/marketrank/challenger/model-data-url"
 CHAMPION_URI = f"s3://{BUCKET}/champion/model.tar.gz"
 CAPTURE_URI = f"s3://{BUCKET}/data-capture"
 M1, M2 = f"{GROUP}-v1", f"{GROUP}-v2"  # the Model names ensure_model gives packages 1 and 2
@@ -162,7 +163,7 @@ def world(ext) -> World:
         bodies.append(body)
     env = {"MODEL_EXECUTION_ROLE_ARN": role, "INSTANCE_TYPE": "ml.m5.large", "INSTANCE_COUNT": "1",
            "DATA_CAPTURE_URI": CAPTURE_URI, "KMS_KEY_ID": key, "CHAMPION_PARAMETER": PARAMETER,
-           "CHAMPION_URI": CHAMPION_URI}
+           "CHALLENGER_PARAMETER": CHALLENGER_PARAMETER, "CHAMPION_URI": CHAMPION_URI}
     return World(sm, s3, ssm, env, packages, urls, bodies)
 
 
@@ -228,6 +229,43 @@ def test_lambda_first_deploy_creates_the_endpoint_with_the_challenger_as_product
     assert out["champion_model_data_url"] == world.urls[0]
     assert champion(world) == (world.urls[0], world.bodies[0])
     assert json.loads(out["state"])["production"]["model_name"] == M1
+
+
+def challenger(w: World) -> str:
+    return w.ssm.get_parameter(Name=CHALLENGER_PARAMETER)["Parameter"]["Value"]
+
+
+def test_lambda_leaves_creating_the_endpoint_to_cloudformation_when_told(world):
+    world.env["CREATE_ENDPOINT"] = "false"  # the CDK Serving stack owns the endpoint
+    out = invoke(world, "deploy_shadow", 1, settle=False)
+    assert out["action"] == "publish_champion" and out["production_model"] == M1
+    assert world.sm.list_endpoints()["Endpoints"] == [] and n_configs(world.sm) == 0
+    assert champion(world) == (world.urls[0], world.bodies[0])  # what the next `cdk deploy` serves
+    assert challenger(world) == deploy_lambda.NO_MODEL
+    assert world.sm.describe_model(ModelName=M1)["Containers"][0]["ModelPackageName"] == world.packages[0]
+    # once CloudFormation has made the endpoint (here: by the Lambda's own backend), variants change as usual
+    world.env["CREATE_ENDPOINT"] = "true"
+    invoke(world, "deploy_shadow", 1)
+    world.env["CREATE_ENDPOINT"] = "false"
+    out = invoke(world, "deploy_shadow", 2)
+    assert out["action"] == "shadow" and out["shadow_model"] == M2
+    assert challenger(world) == world.urls[1]
+
+
+def test_lambda_keeps_the_challenger_parameter_at_the_shadow_model(world):
+    invoke(world, "deploy_shadow", 1)
+    assert challenger(world) == deploy_lambda.NO_MODEL
+    invoke(world, "deploy_shadow", 2)
+    assert challenger(world) == world.urls[1]
+    invoke(world, "promote")
+    assert challenger(world) == deploy_lambda.NO_MODEL and champion(world)[0] == world.urls[1]
+
+
+def test_lambda_rejects_a_create_endpoint_setting_it_cannot_read(world):
+    world.env["CREATE_ENDPOINT"] = "no"
+    with pytest.raises(deploy.DeployError, match="CREATE_ENDPOINT must be 'true' or 'false', got 'no'"):
+        invoke(world, "deploy_shadow", 1, settle=False)
+    assert world.sm.list_endpoints()["Endpoints"] == []
 
 
 def test_lambda_second_deploy_adds_the_shadow_and_keeps_the_champion(world):

@@ -38,3 +38,17 @@ def test_bad_values_are_rejected():
     bad = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], "account": "123"}}, STAGE_KEY: "dev"}
     with pytest.raises(ValueError, match="12 digits"):
         stage_config(bad)
+
+
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("region", "Ireland", "region must look like"),
+    ("redis_nodes", 1, "redis_nodes must be >= 2"),
+    ("log_retention_days", 10, "log_retention_days must be one of"),
+    ("endpoint_max_instance_count", 0, "endpoint_max_instance_count must be >="),
+    ("github_repo", "marketrank", "github_repo must be owner/name"),
+    ("vpc_cidr", "10.0.0.0/8", "vpc_cidr must be"),
+])
+def test_infra_settings_are_validated(setting, value, message):
+    bad = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], setting: value}}, STAGE_KEY: "dev"}
+    with pytest.raises(ValueError, match=f"stage 'dev': {message}"):
+        stage_config(bad)

@@ -1,0 +1,437 @@
+"""The CDK stacks, synthesised once (dev stage from cdk.json, offline) and checked on the properties that matter.
+
+These assertions are the only check of what the emulators drop (bucket policies, public access blocks, shadow
+variants, ElastiCache encryption). cdk-nag's AwsSolutions pack runs inside the synthesis: an unacknowledged finding
+fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_s3 as s3
+from aws_cdk.assertions import Match, Template
+
+from infra import nag
+from infra.app import STACK_IDS, build_app, offline_app
+from infra.config import stage_config
+from infra.lambda_bundle import FILES, HANDLER
+from infra.names import Names, cdk_context
+from pipelines.deploy import PRODUCTION, SHADOW
+
+STAGE = stage_config(cdk_context())
+NAMES = Names(STAGE)
+#: Actions IAM offers no resource-level permission for: the only ones allowed on "*".
+STAR_ACTIONS = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cdk.out")
+    try:
+        build_app(offline_app(str(out))).synth()
+    except RuntimeError as err:  # cdk-nag (or CloudFormation validation) refused the app: show the findings
+        report = out / nag.REPORT_FILE
+        findings = []
+        if report.exists():
+            for plugin in json.loads(report.read_text())["pluginReports"]:
+                findings += [f"{v['ruleName']} at {c['constructPath']}" for v in plugin["violations"]
+                             for c in v["violatingConstructs"]]
+        pytest.fail(f"synthesis failed: {err}\n" + "\n".join(findings))
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw(outdir) -> dict[str, dict[str, Any]]:
+    return {stack: json.loads((outdir / f"{stack}.template.json").read_text()) for stack in STACK_IDS}
+
+
+@pytest.fixture(scope="module")
+def templates(raw) -> dict[str, Template]:
+    return {stack: Template.from_json(template) for stack, template in raw.items()}
+
+
+def resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in template["Resources"].items() if v["Type"] == kind}
+
+
+def one(template: dict[str, Any], kind: str) -> dict[str, Any]:
+    found = resources(template, kind)
+    assert len(found) == 1, f"expected one {kind}, found {sorted(found)}"
+    return next(iter(found.values()))
+
+
+def statements(template: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every statement of the IAM policies (managed-by-CDK default policies and inline role policies)."""
+    found = []
+    for resource in template["Resources"].values():
+        if resource["Type"] == "AWS::IAM::Policy":
+            found += resource["Properties"]["PolicyDocument"]["Statement"]
+        elif resource["Type"] == "AWS::IAM::Role":
+            for policy in resource["Properties"].get("Policies", []):
+                found += policy["PolicyDocument"]["Statement"]
+    return found
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def role_statements(template: dict[str, Any], role_name_fragment: str) -> list[dict[str, Any]]:
+    """Statements of the default policy attached to the role whose logical id starts with the fragment."""
+    found = []
+    for resource in resources(template, "AWS::IAM::Policy").values():
+        roles = [r["Ref"] for r in resource["Properties"]["Roles"]]
+        if any(r.startswith(role_name_fragment) for r in roles):
+            found += resource["Properties"]["PolicyDocument"]["Statement"]
+    assert found, f"no policy for role {role_name_fragment}"
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- cdk-nag
+
+def test_cdk_nag_has_no_unacknowledged_findings_and_every_acknowledgement_has_a_reason(outdir, raw):
+    report = outdir / nag.REPORT_FILE
+    if report.exists():
+        for plugin in json.loads(report.read_text())["pluginReports"]:
+            assert plugin["violations"] == [], plugin["pluginName"]
+    acknowledged = [(stack, logical_id, rule) for stack, template in raw.items()
+                    for logical_id, resource in template["Resources"].items()
+                    for rule in resource.get("Metadata", {}).get("cdk_nag", {}).get("rules_to_suppress", [])
+                    if rule["id"].startswith("AwsSolutions")]  # CDK acknowledges some CloudFormation-Validate rules
+    assert acknowledged, "the acknowledgements are written to the templates (audit trail)"
+    assert all(len(rule["reason"]) > 20 for _, _, rule in acknowledged)
+    # Only IAM wildcards with reasons, the log bucket's own logging, and the documented exceptions.
+    assert {rule["id"].split("[")[0] for _, _, rule in acknowledged} <= {
+        "AwsSolutions-IAM5", "AwsSolutions-S1", "AwsSolutions-SM1", "AwsSolutions-AEC6", "AwsSolutions-ECS2"}
+
+
+def test_synthesis_is_hermetic(outdir):
+    """No context look-up is left for the CLI to make against an account (AZs, AMIs, VPCs...)."""
+    assert "missing" not in json.loads((outdir / "manifest.json").read_text())
+
+
+def test_cdk_nag_fails_synthesis_on_a_finding(tmp_path):
+    app = cdk.App(outdir=str(tmp_path))
+    stack = cdk.Stack(app, "Bad")
+    s3.Bucket(stack, "Open")  # no SSL enforcement, no access logs
+    nag.add_checks(app)
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+    report = json.loads((tmp_path / nag.REPORT_FILE).read_text())
+    rules = {v["ruleName"] for p in report["pluginReports"] for v in p["violations"]}
+    assert {"AwsSolutions-S1", "AwsSolutions-S10"} <= rules
+
+
+def test_no_wildcard_resource_outside_the_actions_iam_cannot_scope(raw):
+    for stack, template in raw.items():
+        for statement in statements(template):
+            if "*" in as_list(statement["Resource"]):
+                actions = set(as_list(statement["Action"]))
+                assert actions <= STAR_ACTIONS, f"{stack}: {actions} on Resource *"
+
+
+# ---------------------------------------------------------------------------------------------- Data
+
+@pytest.mark.parametrize("kind", ["raw", "features", "artifacts", "capture"])
+def test_data_buckets_are_kms_encrypted_private_versioned_logged_and_ssl_only(raw, kind):
+    template = raw["Data"]
+    buckets = {v["Properties"]["BucketName"]: (k, v["Properties"])
+               for k, v in resources(template, "AWS::S3::Bucket").items()}
+    logical_id, props = buckets[NAMES.bucket(kind)]
+    key_id = next(iter(resources(template, "AWS::KMS::Key")))
+    sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    assert sse["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "aws:kms",
+                                                    "KMSMasterKeyID": {"Fn::GetAtt": [key_id, "Arn"]}}
+    assert props["PublicAccessBlockConfiguration"] == {"BlockPublicAcls": True, "BlockPublicPolicy": True,
+                                                       "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+    assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+    access_logs_id = buckets[NAMES.bucket("access-logs")][0]
+    assert props["LoggingConfiguration"] == {"DestinationBucketName": {"Ref": access_logs_id},
+                                             "LogFilePrefix": f"{kind}/"}
+    rules = props["LifecycleConfiguration"]["Rules"]
+    assert any(r.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays") for r in rules)
+    policy = next(p["Properties"] for p in resources(template, "AWS::S3::BucketPolicy").values()
+                  if p["Properties"]["Bucket"] == {"Ref": logical_id})
+    assert {"Effect": "Deny", "Action": "s3:*", "Principal": {"AWS": "*"},
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}}} in [
+        {k: v for k, v in st.items() if k != "Resource"} for st in policy["PolicyDocument"]["Statement"]]
+
+
+def test_key_rotation_and_log_buckets(templates, raw):
+    templates["Data"].has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    for kind in ("access-logs", "alb-logs"):  # S3 and ALB log delivery cannot write SSE-KMS buckets
+        templates["Data"].has_resource_properties("AWS::S3::Bucket", {
+            "BucketName": NAMES.bucket(kind),
+            "BucketEncryption": {"ServerSideEncryptionConfiguration": [
+                {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
+            "PublicAccessBlockConfiguration": Match.object_like({"BlockPublicPolicy": True})})
+    templates["Data"].has_resource_properties("AWS::S3::Bucket", {
+        "BucketName": NAMES.bucket("capture"),
+        "LifecycleConfiguration": {"Rules": Match.array_with([Match.object_like({
+            "Transitions": [{"StorageClass": "STANDARD_IA", "TransitionInDays": 30}], "ExpirationInDays": 365})])}})
+
+
+# ---------------------------------------------------------------------------------------------- MlPlatform
+
+def test_pipeline_is_the_definition_pipelines_renders(raw):
+    from pipelines.definition import definition_json
+
+    config = NAMES.pipeline_config()
+    pipeline = one(raw["MlPlatform"], "AWS::SageMaker::Pipeline")["Properties"]
+    assert pipeline["PipelineName"] == config.name
+    assert pipeline["RoleArn"] == config.role_arn == NAMES.sagemaker_role_arn
+    body = pipeline["PipelineDefinition"]["PipelineDefinitionBody"]
+    assert body == definition_json(config)
+    rendered = json.loads(body)
+    assert NAMES.deploy_function_arn in body and f"s3://{NAMES.bucket('artifacts')}/" in body
+    assert {p["Name"] for p in rendered["Parameters"]} >= {"InputDataUri", "ShadowSamplingPercentage"}
+
+
+def test_execution_role_is_scoped_to_the_stage(raw):
+    template = raw["MlPlatform"]
+    role = resources(template, "AWS::IAM::Role")
+    execution = next(k for k, v in role.items() if v["Properties"].get("RoleName") == NAMES.sagemaker_role)
+    stmts = {s.get("Sid"): s for s in role_statements(template, execution)}
+    s3_resources = {r for sid in ("ListOwnBuckets", "ReadRawAndCapture", "ReadWritePipelineData", "WriteDataCapture")
+                    for r in as_list(stmts[sid]["Resource"])}
+    assert all(any(NAMES.bucket(k) in r for k in ("raw", "features", "artifacts", "capture")) for r in s3_resources)
+    assert f"arn:aws:s3:::{NAMES.bucket('artifacts')}/marketrank/*" in s3_resources
+    assert all(r.startswith("arn:aws:ecr:") and r.endswith(("tensorflow-training", "tensorflow-inference",
+                                                             "sagemaker-spark-processing"))
+               for r in stmts["PullSageMakerImages"]["Resource"])
+    assert stmts["EcrLogin"]["Action"] == "ecr:GetAuthorizationToken"
+    assert stmts["SageMakerMetrics"]["Condition"]["StringLike"]["cloudwatch:namespace"]
+    assert all(":log-group:/aws/sagemaker/" in r for r in stmts["OwnLogGroups"]["Resource"])
+    assert stmts["ModelRegistry"]["Resource"] == [
+        f"arn:aws:sagemaker:{STAGE.region}:{STAGE.account}:model-package-group/{NAMES.model_package_group}",
+        f"arn:aws:sagemaker:{STAGE.region}:{STAGE.account}:model-package/{NAMES.model_package_group}/*"]
+    assert stmts["PassSelfToJobs"]["Resource"] == NAMES.sagemaker_role_arn
+    assert stmts["InvokeDeployStep"]["Resource"] == NAMES.deploy_function_arn
+
+
+def test_model_registry_and_mlflow(templates):
+    templates["MlPlatform"].has_resource_properties("AWS::SageMaker::ModelPackageGroup", {
+        "ModelPackageGroupName": NAMES.model_package_group})
+    templates["MlPlatform"].has_resource_properties("AWS::SageMaker::MlflowTrackingServer", {
+        "TrackingServerName": NAMES.mlflow_server, "ArtifactStoreUri": f"s3://{NAMES.bucket('artifacts')}/mlflow",
+        "RoleArn": {"Fn::GetAtt": [Match.string_like_regexp("^MlflowRole"), "Arn"]},
+        "TrackingServerSize": STAGE.mlflow_server_size})
+    for name in (NAMES.champion_parameter, NAMES.challenger_parameter):
+        templates["MlPlatform"].has_resource_properties("AWS::SSM::Parameter", {"Name": name, "Value": "none",
+                                                                               "Tags": Match.absent()})
+
+
+def test_deploy_lambda_environment_and_role(raw, outdir):
+    template = raw["MlPlatform"]
+    function = one(template, "AWS::Lambda::Function")["Properties"]
+    assert function["FunctionName"] == NAMES.deploy_function and function["Handler"] == HANDLER
+    assert function["Runtime"].startswith("python3.1")
+    env = function["Environment"]["Variables"]
+    config = NAMES.pipeline_config()
+    assert env == {
+        "MODEL_EXECUTION_ROLE_ARN": NAMES.sagemaker_role_arn, "INSTANCE_TYPE": STAGE.endpoint_instance_type,
+        "INSTANCE_COUNT": str(STAGE.endpoint_instance_count),
+        "DATA_CAPTURE_URI": f"s3://{NAMES.bucket('capture')}/data-capture",
+        "KMS_KEY_ID": env["KMS_KEY_ID"],
+        "CHAMPION_PARAMETER": NAMES.champion_parameter, "CHALLENGER_PARAMETER": NAMES.challenger_parameter,
+        "CREATE_ENDPOINT": "false",  # the Serving stack creates the endpoint; the Lambda only changes variants
+        "CHAMPION_URI": f"{config.champion_uri}model.tar.gz", "ENDPOINT_NAME": config.endpoint_name}
+    assert "Fn::ImportValue" in env["KMS_KEY_ID"]  # the Data stack's key
+    role_id = function["Role"]["Fn::GetAtt"][0]
+    stmts = {s["Sid"]: s for s in role_statements(template, role_id) if "Sid" in s}
+    assert stmts["Endpoint"]["Resource"] == NAMES.endpoint_arn
+    assert stmts["EndpointConfigs"]["Resource"].endswith(f":endpoint-config/{NAMES.endpoint}-*")
+    assert "sagemaker:CreateEndpoint" not in stmts["Endpoint"]["Action"]
+    assert stmts["PublishModels"]["Action"] == "ssm:PutParameter"
+    assert len(stmts["PublishModels"]["Resource"]) == 2  # the champion and the challenger parameters only
+    assert stmts["WriteChampionObject"]["Resource"] == (
+        f"arn:aws:s3:::{NAMES.bucket('artifacts')}/marketrank/champion/model.tar.gz")
+    assert stmts["PassModelRole"]["Resource"] == NAMES.sagemaker_role_arn
+
+    # The asset holds only the handler's modules, and they import without site-packages (no TF, no SDK).
+    asset = outdir / function["Code"]["S3Key"].replace(".zip", "").join(["asset.", ""])
+    files = sorted(p.relative_to(asset).as_posix() for p in asset.rglob("*") if p.is_file())
+    assert files == sorted(FILES)
+    probe = "import pipelines.deploy_lambda, training.storage; import sys; assert 'boto3' not in sys.modules"
+    subprocess.run([sys.executable, "-S", "-c", probe], cwd=asset, check=True)
+
+
+# ---------------------------------------------------------------------------------------------- Serving
+
+def test_endpoint_config_champion_shadow_capture_and_kms(raw):
+    template = raw["Serving"]
+    parameters = {k: v for k, v in template["Parameters"].items() if v["Type"].startswith("AWS::SSM::Parameter")}
+    by_name = {v["Default"]: k for k, v in parameters.items()}
+    champion_ref, challenger_ref = by_name[NAMES.champion_parameter], by_name[NAMES.challenger_parameter]
+    models = resources(template, "AWS::SageMaker::Model")
+    urls = {v["Properties"]["PrimaryContainer"]["ModelDataUrl"]["Ref"]: (k, v) for k, v in models.items()}
+    champion_id, champion = urls[champion_ref]
+    challenger_id, challenger = urls[challenger_ref]
+    assert champion["Condition"] == "HasChampion" and challenger["Condition"] == "HasChallenger"
+    assert champion["Properties"]["PrimaryContainer"]["Image"].endswith("/tensorflow-inference:2.14.1-cpu")
+    assert champion["Properties"]["ExecutionRoleArn"] == NAMES.sagemaker_role_arn
+
+    config = one(template, "AWS::SageMaker::EndpointConfig")
+    props = config["Properties"]
+    assert props["ProductionVariants"] == [{
+        "VariantName": PRODUCTION, "ModelName": {"Fn::GetAtt": [champion_id, "ModelName"]},
+        "InstanceType": STAGE.endpoint_instance_type, "InitialInstanceCount": STAGE.endpoint_instance_count,
+        "InitialVariantWeight": 1}]
+    assert props["ShadowProductionVariants"] == {"Fn::If": ["HasChallenger", [{
+        "VariantName": SHADOW, "ModelName": {"Fn::GetAtt": [challenger_id, "ModelName"]},
+        "InstanceType": STAGE.endpoint_instance_type, "InitialInstanceCount": STAGE.endpoint_instance_count,
+        "InitialVariantWeight": STAGE.shadow_sampling_percentage / 100}], {"Ref": "AWS::NoValue"}]}
+    capture = props["DataCaptureConfig"]
+    assert capture["EnableCapture"] is True and capture["InitialSamplingPercentage"] == 100
+    assert capture["DestinationS3Uri"] == f"s3://{NAMES.bucket('capture')}/data-capture"
+    assert capture["CaptureOptions"] == [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]
+    assert "Fn::ImportValue" in capture["KmsKeyId"] and props["KmsKeyId"] == capture["KmsKeyId"]
+
+    endpoint = one(template, "AWS::SageMaker::Endpoint")
+    assert endpoint["Properties"]["EndpointName"] == NAMES.pipeline_config().endpoint_name
+    assert endpoint["Condition"] == "HasChampion"
+    assert template["Conditions"]["HasChampion"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": champion_ref}, "none"]}]}
+
+
+def test_endpoint_autoscaling_and_alarms(raw, templates):
+    template = raw["Serving"]
+    target = one(template, "AWS::ApplicationAutoScaling::ScalableTarget")
+    assert {k: v for k, v in target["Properties"].items() if k != "Tags"} == {
+        "ServiceNamespace": "sagemaker", "ResourceId": f"endpoint/{NAMES.endpoint}/variant/{PRODUCTION}",
+        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount",
+        "MinCapacity": STAGE.endpoint_instance_count, "MaxCapacity": STAGE.endpoint_max_instance_count}
+    assert target["DependsOn"] == ["Endpoint"] and target["Condition"] == "HasChampion"
+    templates["Serving"].has_resource_properties("AWS::ApplicationAutoScaling::ScalingPolicy", {
+        "PolicyType": "TargetTrackingScaling", "TargetTrackingScalingPolicyConfiguration": Match.object_like({
+            "TargetValue": STAGE.endpoint_invocations_per_instance,
+            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})})
+    alarms = [a["Properties"] for a in resources(template, "AWS::CloudWatch::Alarm").values()]
+    found = {(a["MetricName"], {d["Name"]: d["Value"] for d in a["Dimensions"]}["VariantName"]): a for a in alarms}
+    for variant in (PRODUCTION, SHADOW):
+        latency = found[("ModelLatency", variant)]
+        assert latency["ExtendedStatistic"] == "p99"
+        assert latency["Threshold"] == STAGE.endpoint_latency_p99_ms * 1000  # microseconds
+        for metric in ("Invocation5XXErrors", "InvocationModelErrors"):
+            assert found[(metric, variant)]["Threshold"] == 0
+    assert all({"Name": "EndpointName", "Value": NAMES.endpoint} in a["Dimensions"] for a in alarms)
+
+
+# ---------------------------------------------------------------------------------------------- RankingService
+
+def test_redis_is_encrypted_and_reachable_only_from_the_service(raw):
+    template = raw["RankingService"]
+    redis = one(template, "AWS::ElastiCache::ReplicationGroup")["Properties"]
+    assert redis["AtRestEncryptionEnabled"] is True and redis["TransitEncryptionEnabled"] is True
+    assert redis["TransitEncryptionMode"] == "required" and "Fn::ImportValue" in redis["KmsKeyId"]
+    assert redis["MultiAZEnabled"] is True and redis["NumCacheClusters"] == STAGE.redis_nodes
+    redis_sg = redis["SecurityGroupIds"][0]["Fn::GetAtt"][0]
+    ingress = [r["Properties"] for r in resources(template, "AWS::EC2::SecurityGroupIngress").values()
+               if r["Properties"]["GroupId"] == {"Fn::GetAtt": [redis_sg, "GroupId"]}]
+    assert len(ingress) == 1 and ingress[0]["FromPort"] == ingress[0]["ToPort"] == STAGE.redis_port
+    service_sgs = one(template, "AWS::ECS::Service")["Properties"]["NetworkConfiguration"][
+        "AwsvpcConfiguration"]["SecurityGroups"]
+    assert ingress[0]["SourceSecurityGroupId"] in service_sgs
+    assert "SecurityGroupIngress" not in template["Resources"][redis_sg]["Properties"]
+
+
+def test_api_task_role_container_env_logs_and_alb(raw, templates):
+    template = raw["RankingService"]
+    task = one(template, "AWS::ECS::TaskDefinition")["Properties"]
+    role_id = task["TaskRoleArn"]["Fn::GetAtt"][0]
+    assert role_statements(template, role_id) == [
+        {"Action": "sagemaker:InvokeEndpoint", "Effect": "Allow", "Resource": NAMES.endpoint_arn}]
+    container = task["ContainerDefinitions"][0]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["MARKETRANK_MODEL_BACKEND"] == "sagemaker" and env["MARKETRANK_ENDPOINT_NAME"] == NAMES.endpoint
+    assert env["MARKETRANK_FEATURE_STORE"]["Fn::Join"][1][0].startswith("rediss://")
+    assert container["PortMappings"][0]["ContainerPort"] == 8080
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+    assert "Fn::Sub" in container["Image"]  # built from serving/Dockerfile (a CDK image asset)
+    templates["RankingService"].has_resource_properties("AWS::Logs::LogGroup", {
+        "RetentionInDays": STAGE.log_retention_days})
+    templates["RankingService"].has_resource_properties("AWS::ECS::Cluster", {
+        "ClusterSettings": [{"Name": "containerInsights", "Value": "enabled"}]})
+    templates["RankingService"].has_resource_properties("AWS::EC2::FlowLog", {"ResourceType": "VPC"})
+    assert len(resources(template, "AWS::EC2::Subnet")) == 4  # public + private in two AZs
+    alb = one(template, "AWS::ElasticLoadBalancingV2::LoadBalancer")["Properties"]
+    attributes = {a["Key"]: a["Value"] for a in alb["LoadBalancerAttributes"]}
+    assert alb["Scheme"] == "internal" and attributes["access_logs.s3.enabled"] == "true"
+    assert "Fn::ImportValue" in attributes["access_logs.s3.bucket"]
+    alb_sg = alb["SecurityGroups"][0]["Fn::GetAtt"][0]
+    assert [r["CidrIp"] for r in template["Resources"][alb_sg]["Properties"]["SecurityGroupIngress"]] == [
+        STAGE.vpc_cidr]
+
+
+def test_api_autoscaling_and_alarms(raw):
+    template = raw["RankingService"]
+    target = one(template, "AWS::ApplicationAutoScaling::ScalableTarget")["Properties"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (STAGE.api_desired_count, STAGE.api_max_count)
+    metrics = {p["Properties"]["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"][
+        "PredefinedMetricType"] for p in resources(template, "AWS::ApplicationAutoScaling::ScalingPolicy").values()}
+    assert metrics == {"ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget"}
+    alarms = {a["Properties"]["MetricName"]: a["Properties"]
+              for a in resources(template, "AWS::CloudWatch::Alarm").values()}
+    assert set(alarms) == {"HTTPCode_Target_5XX_Count", "TargetResponseTime", "UnHealthyHostCount"}
+    assert alarms["TargetResponseTime"]["Threshold"] == STAGE.api_latency_p99_ms / 1000
+
+
+def test_api_image_from_registry_needs_no_docker():
+    from aws_cdk import aws_ecs as ecs
+
+    from infra.stacks.ranking_service import api_image
+
+    stack = cdk.Stack(cdk.App())
+    task = ecs.FargateTaskDefinition(stack, "Task")
+    task.add_container("Api", image=api_image("public.ecr.aws/example/marketrank-api:1"))
+    template = Template.from_stack(stack).to_json()
+    definition = one(template, "AWS::ECS::TaskDefinition")["Properties"]["ContainerDefinitions"][0]
+    assert definition["Image"] == "public.ecr.aws/example/marketrank-api:1"
+
+
+# ---------------------------------------------------------------------------------------------- Ci
+
+def test_github_oidc_deploy_role(raw):
+    template = raw["Ci"]
+    provider = one(template, "AWS::IAM::OIDCProvider")["Properties"]
+    assert provider["Url"] == "https://token.actions.githubusercontent.com"
+    assert provider["ClientIdList"] == ["sts.amazonaws.com"]
+    role = one(template, "AWS::IAM::Role")
+    assert role["Properties"]["RoleName"] == NAMES.github_deploy_role
+    trust = role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust == [{"Action": "sts:AssumeRoleWithWebIdentity", "Effect": "Allow",
+                      "Principal": {"Federated": {"Ref": next(iter(resources(template, "AWS::IAM::OIDCProvider")))}},
+                      "Condition": {"StringEquals": {
+                          "token.actions.githubusercontent.com:aud": "sts.amazonaws.com",
+                          "token.actions.githubusercontent.com:sub":
+                              f"repo:{STAGE.github_repo}:ref:refs/heads/{STAGE.deploy_branch}"}}}]
+    stmts = {s["Sid"]: s for s in statements(template) if "Sid" in s}
+    a, r, q = STAGE.account, STAGE.region, STAGE.cdk_qualifier
+    assert stmts["CdkBootstrapRoles"]["Resource"] == [
+        f"arn:aws:iam::{a}:role/cdk-{q}-{kind}-role-{a}-{r}"
+        for kind in ("deploy", "file-publishing", "image-publishing", "lookup")]
+    assert stmts["UpsertPipeline"]["Resource"] == f"arn:aws:sagemaker:{r}:{a}:pipeline/{NAMES.pipeline}"
+    assert stmts["PassPipelineRole"]["Resource"] == NAMES.sagemaker_role_arn
+    assert not any(action.startswith(("iam:Create", "iam:Put", "iam:Attach", "cloudformation:"))
+                   for s in stmts.values() for action in as_list(s["Action"]))
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+def test_pipeline_env_reproduces_the_stack_config():
+    from pipelines.definition import PipelineConfig
+
+    out = subprocess.run([sys.executable, "-m", "infra.names"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    assert PipelineConfig.from_env(env) == NAMES.pipeline_config()
+    assert len(NAMES.bucket("access-logs")) <= 63
+    role = subprocess.run([sys.executable, "-m", "infra.names", "--deploy-role"], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    assert role == f"arn:aws:iam::{STAGE.account}:role/{NAMES.github_deploy_role}"
