@@ -508,7 +508,8 @@ def serve(
     with local_endpoint.running(model_app, host="127.0.0.1", port=endpoint_port) as model_url:
         ui.console.print(f"local endpoint {endpoint} on {model_url} (capture: {workspace.capture_dir()})")
         settings = api.Settings(feature_store=store, store_path=str(store_path), model_url=model_url,
-                                model_name=endpoint, budget_ms=budget_ms)
+                                model_name=endpoint, budget_ms=budget_ms,
+                                shadow_report=str(workspace.shadow_dir() / endpoint / "latest.json"))
         ui.console.print(f"ranking API on http://{host}:{port}/v1/rank  (/healthz /readyz /metrics)")
         api.serve(settings, host=host, port=port)
 

@@ -79,6 +79,7 @@ from serving.feature_store import (
     fallback_scores,
     open_store,
 )
+from serving.shadow_report import AGREEMENT_MEASURES, agreement_summary
 
 log = logging.getLogger("marketrank.serving")
 
@@ -116,6 +117,10 @@ class Settings:
     max_candidates: int = 1000  # MARKETRANK_MAX_CANDIDATES
     io_threads: int = 32  # MARKETRANK_IO_THREADS: thread pool for blocking store calls
     log_level: str = "INFO"  # MARKETRANK_LOG_LEVEL
+    #: MARKETRANK_SHADOW_REPORT: the latest shadow report (path or s3:// URI; `marketrank shadow report` writes it),
+    #: re-read at most every ``shadow_report_ttl_s`` on scrape for the marketrank_shadow_agreement gauges.
+    shadow_report: str | None = None
+    shadow_report_ttl_s: float = 60.0  # MARKETRANK_SHADOW_REPORT_TTL_S
 
     ENV = {"feature_store": "MARKETRANK_FEATURE_STORE", "store_path": "MARKETRANK_STORE_PATH",
            "redis_timeout_ms": "MARKETRANK_REDIS_TIMEOUT_MS", "model_backend": "MARKETRANK_MODEL_BACKEND",
@@ -125,7 +130,8 @@ class Settings:
            "rank_reserve_ms": "MARKETRANK_RANK_RESERVE_MS", "model_attempts": "MARKETRANK_MODEL_ATTEMPTS",
            "breaker_failures": "MARKETRANK_BREAKER_FAILURES", "breaker_reset_s": "MARKETRANK_BREAKER_RESET_S",
            "probe_ttl_s": "MARKETRANK_PROBE_TTL_S", "max_candidates": "MARKETRANK_MAX_CANDIDATES",
-           "io_threads": "MARKETRANK_IO_THREADS", "log_level": "MARKETRANK_LOG_LEVEL"}
+           "io_threads": "MARKETRANK_IO_THREADS", "log_level": "MARKETRANK_LOG_LEVEL",
+           "shadow_report": "MARKETRANK_SHADOW_REPORT", "shadow_report_ttl_s": "MARKETRANK_SHADOW_REPORT_TTL_S"}
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str):
@@ -139,7 +145,7 @@ class Settings:
             fail("endpoint_name", "required when MARKETRANK_MODEL_BACKEND=sagemaker")
         if self.model_backend == "tfserving" and not self.model_url.startswith(("http://", "https://")):
             fail("model_url", f"expected an http(s):// URL, got {self.model_url!r}")
-        for name in ("budget_ms", "redis_timeout_ms", "breaker_reset_s", "probe_ttl_s"):
+        for name in ("budget_ms", "redis_timeout_ms", "breaker_reset_s", "probe_ttl_s", "shadow_report_ttl_s"):
             if not getattr(self, name) > 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if not 0 <= self.rank_reserve_ms < self.budget_ms:
@@ -255,8 +261,9 @@ class Metrics:
     * ``marketrank_unknown_items_total``: candidates without feature-store state.
     * ``marketrank_breaker_state``: 0 closed, 1 half-open, 2 open (read at scrape time).
     * ``marketrank_ready``: 1 when the last /readyz passed.
-    * ``marketrank_shadow_agreement``: reserved for the shadow report (champion/challenger top-k agreement);
-      NaN until a shadow report sets it (``app.state.runtime.metrics.shadow_agreement.set(x)``).
+    * ``marketrank_shadow_agreement{measure}``: the challenger's agreement with the champion (mean top-k
+      ``overlap`` and rank ``spearman``) in the latest shadow report (``Settings.shadow_report``), read at scrape
+      time: the shadow's answers go to data capture, never through the API. NaN without a report.
     """
 
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -278,9 +285,10 @@ class Metrics:
         self.breaker.set_function(breaker.gauge)
         self.ready = Gauge("marketrank_ready", "1 when the last readiness check passed", registry=r)
         self.shadow_agreement = Gauge("marketrank_shadow_agreement",
-                                      "Top-k agreement of the shadow variant with the champion (shadow report)",
-                                      registry=r)
-        self.shadow_agreement.set(math.nan)
+                                      "Shadow challenger's agreement with the champion (latest shadow report)",
+                                      ["measure"], registry=r)
+        for measure in AGREEMENT_MEASURES:
+            self.shadow_agreement.labels(measure=measure).set(math.nan)
         for stage in STAGES:
             self.stage.labels(stage=stage)
 
@@ -346,6 +354,7 @@ class Ranker:
         #: (``meta.as_of_ms``), so ages and tenures are measured from there plus the time since materialising.
         #: ~0 when the logs are live; large for replayed or simulated logs, whose counters are not from today.
         self.clock_offset_ms = 0
+        self._shadow_read = -math.inf  # monotonic time the shadow report was last read
 
     async def store_call(self, fn, timeout_s: float, *args: Any):
         """A store call, in the thread pool when it blocks; StoreUnavailable past ``timeout_s``."""
@@ -458,6 +467,20 @@ class Ranker:
         return [{"item_id": item, "score": score, "rank": r + 1}
                 for r, (item, score) in enumerate(ranked[: request.k])], model
 
+    async def refresh_shadow(self) -> None:
+        """Set the shadow agreement gauges from the report, at most once per TTL; a bad report is logged only."""
+        location = self.settings.shadow_report
+        if not location or time.monotonic() - self._shadow_read < self.settings.shadow_report_ttl_s:
+            return
+        self._shadow_read = time.monotonic()
+        try:
+            summary = await asyncio.get_running_loop().run_in_executor(self.executor, agreement_summary, location)
+        except Exception as err:  # noqa: BLE001 - missing, unreadable or not a report: the gauges go NaN
+            log.warning("shadow report %s not read: %s: %s", location, type(err).__name__, err)
+            summary = {}
+        for measure in AGREEMENT_MEASURES:
+            self.metrics.shadow_agreement.labels(measure=measure).set(summary.get(measure, math.nan))
+
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}
         try:
@@ -547,7 +570,9 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(request.app.state.runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        ranker: Ranker = request.app.state.runtime
+        await ranker.refresh_shadow()
+        return Response(generate_latest(ranker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

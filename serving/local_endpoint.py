@@ -63,7 +63,7 @@ import orjson
 import tensorflow as tf
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from tensorflow.core.framework import types_pb2
@@ -527,8 +527,14 @@ def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, ca
         Route("/ping", ping, methods=["GET"]),
         Route("/invocations", invocations, methods=["POST"]),
     ]
+    async def client_gone(request: Request, err: Exception) -> Response:
+        # The caller gave up (the ranking API's time budget ran out) before sending the whole body: nothing to
+        # answer and nothing wrong here. 499 is nginx's "client closed request"; no traceback in the logs.
+        log.debug("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
+
     handlers = {wire.WireError: _error_handler(400), NotFound: _error_handler(404), Unavailable: _error_handler(503),
-                Exception: _error_handler(500)}
+                ClientDisconnect: client_gone, Exception: _error_handler(500)}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server, app.state.endpoint = server, endpoint
     return app

@@ -43,6 +43,26 @@ class ShadowThresholds:
     max_missing_share: float = 0.05
 
 
+#: What the ranking API exports from a report (``marketrank_shadow_agreement{measure}``): mean per-request values.
+AGREEMENT_MEASURES = ("overlap", "spearman")
+
+
+def agreement_summary(location: str | Path) -> dict[str, float]:
+    """Mean agreement measures of a saved report (``latest.json``; local path or s3:// URI); {} without pairs."""
+    from training import storage
+
+    if storage.is_s3(location):
+        import boto3
+
+        bucket, key = storage.split_s3(str(location))
+        text = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    else:
+        text = Path(location).read_text()
+    agreement = json.loads(text).get("agreement") or {}
+    return {m: float(agreement[m]["mean"]) for m in AGREEMENT_MEASURES
+            if (agreement.get(m) or {}).get("mean") is not None}
+
+
 def read_capture(capture: str | Path, endpoint: str, variant: str) -> list[dict[str, Any]]:
     """All capture records of one variant, oldest hour first; ``capture`` may be an s3:// prefix."""
     from training import storage

@@ -389,6 +389,22 @@ def test_readiness_follows_the_feature_store(redis_factory, tiny_run, spec, mode
         assert sample(metric_samples(client), "marketrank_ready") == 0
 
 
+def test_shadow_agreement_gauges_follow_the_latest_shadow_report(store_url, model_server, tmp_path, caplog):
+    report = tmp_path / "latest.json"
+    with api(store_url, model_server.url, shadow_report=str(report), shadow_report_ttl_s=0.01) as client:
+        assert math.isnan(sample(metric_samples(client), "marketrank_shadow_agreement", measure="overlap"))
+        assert "not read" in caplog.text  # no report yet: said, not raised
+        report.write_text(json.dumps({"pairs": 250, "agreement": {
+            "overlap": {"mean": 0.8, "p50": 0.9}, "spearman": {"mean": 0.65}, "drift": {"mean": 0.3}}}))
+        time.sleep(0.02)
+        samples = metric_samples(client)
+        assert sample(samples, "marketrank_shadow_agreement", measure="overlap") == 0.8
+        assert sample(samples, "marketrank_shadow_agreement", measure="spearman") == 0.65
+        report.write_text("not json")
+        time.sleep(0.02)
+        assert math.isnan(sample(metric_samples(client), "marketrank_shadow_agreement", measure="spearman"))
+
+
 def test_metrics_and_request_log(store_url, model_server, catalogue, caplog):
     caplog.set_level(logging.INFO, logger="marketrank.serving")
     with api(store_url, model_server.url) as client:
@@ -403,7 +419,7 @@ def test_metrics_and_request_log(store_url, model_server, catalogue, caplog):
     assert sample(samples, "marketrank_requests_total", status="200") == 2
     assert sample(samples, "marketrank_model_calls_total", outcome="ok") == 1
     assert sample(samples, "marketrank_unknown_items_total") == 1
-    assert math.isnan(sample(samples, "marketrank_shadow_agreement"))
+    assert math.isnan(sample(samples, "marketrank_shadow_agreement", measure="overlap"))  # no report configured
     lines = [json.loads(r.getMessage()) for r in caplog.records
              if r.name == "marketrank.serving" and r.getMessage().startswith("{")]
     line = next(x for x in lines if x.get("request_id") == "log-me")

@@ -308,3 +308,26 @@ def test_shadow_failures_and_slowness_never_reach_production(model, tmp_path, mo
         wait_for(lambda: len(local_endpoint.read_capture(capture, ENDPOINT, deploy.PRODUCTION)) == 8)
         assert local_endpoint.read_capture(capture, ENDPOINT, deploy.SHADOW) == []  # failures are not captured
         assert http.get("/ping").status_code == 200
+
+
+def test_a_caller_that_hangs_up_mid_body_gets_499_and_no_error_log(tmp_path, caplog):
+    """The ranking API cancels a model call when its budget runs out: the endpoint must not log that as a 500."""
+    import asyncio
+
+    app = local_endpoint.create_app(tmp_path / "models")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/invocations", "raw_path": b"/invocations", "query_string": b"", "root_path": "",
+             "scheme": "http", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1234),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"70000")]}
+    incoming = [{"type": "http.request", "body": b'{"inputs": {"a', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
