@@ -113,7 +113,10 @@ class Names:
         return PipelineConfig(name=self.pipeline, region=self.stage.region, role_arn=self.sagemaker_role_arn,
                               bucket=self.bucket("artifacts"), prefix=PIPELINE_PREFIX,
                               model_package_group=self.model_package_group,
-                              deploy_lambda_arn=self.deploy_function_arn, endpoint_name=self.endpoint)
+                              deploy_lambda_arn=self.deploy_function_arn, endpoint_name=self.endpoint,
+                              processing_instance_type=self.stage.processing_instance_type,
+                              training_instance_type=self.stage.training_instance_type,
+                              shadow_sampling_percentage=self.stage.shadow_sampling_percentage)
 
     @property
     def champion_object_uri(self) -> str:

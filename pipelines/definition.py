@@ -83,15 +83,31 @@ class PipelineConfig:
     model_package_group: str = "marketrank"
     deploy_lambda_arn: str = "arn:aws:lambda:eu-west-1:111111111111:function:marketrank-deploy"
     endpoint_name: str = "marketrank"
+    #: Defaults of the pipeline parameters of the same names (the CDK stage settings set them; an execution may
+    #: still override them).
+    processing_instance_type: str = "ml.m5.xlarge"
+    training_instance_type: str = "ml.m5.xlarge"
+    shadow_sampling_percentage: float = 20.0
 
     #: Environment variable of each field for ``from_env``.
     ENV = {"name": "MARKETRANK_PIPELINE_NAME", "region": "MARKETRANK_REGION", "role_arn": "MARKETRANK_ROLE_ARN",
            "bucket": "MARKETRANK_BUCKET", "prefix": "MARKETRANK_PREFIX",
            "model_package_group": "MARKETRANK_MODEL_PACKAGE_GROUP",
-           "deploy_lambda_arn": "MARKETRANK_DEPLOY_LAMBDA_ARN", "endpoint_name": "MARKETRANK_ENDPOINT_NAME"}
+           "deploy_lambda_arn": "MARKETRANK_DEPLOY_LAMBDA_ARN", "endpoint_name": "MARKETRANK_ENDPOINT_NAME",
+           "processing_instance_type": "MARKETRANK_PROCESSING_INSTANCE_TYPE",
+           "training_instance_type": "MARKETRANK_TRAINING_INSTANCE_TYPE",
+           "shadow_sampling_percentage": "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE"}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
+        try:
+            sampling = float(self.shadow_sampling_percentage)  # from the environment it arrives as text
+        except (TypeError, ValueError):
+            sampling = float("nan")
+        if not 0 < sampling <= 100:
+            raise ValueError(f"pipeline config: shadow_sampling_percentage must be in (0, 100], "
+                             f"got {self.shadow_sampling_percentage!r}")
+        object.__setattr__(self, "shadow_sampling_percentage", sampling)
         for field in dataclasses.fields(self):
             if not getattr(self, field.name) and field.name != "prefix":
                 raise ValueError(f"pipeline config: {field.name} must not be empty")
@@ -127,10 +143,10 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
     hparams, thresholds = HParams(), gate.GateThresholds()
     return {
         "InputDataUri": f"{config.base_uri}/raw",
-        "ProcessingInstanceType": "ml.m5.xlarge",
+        "ProcessingInstanceType": config.processing_instance_type,
         # The feature job runs Spark in local mode on node-local paths: more than one instance does not help it.
         "ProcessingInstanceCount": 1,
-        "TrainingInstanceType": "ml.m5.xlarge",
+        "TrainingInstanceType": config.training_instance_type,
         "TrainingInstanceCount": 1,
         "Scorer": hparams.scorer,
         "Loss": hparams.loss,
@@ -147,7 +163,7 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
         # PendingManualApproval the package is registered but DeployShadow fails until someone approves it.
         "ModelApprovalStatus": "Approved",
         "MlflowTrackingServerArn": "",
-        "ShadowSamplingPercentage": 20,
+        "ShadowSamplingPercentage": config.shadow_sampling_percentage,
         "ChampionModelUri": config.champion_uri,
     }
 

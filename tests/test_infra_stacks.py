@@ -192,6 +192,10 @@ def test_pipeline_is_the_definition_pipelines_renders(raw):
     rendered = json.loads(body)
     assert NAMES.deploy_function_arn in body and f"s3://{NAMES.bucket('artifacts')}/" in body
     assert {p["Name"] for p in rendered["Parameters"]} >= {"InputDataUri", "ShadowSamplingPercentage"}
+    defaults = {p["Name"]: p["DefaultValue"] for p in rendered["Parameters"]}  # the stage's settings, not the SDK's
+    assert (defaults["TrainingInstanceType"], defaults["ProcessingInstanceType"]) == (
+        STAGE.training_instance_type, STAGE.processing_instance_type)
+    assert defaults["ShadowSamplingPercentage"] == STAGE.shadow_sampling_percentage
 
 
 def test_execution_role_is_scoped_to_the_stage(raw):
@@ -226,6 +230,17 @@ def test_model_registry_and_mlflow(templates):
     for name in (NAMES.champion_parameter, NAMES.challenger_parameter):
         templates["MlPlatform"].has_resource_properties("AWS::SSM::Parameter", {"Name": name, "Value": "none",
                                                                                "Tags": Match.absent()})
+
+
+def test_every_stage_sets_its_pipeline_defaults():
+    """Stage settings reach the pipeline config (and so the definition's parameter defaults) for each stage."""
+    for name in ("dev", "prod"):
+        stage = stage_config(cdk_context(), name)
+        config = Names(stage).pipeline_config()
+        assert (config.training_instance_type, config.processing_instance_type, config.shadow_sampling_percentage) \
+            == (stage.training_instance_type, stage.processing_instance_type, stage.shadow_sampling_percentage)
+        env = Names(stage).pipeline_env()
+        assert env["MARKETRANK_TRAINING_INSTANCE_TYPE"] == stage.training_instance_type
 
 
 def test_deploy_lambda_environment_and_role(raw, outdir):

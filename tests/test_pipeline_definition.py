@@ -208,7 +208,7 @@ def test_parameters_and_defaults(definition):
         "MinLift": ("Float", thresholds.min_lift),
         "ModelApprovalStatus": ("String", "Approved"),
         "MlflowTrackingServerArn": ("String", ""),
-        "ShadowSamplingPercentage": ("Integer", 20),
+        "ShadowSamplingPercentage": ("Float", 20.0),
         "ChampionModelUri": ("String", f"s3://{CONFIG.bucket}/{CONFIG.prefix}/champion/"),
     }
     assert {k: v for k, (_, v) in declared.items()} == parameter_defaults(CONFIG)
@@ -293,7 +293,9 @@ def test_renders_without_credentials_or_network(monkeypatch, rendered):
 
 
 def test_config_reaches_the_definition():
-    config = PipelineConfig.from_env({"MARKETRANK_BUCKET": "other-bucket", "MARKETRANK_PREFIX": "/mr/"},
+    config = PipelineConfig.from_env({"MARKETRANK_BUCKET": "other-bucket", "MARKETRANK_PREFIX": "/mr/",
+                                      "MARKETRANK_TRAINING_INSTANCE_TYPE": "ml.c5.2xlarge",
+                                      "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "12.5"},
                                      region="us-east-1", endpoint_name="ranker", deploy_lambda_arn=None)
     assert (config.bucket, config.prefix, config.region, config.deploy_lambda_arn) == (
         "other-bucket", "mr", "us-east-1", CONFIG.deploy_lambda_arn)
@@ -301,6 +303,10 @@ def test_config_reaches_the_definition():
     defaults = {p["Name"]: p["DefaultValue"] for p in definition["Parameters"]}
     assert defaults["InputDataUri"] == "s3://other-bucket/mr/raw"
     assert defaults["ChampionModelUri"] == "s3://other-bucket/mr/champion/"
+    assert (defaults["TrainingInstanceType"], defaults["ShadowSamplingPercentage"]) == ("ml.c5.2xlarge", 12.5)
+    assert defaults["ProcessingInstanceType"] == CONFIG.processing_instance_type
+    with pytest.raises(ValueError, match="shadow_sampling_percentage must be in"):
+        PipelineConfig.from_env({"MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "0"})
     by_name = {s["Name"]: s for s in definition["Steps"]}
     assert ".us-east-1." in by_name["Train"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
     [deploy] = [s for s in by_name["QualityGate"]["Arguments"]["IfSteps"] if s["Name"] == "DeployShadow"]
