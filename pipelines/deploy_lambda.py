@@ -1,7 +1,9 @@
 """AWS Lambda entry point of the pipeline's DeployShadow step (and of promote / rollback automation).
 
-Event: ``{"action": "deploy_shadow" | "promote" | "rollback" | "reject", "endpoint_name": ..., "model_package_arn": ...,
-"shadow_sampling_percentage": 20}``. Environment (set by the CDK stack): ``MODEL_EXECUTION_ROLE_ARN``,
+Event: ``{"action": "deploy_shadow" | "promote" | "rollback" | "reject" | "sync", "endpoint_name": ...,
+"model_package_arn": ..., "shadow_sampling_percentage": 20}``, or an EventBridge "SageMaker Endpoint State
+Change" event (a ``sync``: re-publish the live variants once an update has finished or failed).
+Environment (set by the CDK stack): ``MODEL_EXECUTION_ROLE_ARN``,
 ``INSTANCE_TYPE``, ``INSTANCE_COUNT``, ``DATA_CAPTURE_URI``, optional ``KMS_KEY_ID``, ``CHAMPION_PARAMETER`` and
 ``CHALLENGER_PARAMETER`` (SSM parameters holding the live production and shadow models' data URLs, or ``none``:
 ``cdk deploy`` reads them, so it redeploys what is live and never rolls the model back), ``CHAMPION_URI`` (S3
@@ -25,26 +27,31 @@ from typing import Any
 from pipelines import deploy
 
 log = logging.getLogger("marketrank.deploy_lambda")
-ACTIONS = ("deploy_shadow", "promote", "rollback", "reject")
+ACTIONS = ("deploy_shadow", "promote", "rollback", "reject", "sync")
 #: The parameters' value while no model holds the role (the Serving stack's conditions test for it).
 NO_MODEL = "none"
 
 
-def _model_data_url(sm, model_name: str) -> str | None:
-    container = (sm.describe_model(ModelName=model_name).get("Containers") or [{}])[0]
+def _model_data_url(sm, model_name: str) -> str:
+    """The artifact a SageMaker Model serves: from its container, or its model package's (DeployError if none)."""
+    described = sm.describe_model(ModelName=model_name)
+    # CloudFormation's models (the Serving stack) use PrimaryContainer; the Lambda's own use Containers.
+    container = described.get("PrimaryContainer") or (described.get("Containers") or [{}])[0]
     if container.get("ModelDataUrl"):
         return container["ModelDataUrl"]
     if container.get("ModelPackageName"):
         package = sm.describe_model_package(ModelPackageName=container["ModelPackageName"])
-        return package["InferenceSpecification"]["Containers"][0].get("ModelDataUrl")
-    return None
+        url = package["InferenceSpecification"]["Containers"][0].get("ModelDataUrl")
+        if url:
+            return url
+    raise deploy.DeployError(f"model {model_name!r} has no model data URL to publish")
 
 
 def publish_challenger(sm, ssm, model_name: str | None, env: dict[str, str]) -> None:
     """Point the challenger SSM parameter at the shadow model's artifact (``none`` without a shadow)."""
     if env.get("CHALLENGER_PARAMETER"):
-        url = _model_data_url(sm, model_name) if model_name else None
-        ssm.put_parameter(Name=env["CHALLENGER_PARAMETER"], Value=url or NO_MODEL, Type="String", Overwrite=True)
+        url = _model_data_url(sm, model_name) if model_name else NO_MODEL
+        ssm.put_parameter(Name=env["CHALLENGER_PARAMETER"], Value=url, Type="String", Overwrite=True)
 
 
 def _creates_endpoint(env: dict[str, str]) -> bool:
@@ -54,11 +61,9 @@ def _creates_endpoint(env: dict[str, str]) -> bool:
     return value == "true"
 
 
-def publish_champion(sm, s3, ssm, model_name: str, env: dict[str, str]) -> str | None:
+def publish_champion(sm, s3, ssm, model_name: str, env: dict[str, str]) -> str:
     """Point the SSM parameter and the champion S3 object at the live production model's artifact."""
     url = _model_data_url(sm, model_name)
-    if not url:
-        return None
     if env.get("CHAMPION_PARAMETER"):
         ssm.put_parameter(Name=env["CHAMPION_PARAMETER"], Value=url, Type="String", Overwrite=True)
     if env.get("CHAMPION_URI"):
@@ -104,20 +109,23 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
         result = deploy.promote(backend)
     elif action == "reject":
         result = deploy.reject(backend)
-    else:
+    elif action == "rollback":
         result = deploy.rollback(backend)
+    else:  # sync: change nothing, re-publish what is live (after a failed update, a partial earlier call, ...)
+        result = {**deploy.describe(backend), "action": "sync"}
     state = result["state"]
     production = (state or {}).get("production") or {}
-    champion_url = None
-    if production and (before is None or before.production is None
-                       or before.production.model_name != production["model_name"]):
-        champion_url = publish_champion(sm, s3, ssm, production["model_name"], env)
-    publish_challenger(sm, ssm, ((state or {}).get("shadow") or {}).get("model_name"), env)  # idempotent
+    # Published on every call, changed or not: a retry after a failure between UpdateEndpoint and these writes
+    # (or a `sync`) puts them right, and `cdk deploy` never reads a stale champion.
+    champion_url = publish_champion(sm, s3, ssm, production["model_name"], env) if production else None
+    publish_challenger(sm, ssm, ((state or {}).get("shadow") or {}).get("model_name"), env)
+    changed = production and (before is None or before.production is None
+                              or before.production.model_name != production["model_name"])
     log.info("endpoint %s: %s -> %s", endpoint, result["action"], result["endpoint_config_name"])
     return {"action": result["action"], "endpoint_config_name": result["endpoint_config_name"] or "",
             "production_model": production.get("model_name", ""),
             "shadow_model": ((state or {}).get("shadow") or {}).get("model_name", ""),
-            "champion_model_data_url": champion_url or "", "state": json.dumps(state)}
+            "champion_model_data_url": (champion_url or "") if changed else "", "state": json.dumps(state)}
 
 
 def _publish_first_model(event: dict[str, Any], backend: deploy.SageMakerBackend, sm, s3, ssm,
@@ -141,4 +149,6 @@ def handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     import boto3
 
     logging.getLogger().setLevel(logging.INFO)
+    if event.get("source") == "aws.sagemaker":  # EventBridge: an endpoint update finished (or failed)
+        event = {"action": "sync", "endpoint_name": (event.get("detail") or {}).get("EndpointName")}
     return run(event, boto3.client("sagemaker"), boto3.client("s3"), boto3.client("ssm"))

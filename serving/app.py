@@ -251,6 +251,10 @@ def parse_rank_request(body: Any, *, max_candidates: int = 1000, ts_ms: int | No
 
 # --- metrics ----------------------------------------------------------------------------------------------------
 
+#: How long a /metrics scrape waits for the shadow report (a file, or S3 with short timeouts).
+SHADOW_READ_WAIT_S = 2.0
+
+
 class Metrics:
     """The API's Prometheus metrics, in their own registry (one per app).
 
@@ -355,6 +359,7 @@ class Ranker:
         #: ~0 when the logs are live; large for replayed or simulated logs, whose counters are not from today.
         self.clock_offset_ms = 0
         self._shadow_read = -math.inf  # monotonic time the shadow report was last read
+        self._shadow_reading = False
 
     async def store_call(self, fn, timeout_s: float, *args: Any):
         """A store call, in the thread pool when it blocks; StoreUnavailable past ``timeout_s``."""
@@ -470,11 +475,17 @@ class Ranker:
     async def refresh_shadow(self) -> None:
         """Set the shadow agreement gauges from the report, at most once per TTL; a bad report is logged only."""
         location = self.settings.shadow_report
-        if not location or time.monotonic() - self._shadow_read < self.settings.shadow_report_ttl_s:
+        if (not location or self._shadow_reading
+                or time.monotonic() - self._shadow_read < self.settings.shadow_report_ttl_s):
             return
-        self._shadow_read = time.monotonic()
-        try:
-            summary = await asyncio.get_running_loop().run_in_executor(self.executor, agreement_summary, location)
+        self._shadow_read, self._shadow_reading = time.monotonic(), True
+        read = asyncio.get_running_loop().run_in_executor(self.executor, agreement_summary, location)
+        read.add_done_callback(lambda _: setattr(self, "_shadow_reading", False))
+        try:  # a scrape waits at most SHADOW_READ_WAIT_S; a slower read finishes in the background, unused
+            summary = await asyncio.wait_for(asyncio.shield(read), SHADOW_READ_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("shadow report %s: no answer within %.0f s, gauges unchanged", location, SHADOW_READ_WAIT_S)
+            return
         except Exception as err:  # noqa: BLE001 - missing, unreadable or not a report: the gauges go NaN
             log.warning("shadow report %s not read: %s: %s", location, type(err).__name__, err)
             summary = {}

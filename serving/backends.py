@@ -117,8 +117,9 @@ class TFServingBackend(ModelBackend):
 
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30.0)
-            self._session = aiohttp.ClientSession(connector=connector, headers={"Accept": wire.CONTENT_TYPE},
-                                                  auto_decompress=False)
+            # identity: aiohttp would otherwise offer gzip, and a compressing proxy would hand back undecodable bodies
+            self._session = aiohttp.ClientSession(connector=connector, headers={
+                "Accept": wire.CONTENT_TYPE, "Accept-Encoding": "identity"})
         return self._session
 
     async def _request(self, method: str, url: str, timeout_s: float, **kwargs: Any) -> tuple[int, Any, bytes]:

@@ -685,7 +685,7 @@ def _cpu_usage(since: tuple | None = None, model_pid: int | None = None) -> Any:
     busy, total = now[4] - since[4], now[5] - since[5]
     if total > 0:  # the whole machine, from /proc/stat: a busy neighbour shows up as other_processes_cores
         machine = busy / total * (os.cpu_count() or 1)
-        ours = sum(v for k, v in out.items() if k.endswith("_cores"))
+        ours = sum(v for k, v in out.items() if k.endswith(("_cores", "_cores_incl_startup")))
         out.update(machine_busy_cores=round(machine, 2), other_processes_cores=round(max(machine - ours, 0.0), 2))
     return out
 

@@ -53,9 +53,11 @@ def agreement_summary(location: str | Path) -> dict[str, float]:
 
     if storage.is_s3(location):
         import boto3
+        from botocore.config import Config
 
         bucket, key = storage.split_s3(str(location))
-        text = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        client = boto3.client("s3", config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
+        text = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     else:
         text = Path(location).read_text()
     agreement = json.loads(text).get("agreement") or {}

@@ -261,6 +261,43 @@ def test_lambda_keeps_the_challenger_parameter_at_the_shadow_model(world):
     assert challenger(world) == deploy_lambda.NO_MODEL and champion(world)[0] == world.urls[1]
 
 
+def test_lambda_on_an_endpoint_cloudformation_made(world):
+    """The Serving stack's endpoint: a config name CloudFormation chose and a model with a PrimaryContainer."""
+    world.env["CREATE_ENDPOINT"] = "false"
+    world.sm.create_model(ModelName="Serving-ChampionModel-1A2B",
+                          ExecutionRoleArn=world.env["MODEL_EXECUTION_ROLE_ARN"],
+                          PrimaryContainer={"Image": "763104351884.dkr.ecr.eu-west-1.amazonaws.com/"
+                                                     "tensorflow-inference:2.14.1-cpu", "ModelDataUrl": world.urls[0]})
+    world.sm.create_endpoint_config(EndpointConfigName="EndpointConfig-3C4D", ProductionVariants=[{
+        "VariantName": deploy.PRODUCTION, "ModelName": "Serving-ChampionModel-1A2B", "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
+    world.sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="EndpointConfig-3C4D")
+    wait_in_service(world.sm)
+    invoke(world, "deploy_shadow", 2)
+    assert champion(world) == (world.urls[0], world.bodies[0]) and challenger(world) == world.urls[1]
+    invoke(world, "promote")
+    assert champion(world) == (world.urls[1], world.bodies[1]) and challenger(world) == deploy_lambda.NO_MODEL
+    out = invoke(world, "rollback")  # back to CloudFormation's model: its URL comes from PrimaryContainer
+    assert out["production_model"] == "Serving-ChampionModel-1A2B"
+    assert champion(world) == (world.urls[0], world.bodies[0])
+
+
+def test_lambda_sync_republishes_what_is_live(world):
+    """A failure after UpdateEndpoint (or an update that SageMaker reverted) leaves stale parameters: any later
+    call, and the EventBridge-triggered sync, puts them back to the live variants."""
+    invoke(world, "deploy_shadow", 1)
+    invoke(world, "deploy_shadow", 2)
+    world.ssm.put_parameter(Name=PARAMETER, Value="s3://stale/model.tar.gz", Type="String", Overwrite=True)
+    world.ssm.put_parameter(Name=CHALLENGER_PARAMETER, Value=deploy_lambda.NO_MODEL, Type="String", Overwrite=True)
+    configs = n_configs(world.sm)
+    out = invoke(world, "sync")
+    assert out["action"] == "sync" and n_configs(world.sm) == configs  # nothing changed on the endpoint
+    assert champion(world)[0] == world.urls[0] and challenger(world) == world.urls[1]
+    world.ssm.put_parameter(Name=PARAMETER, Value="s3://stale/model.tar.gz", Type="String", Overwrite=True)
+    assert invoke(world, "deploy_shadow", 2)["action"] == "noop"  # a retry also repairs them
+    assert champion(world)[0] == world.urls[0]
+
+
 def test_lambda_rejects_a_create_endpoint_setting_it_cannot_read(world):
     world.env["CREATE_ENDPOINT"] = "no"
     with pytest.raises(deploy.DeployError, match="CREATE_ENDPOINT must be 'true' or 'false', got 'no'"):

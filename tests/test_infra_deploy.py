@@ -35,7 +35,9 @@ from emulators import Emulator, LocalStack, MotoServer, base_env, cdk, running
 from infra.config import API_IMAGE_KEY, stage_config
 from infra.names import BUCKETS, Names, cdk_context
 
-pytestmark = pytest.mark.slow
+# The first test of each emulator pays for synth, bootstrap and deploys (module fixtures): more than the default 600 s
+# on a slow CI runner is possible.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 STAGE = stage_config(cdk_context())  # the default stage (dev): account 111111111111, eu-west-1
 NAMES = Names(STAGE)

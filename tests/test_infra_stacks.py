@@ -245,7 +245,8 @@ def test_every_stage_sets_its_pipeline_defaults():
 
 def test_deploy_lambda_environment_and_role(raw, outdir):
     template = raw["MlPlatform"]
-    function = one(template, "AWS::Lambda::Function")["Properties"]
+    [(function_id, function)] = resources(template, "AWS::Lambda::Function").items()
+    function = function["Properties"]
     assert function["FunctionName"] == NAMES.deploy_function and function["Handler"] == HANDLER
     assert function["Runtime"].startswith("python3.1")
     env = function["Environment"]["Variables"]
@@ -264,6 +265,13 @@ def test_deploy_lambda_environment_and_role(raw, outdir):
     assert stmts["Endpoint"]["Resource"] == NAMES.endpoint_arn
     assert stmts["EndpointConfigs"]["Resource"].endswith(f":endpoint-config/{NAMES.endpoint}-*")
     assert "sagemaker:CreateEndpoint" not in stmts["Endpoint"]["Action"]
+    # the Serving stack's config (a name CloudFormation generates) is readable: the Lambda starts by describing it
+    assert stmts["ReadLiveConfig"]["Resource"] == NAMES.arn("sagemaker", "endpoint-config/*")
+    assert stmts["ReadLiveConfig"]["Action"] == ["sagemaker:DescribeEndpointConfig", "sagemaker:ListTags"]
+    rule = one(template, "AWS::Events::Rule")["Properties"]  # endpoint state changes -> the Lambda's "sync"
+    assert rule["EventPattern"] == {"source": ["aws.sagemaker"], "detail-type": ["SageMaker Endpoint State Change"],
+                                    "detail": {"EndpointName": [NAMES.endpoint]}}
+    assert rule["Targets"][0]["Arn"]["Fn::GetAtt"][0] == function_id
     assert stmts["PublishModels"]["Action"] == "ssm:PutParameter"
     assert len(stmts["PublishModels"]["Resource"]) == 2  # the champion and the challenger parameters only
     assert stmts["WriteChampionObject"]["Resource"] == (
@@ -361,7 +369,8 @@ def test_api_task_role_container_env_logs_and_alb(raw, templates):
     task = one(template, "AWS::ECS::TaskDefinition")["Properties"]
     role_id = task["TaskRoleArn"]["Fn::GetAtt"][0]
     assert role_statements(template, role_id) == [
-        {"Action": "sagemaker:InvokeEndpoint", "Effect": "Allow", "Resource": NAMES.endpoint_arn}]
+        {"Action": ["sagemaker:InvokeEndpoint", "sagemaker:DescribeEndpoint"], "Effect": "Allow",
+         "Resource": NAMES.endpoint_arn}]  # DescribeEndpoint: the API's readiness probe
     container = task["ContainerDefinitions"][0]
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert env["MARKETRANK_MODEL_BACKEND"] == "sagemaker" and env["MARKETRANK_ENDPOINT_NAME"] == NAMES.endpoint

@@ -138,7 +138,7 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     missing = [c for c in RAW_COLUMNS if c not in raw]
     if missing:
-        raise KeyError(f"assemble_features: missing raw columns {missing}")
+        raise KeyError(f"feature_columns: missing raw columns {missing}")
     col = {c: np.asarray(raw[c]) for c in RAW_COLUMNS}
     clicks, ts = _num(col["user_clicks"]), _num(col["ts_ms"])
     signup = np.asarray(pd.to_numeric(col["user_signup_ms"], errors="coerce"), dtype=np.float64)

@@ -12,6 +12,8 @@ custom resource (an awscli layer, more IAM, and neither emulator runs it), for c
 from __future__ import annotations
 
 import aws_cdk as cdk
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as events_targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
@@ -30,10 +32,8 @@ from pipelines.deploy_lambda import NO_MODEL
 
 #: ``pipelines.definition.upsert``'s description: the same, so an upsert after ``cdk deploy`` changes nothing.
 PIPELINE_DESCRIPTION = "marketrank: features -> train -> evaluate -> quality gate -> register -> shadow deploy"
-#: Value of the champion / challenger parameters while there is none (the Serving stack then creates no endpoint).
+#: Where data capture goes in the capture bucket.
 DATA_CAPTURE_PREFIX = "data-capture"
-
-
 
 
 class MlPlatformStack(cdk.Stack):
@@ -186,9 +186,14 @@ class MlPlatformStack(cdk.Stack):
         deploy_role.add_to_policy(iam.PolicyStatement(
             sid="CreateModels", resources=[lambda_models],
             actions=["sagemaker:CreateModel", "sagemaker:DescribeModel", "sagemaker:AddTags"]))
-        # The live champion may be the Serving stack's model, whose name CloudFormation generates.
+        # The live champion may be the Serving stack's model, and the live config the Serving stack's, whose names
+        # CloudFormation generates: read-only on those.
+        any_config = names.arn("sagemaker", "endpoint-config/*")
         deploy_role.add_to_policy(iam.PolicyStatement(sid="DescribeModels", actions=["sagemaker:DescribeModel"],
                                                       resources=[any_model]))
+        deploy_role.add_to_policy(iam.PolicyStatement(
+            sid="ReadLiveConfig", actions=["sagemaker:DescribeEndpointConfig", "sagemaker:ListTags"],
+            resources=[any_config]))
         deploy_role.add_to_policy(iam.PolicyStatement(sid="ReadPackages", actions=["sagemaker:DescribeModelPackage"],
                                                       resources=[packages_arn]))
         deploy_role.add_to_policy(iam.PolicyStatement(
@@ -209,6 +214,9 @@ class MlPlatformStack(cdk.Stack):
                     f"AwsSolutions-IAM5[Resource::{endpoint_configs}]", f"AwsSolutions-IAM5[Resource::{lambda_models}]")
         acknowledge(deploy_role, "Read-only DescribeModel: the live champion may be the Serving stack's model, whose "
                     "name CloudFormation generates.", f"AwsSolutions-IAM5[Resource::{any_model}]")
+        acknowledge(deploy_role, "Read-only DescribeEndpointConfig/ListTags: after a cdk deploy the live config is "
+                    "the Serving stack's, whose name CloudFormation generates.",
+                    f"AwsSolutions-IAM5[Resource::{any_config}]")
         acknowledge(deploy_role, "Package versions are numbered by the registry; scoped to this stage's group.",
                     f"AwsSolutions-IAM5[Resource::{packages_arn}]")
         acknowledge(deploy_role, "Model artifacts sit under per-execution keys of the pipeline prefix.",
@@ -236,6 +244,14 @@ class MlPlatformStack(cdk.Stack):
                 "ENDPOINT_NAME": names.endpoint,
             })
         self.deploy_function.node.add_dependency(deploy_role)
+        # Every state change of the endpoint (an update finished, failed or was rolled back, by the Lambda or by
+        # CloudFormation) re-publishes the live variants to the parameters `cdk deploy` reads (action "sync").
+        self.endpoint_events = events.Rule(
+            self, "EndpointStateChange", description=f"{names.endpoint}: keep the champion parameters live",
+            event_pattern=events.EventPattern(source=["aws.sagemaker"],
+                                              detail_type=["SageMaker Endpoint State Change"],
+                                              detail={"EndpointName": [names.endpoint]}),
+            targets=[events_targets.LambdaFunction(self.deploy_function, retry_attempts=4)])
 
         # ---- The pipeline (see the module docstring for why its names are concrete).
         self.pipeline = sagemaker.CfnPipeline(

@@ -70,8 +70,9 @@ class RankingServiceStack(cdk.Stack):
 
         # Task role: invoke this endpoint, nothing else (the feature store is reached over the network).
         task_role = iam.Role(self, "TaskRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
-                             description="marketrank ranking API: InvokeEndpoint on its endpoint only")
-        task_role.add_to_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"],
+                             description="marketrank ranking API: invoke and describe its endpoint only")
+        # DescribeEndpoint: the API's readiness probe (serving.backends.SageMakerBackend.probe).
+        task_role.add_to_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint", "sagemaker:DescribeEndpoint"],
                                                     resources=[names.endpoint_arn]))
         task = ecs.FargateTaskDefinition(self, "Task", cpu=stage.api_cpu, memory_limit_mib=stage.api_memory_mib,
                                          task_role=task_role)
