@@ -538,5 +538,123 @@ def bench_serve(
     ui.console.print(f"results {out / 'serving.json'}, plot {out / 'serving_latency.png'}")
 
 
+Results = Annotated[Path | None, typer.Option("--out", help="results dir: JSON + PNG (default benchmarks/results)")]
+Cache = Annotated[Path | None, typer.Option(help="data cache: <cache>/<size>-seed<seed> (default: the workspace's)")]
+Models = Annotated[str, typer.Option(help="TF-Ranking models: 'all' or scorer/loss,... (e.g. dnn/softmax)")]
+
+
+def _results(out: Path | None) -> Path:
+    from benchmarks.common import RESULTS_DIR
+
+    return out or RESULTS_DIR
+
+
+def _bench_quality(size: str, letor: Path | None, models: str, epochs: int, seed: int, cache: Path | None,
+                   out: Path | None, trained_out: dict | None = None) -> None:
+    from benchmarks import suite
+
+    dataset = suite.load_dataset(size, seed, cache, letor)
+    path, result = suite.run_quality(dataset, _results(out), models=suite.parse_models(models),
+                                     hparams=suite.with_epochs(DEFAULT, epochs), trained_out=trained_out)
+    ui.console.print("\n".join(suite.summary_lines(result)) + f"\nresults {path}")
+
+
+def _bench_unbiased(size: str, epochs: int, seed: int, cache: Path | None, out: Path | None,
+                    reuse: dict | None = None) -> None:
+    from benchmarks import suite
+
+    path, result = suite.run_unbiased(suite.load_dataset(size, seed, cache), _results(out),
+                                      hparams=suite.with_epochs(DEFAULT, epochs), reuse=reuse)
+    ui.console.print("\n".join(suite.summary_lines(result)) + f"\nresults {path}")
+
+
+def _bench_train(sizes: str, seed: int, cache: Path | None, out: Path | None) -> None:
+    from benchmarks import suite
+
+    path, result = suite.run_throughput([s.strip() for s in sizes.split(",")], _results(out), seed=seed,
+                                        cache=cache)
+    ui.console.print("\n".join(suite.summary_lines(result)) + f"\nresults {path}")
+
+
+def _bench_report(results: Path | None, report: Path | None) -> None:
+    from benchmarks import report as rendering
+
+    with ui.step("render BENCHMARKS.md and plots"):
+        path = rendering.write_report(_results(results), report or rendering.REPORT)
+    ui.console.print(f"report {path}")
+
+
+@bench_app.command("quality")
+@_one_line_errors
+def bench_quality(
+    size: Annotated[str, typer.Option(help="simulated data size: tiny | small | default | large")] = "default",
+    letor: Annotated[Path | None, typer.Option(help="LETOR dir (train.txt, vali.txt, test.txt) instead")] = None,
+    models: Models = "all", epochs: int = DEFAULT.epochs, seed: int = 7, cache: Cache = None, out: Results = None,
+    verbose: bool = False,
+) -> None:
+    """Legacy policy, LightGBM LambdaMART, TF-Ranking models and the oracle on the same splits and features."""
+    _quiet_logs(verbose)
+    _bench_quality(size, letor, models, epochs, seed, cache, out)
+
+
+@bench_app.command("unbiased")
+@_one_line_errors
+def bench_unbiased(size: str = "default", epochs: int = DEFAULT.epochs, seed: int = 7, cache: Cache = None,
+                   out: Results = None, verbose: bool = False) -> None:
+    """Naive versus inverse-propensity-weighted training on position-biased clicks, scored on true relevance."""
+    _quiet_logs(verbose)
+    _bench_unbiased(size, epochs, seed, cache, out)
+
+
+@bench_app.command("train")
+@_one_line_errors
+def bench_train(
+    sizes: Annotated[str, typer.Option(help="comma-separated data sizes")] = "tiny,small,default",
+    seed: int = 7, cache: Cache = None, out: Results = None, verbose: bool = False,
+) -> None:
+    """Training throughput on CPU: lists/s, time-to-quality, input-pipeline share, scaling with data size."""
+    _quiet_logs(verbose)
+    _bench_train(sizes, seed, cache, out)
+
+
+@bench_app.command("report")
+@_one_line_errors
+def bench_report(
+    results: Annotated[Path | None, typer.Option(help="results dir (default benchmarks/results)")] = None,
+    report: Annotated[Path | None, typer.Option(help="Markdown file (default BENCHMARKS.md)")] = None,
+) -> None:
+    """Regenerate BENCHMARKS.md and the plots from the JSON results only."""
+    _bench_report(results, report)
+
+
+@bench_app.command("all")
+@_one_line_errors
+def bench_all(
+    size: Annotated[str, typer.Option(help="data size of the quality and unbiased benchmarks")] = "default",
+    sizes: Annotated[str, typer.Option(help="data sizes of the throughput benchmark")] = "tiny,small,default",
+    letor: Annotated[Path | None, typer.Option(help="also benchmark quality on this LETOR dir")] = None,
+    serve: Annotated[bool, typer.Option(help="run the serving benchmark (needs the local run: made if absent)")] = True,
+    candidates: str = "50,300,1000", rate: float = 100.0, seconds: float = 20.0,
+    seed: int = 7, cache: Cache = None, out: Results = None, verbose: bool = False,
+) -> None:
+    """Every benchmark (quality, unbiased, train, serve), then BENCHMARKS.md and the plots."""
+    _quiet_logs(verbose)
+    trained: dict = {}
+    _bench_quality(size, None, "all", DEFAULT.epochs, seed, cache, out, trained_out=trained)
+    if letor is not None:
+        _bench_quality(size, letor, "all", DEFAULT.epochs, seed, cache, out)
+    _bench_unbiased(size, DEFAULT.epochs, seed, cache, out, reuse=trained)
+    trained.clear()  # frees the SavedModels before the timed runs
+    _bench_train(sizes, seed, cache, out)
+    if serve:
+        if not (workspace.endpoints_dir() / "marketrank.json").exists():
+            from pipelines.local import LocalRunConfig, run_local
+
+            ui.print_run(run_local(LocalRunConfig(size=size, seed=seed)))
+        bench_serve(candidates=candidates, rate=rate, seconds=seconds, model_server="process",
+                    out=_results(out), endpoint="marketrank")
+    _bench_report(out, None)
+
+
 if __name__ == "__main__":
     app()

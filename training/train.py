@@ -108,9 +108,9 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
           output_dir: str | Path | None = None, *, model_name: str = "marketrank", version: int | None = None,
           tracking_uri: str | None = None, experiment: str = "marketrank", run_name: str | None = None,
           progress: Callable[[int, dict], None] | None = None, train_lists: int | None = None,
-          artifact_location: str | None = None) -> TrainResult:
+          artifact_location: str | None = None, callbacks: tuple = ()) -> TrainResult:
     """Fit, early-stop on the validation signal of ``hparams.early_stopping``, export the best epoch. Sources are
-    split dirs or zero-argument batch callables."""
+    split dirs or zero-argument batch callables; ``callbacks`` are extra Keras callbacks (benchmarks)."""
     import tensorflow as tf
 
     from training import data, export
@@ -148,7 +148,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
                                                    restore_best_weights=True)
         start = time.perf_counter()
         fit = model.fit(train_ds, validation_data=valid_ds, epochs=hparams.epochs, verbose=0,
-                        callbacks=[stopper, epoch_logger.callback, tf.keras.callbacks.TerminateOnNaN()])
+                        callbacks=[*callbacks, stopper, epoch_logger.callback, tf.keras.callbacks.TerminateOnNaN()])
         if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
             model.set_weights(stopper.best_weights)  # Keras restores them only when it stopped early
         seconds = time.perf_counter() - start

@@ -1,0 +1,90 @@
+"""What ``marketrank bench quality|unbiased|train|report`` run: data, benchmark, result file, with progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common, datasets, quality, rankers, throughput, unbiased
+from marketrank import ui, workspace
+from training.hparams import HParams
+
+
+def work_dir(name: str) -> Path:
+    """Scratch space for a benchmark's models (emptied first: results never mix runs)."""
+    path = workspace.home() / "bench" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def load_dataset(size: str, seed: int = 7, cache: Path | None = None, letor: Path | None = None
+                 ) -> datasets.Dataset:
+    if letor is not None:
+        return datasets.letor(letor)
+    return datasets.marketplace(size, seed, cache)
+
+
+def parse_models(text: str) -> tuple[tuple[str, str], ...]:
+    """``all`` or a comma list of ``scorer/loss`` (e.g. ``dnn/softmax,din/softmax``), validated by HParams."""
+    if text.strip() == "all":
+        return quality.TFR_MODELS
+    models = []
+    for item in text.split(","):
+        scorer, sep, loss = item.strip().partition("/")
+        if not sep:
+            raise ValueError(f"--models {item!r}: expected scorer/loss, e.g. dnn/softmax")
+        HParams(scorer=scorer, loss=loss)
+        models.append((scorer, loss))
+    return tuple(models)
+
+
+def run_quality(dataset: datasets.Dataset, out: Path, *, models: Sequence[tuple[str, str]] = quality.TFR_MODELS,
+                hparams: HParams = HParams(), lambdamart: rankers.LambdaMartParams = rankers.LambdaMartParams(),
+                trained_out: dict | None = None) -> tuple[Path, dict[str, Any]]:
+    with ui.step(f"quality benchmark on {dataset.name}") as s:
+        result = quality.run_quality(dataset, work_dir(f"quality-{dataset.name}"), models=tuple(models),
+                                     hparams=hparams, lambdamart=lambdamart, progress=s.note,
+                                     trained_out=trained_out)
+    return common.write_result(result, out, f"quality-{dataset.name}"), result
+
+
+def run_unbiased(dataset: datasets.Dataset, out: Path, *, hparams: HParams = HParams(),
+                 reuse: dict | None = None) -> tuple[Path, dict[str, Any]]:
+    with ui.step(f"unbiased-learning benchmark on {dataset.name}") as s:
+        result = unbiased.run_unbiased(dataset, work_dir("unbiased"), hparams=hparams, reuse=reuse,
+                                       progress=s.note)
+    return common.write_result(result, out, "unbiased"), result
+
+
+def run_throughput(sizes: Sequence[str], out: Path, *, seed: int = 7, cache: Path | None = None,
+                   hparams: HParams = HParams()) -> tuple[Path, dict[str, Any]]:
+    data = [datasets.marketplace(size, seed, cache) for size in sizes]
+    with ui.step(f"training throughput on {', '.join(sizes)}") as s:
+        result = throughput.run_throughput(data, work_dir("throughput"), hparams=hparams, progress=s.note)
+    return common.write_result(result, out, "throughput"), result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """One line per ranker / size for the terminal (the full tables are in BENCHMARKS.md)."""
+    if result["benchmark"] in ("quality", "unbiased"):
+        lines = [f"{name:28s} test ndcg@10 {r['overall']['ndcg@10']['value']:.4f} "
+                 f"[{r['overall']['ndcg@10']['ci_low']:.4f}, {r['overall']['ndcg@10']['ci_high']:.4f}]"
+                 + (f"  valid {r['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in r else "")
+                 for name, r in result["rankers"].items()]
+        if result["benchmark"] == "unbiased":
+            lines.append(f"IPW closes {result['gap_closed']['value']:.1%} of the naive model's gap to the oracle")
+        for name, goal in result.get("goals", {}).items():
+            if isinstance(goal, dict):
+                lines.append(f"goal {name}: {'met' if goal['met'] else 'NOT met'}")
+        return lines
+    return [f"{s['dataset']:8s} {s['train_lists']:>7,} lists {s['train_seconds']:7.1f}s "
+            f"{s['lists_per_second']:7.0f} lists/s, time-to-quality {s['time_to_quality']['seconds']}s, "
+            f"input pipeline {s['input_pipeline']['ratio']:.2f}x" for s in result["sizes"]]
+
+
+def with_epochs(hparams: HParams, epochs: int | None) -> HParams:
+    return hparams if epochs is None else dataclasses.replace(hparams, epochs=epochs)

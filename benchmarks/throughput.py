@@ -1,0 +1,120 @@
+"""Training throughput on CPU: lists and items per second, time-to-quality, the input pipeline's share of the
+step time, and how training time grows with the data size.
+
+Time-to-quality is the training time until validation NDCG@10 on the evaluation label (the simulator's true
+relevance) first reaches 99% of the value of the epoch that was exported. NDCG@10 of the logged clicks is kept
+beside it but is no quality signal here: it rewards the logging policy's order, so it falls as IPW training
+moves away from it. Seconds exclude the time spent computing the curve.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common, rankers
+from benchmarks.datasets import Dataset
+from training.hparams import HParams
+
+QUALITY_SHARE = 0.99
+PIPELINE_GOAL = 1.1
+
+
+def time_to_quality(seconds: Sequence[float], values: Sequence[float], final: float | None = None,
+                    share: float = QUALITY_SHARE) -> dict[str, Any]:
+    """First point of the curve at or above ``share * final`` (``final`` defaults to the last value)."""
+    if not values or len(seconds) != len(values):
+        raise ValueError("time_to_quality needs a non-empty curve with one time per value")
+    final = values[-1] if final is None else final
+    target = share * final
+    for epoch, (at, value) in enumerate(zip(seconds, values, strict=True), start=1):
+        if value >= target:
+            return {"seconds": float(at), "epoch": epoch, "target": float(target), "final": float(final)}
+    return {"seconds": None, "epoch": None, "target": float(target), "final": float(final)}
+
+
+def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, rounds: int = 3) -> dict[str, Any]:
+    """Step time with the real tf.data pipeline (Parquet -> padded NumPy -> tensors) versus the same batches
+    cached in memory, same model and steps (one epoch, at most ``steps``: each pass re-opens the shards, as an
+    epoch does); the median of ``rounds`` alternating runs of each."""
+    import tensorflow as tf
+
+    from training import data
+    from training.model import build_model, compile_model
+    from training.train import resolve_ipw_eta
+
+    spec = dataset.spec
+    eta = resolve_ipw_eta(hparams, spec)
+    extra = ("position",) if eta > 0 else ()
+    source = dataset.train_source
+    if not callable(source):
+        def source():
+            return data.iter_batches(dataset.train_source, spec, hparams.batch_size, list_size=spec.list_size,
+                                     shuffle=True, seed=hparams.seed, columns_extra=extra)
+    steps = max(1, min(steps, dataset.train_lists // hparams.batch_size))
+    real = data.make_dataset(source, spec, ipw_eta=eta, position="position").take(steps)
+    start = time.perf_counter()
+    for _ in real:  # the input pipeline alone, no model
+        pass
+    input_only = time.perf_counter() - start
+    cached = real.cache()
+    for _ in cached:  # fills the in-memory cache
+        pass
+    tf.keras.utils.set_random_seed(hparams.seed)
+    model = compile_model(build_model(spec, hparams), hparams)
+    model.fit(cached, epochs=1, verbose=0)  # traces the step function once, outside the timings
+
+    def timed(ds) -> float:
+        begin = time.perf_counter()
+        model.fit(ds, epochs=1, verbose=0)
+        return time.perf_counter() - begin
+
+    real_times, cached_times = [], []
+    for _ in range(rounds):
+        real_times.append(timed(real))
+        cached_times.append(timed(cached))
+    real_s, cached_s = statistics.median(real_times), statistics.median(cached_times)
+    return {"steps": steps, "batch_size": hparams.batch_size, "real_step_ms": 1000 * real_s / steps,
+            "cached_step_ms": 1000 * cached_s / steps, "input_only_step_ms": 1000 * input_only / steps,
+            "ratio": real_s / cached_s, "goal": PIPELINE_GOAL, "met": real_s / cached_s <= PIPELINE_GOAL,
+            "rounds": rounds}
+
+
+def measure_size(dataset: Dataset, work_dir: Path, hparams: HParams,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train once with ``hparams`` (early stopping as shipped) and time it; then the input-pipeline ratio."""
+    note = progress or (lambda _: None)
+    note(f"{dataset.name}: training {hparams.scorer}/{hparams.loss}")
+    _, info = rankers.train_tfranking(dataset, hparams, work_dir / f"throughput-{dataset.name}",
+                                      progress=lambda e, logs: note(f"{dataset.name}: epoch {e}"),
+                                      eval_label_curve=True)
+    epochs = info["epochs"]
+    curve = [e["val_true_ndcg_10"] for e in epochs]
+    seconds = [e["seconds"] for e in epochs]
+    items_per_list = dataset.sizes["train"]["items"] / dataset.train_lists
+    note(f"{dataset.name}: input pipeline vs cached batches")
+    return {
+        "dataset": dataset.name, "simulator": dataset.simulator, "sizes": dataset.sizes,
+        "train_lists": dataset.train_lists, "train_items": dataset.sizes["train"]["items"],
+        "train_seconds": info["train_seconds"], "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
+        "seconds_per_epoch": info["train_seconds"] / info["epochs_run"],
+        "lists_per_second": info["lists_per_second"], "items_per_second": info["lists_per_second"] * items_per_list,
+        "curve": {"seconds": seconds, "val_ndcg_10": curve, "label": dataset.spec.eval_label,
+                  "val_ndcg_10_logged": [e["val_ndcg_10"] for e in epochs]},
+        "time_to_quality": time_to_quality(seconds, curve, final=curve[info["best_epoch"] - 1]),
+        "input_pipeline": input_pipeline_ratio(dataset, hparams),
+    }
+
+
+def run_throughput(datasets: Sequence[Dataset], work_dir: Path, *, hparams: HParams = HParams(),
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    started, machine = time.perf_counter(), common.machine()  # the load before the run: the machine is shared
+    sizes = [measure_size(d, work_dir, hparams, progress) for d in datasets]
+    return {"benchmark": "throughput", "created": common.now(), "machine": machine,
+            "hparams": {"scorer": hparams.scorer, "loss": hparams.loss, "batch_size": hparams.batch_size,
+                        "epochs": hparams.epochs, "patience": hparams.patience,
+                        "early_stopping": hparams.early_stopping},
+            "device": "CPU", "sizes": sizes, "seconds": time.perf_counter() - started}

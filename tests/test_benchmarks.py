@@ -1,0 +1,224 @@
+"""Benchmarks (benchmarks/): metric arithmetic, LambdaMART on the session's tiny run, report rendering."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import common, datasets, quality, rankers, report, throughput
+from training.hparams import HParams
+
+LETOR_SAMPLE = Path(__file__).parent / "data" / "letor-sample"
+FAST_LAMBDAMART = rankers.LambdaMartParams(max_rounds=60, early_stopping_rounds=10, min_data_in_leaf=5)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def test_gap_closed():
+    assert common.gap_closed(naive=0.6, debiased=0.8, oracle=1.0) == pytest.approx(0.5)
+    assert common.gap_closed(naive=0.6, debiased=0.5, oracle=1.0) == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="no gap"):
+        common.gap_closed(naive=1.0, debiased=1.0, oracle=1.0)
+
+
+def test_time_to_quality_on_a_hand_made_curve():
+    seconds = [10.0, 20.0, 30.0, 40.0]
+    # 99% of 0.9 is 0.891: 0.89 at 30 s is not enough, 0.9 at 40 s is
+    assert throughput.time_to_quality(seconds, [0.5, 0.85, 0.89, 0.9])["seconds"] == 40.0
+    # measured against the exported (best) epoch, the first point above 99% of it counts, even if it dips later
+    hit = throughput.time_to_quality(seconds, [0.5, 0.895, 0.8, 0.7], final=0.9)
+    assert (hit["seconds"], hit["epoch"], hit["target"]) == (20.0, 2, pytest.approx(0.891))
+    assert throughput.time_to_quality(seconds, [0.1, 0.2, 0.3, 0.4], final=0.9)["seconds"] is None
+    with pytest.raises(ValueError):
+        throughput.time_to_quality([1.0], [0.5, 0.6])
+
+
+def test_bootstrap_ci_brackets_the_mean_and_skips_undefined_lists():
+    values = np.array([0.2, 0.4, np.nan, 0.6, 0.8] * 20)
+    ci = common.bootstrap_ci(values, resamples=200)
+    assert ci["lists"] == 80 and ci["value"] == pytest.approx(0.5)
+    assert ci["ci_low"] < 0.5 < ci["ci_high"] and ci["ci_high"] - ci["ci_low"] < 0.2
+    constant = common.bootstrap_ci(np.ones(10))
+    assert constant["ci_low"] == constant["ci_high"] == 1.0
+
+
+# ---------------------------------------------------------------- on the session's tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run) -> datasets.Dataset:
+    return datasets.from_features(tiny_run["features"], "tiny")
+
+
+@pytest.mark.slow
+def test_oracle_is_perfect_and_lambdamart_beats_random_order(tiny):
+    score, info = rankers.train_lambdamart(tiny, FAST_LAMBDAMART)
+    rng = np.random.default_rng(0)
+    scorers = {**quality.baselines(tiny), "lambdamart": score,
+               "random": lambda b: rng.random(b["mask"].shape)}
+    per_list = quality.evaluate_rankers(tiny, scorers, "test")["per_list"]
+    ndcg = {name: float(np.nanmean(m["ndcg@10"])) for name, m in per_list.items()}
+    assert ndcg["oracle"] == pytest.approx(1.0)  # the oracle sorts by the utility the grades come from
+    assert ndcg["lambdamart"] > ndcg["random"] + 0.1, ndcg
+    assert info["best_iteration"] >= 1 and info["train_items"] == tiny.sizes["train"]["items"]
+
+
+def test_item_matrix_broadcasts_context_and_codes_strings(tiny):
+    batch = next(tiny.batches("test")())
+    x, group = datasets.item_matrix(batch, tiny.spec)
+    names, categorical = datasets.feature_columns(tiny.spec)
+    assert x.shape == (int(batch["mask"].sum()), len(names)) and group.sum() == x.shape[0]
+    surface = names.index("surface")
+    assert surface in categorical
+    vocabulary = tiny.spec["surface"].vocabulary
+    expected = [vocabulary.index(s) + 1 for s in np.repeat(batch["surface"], batch["mask"].sum(axis=1))]
+    assert x[:, surface].tolist() == expected
+
+
+@pytest.mark.slow
+def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_path):
+    size = throughput.measure_size(tiny, tmp_path, HParams(epochs=2, patience=5))
+    curve, epochs = size["curve"], size["epochs_run"]
+    assert curve["label"] == "relevance" and len(curve["val_ndcg_10"]) == len(curve["seconds"]) == epochs == 2
+    assert 0 < curve["seconds"][0] < curve["seconds"][1] == pytest.approx(size["train_seconds"])
+    assert all(0 < v <= 1 for v in curve["val_ndcg_10"]) and curve["val_ndcg_10"] != curve["val_ndcg_10_logged"]
+    assert size["lists_per_second"] == pytest.approx(tiny.train_lists * epochs / size["train_seconds"])
+    assert size["time_to_quality"]["seconds"] in curve["seconds"]
+    pipe = size["input_pipeline"]
+    assert pipe["ratio"] == pytest.approx(pipe["real_step_ms"] / pipe["cached_step_ms"])
+
+
+@pytest.fixture(scope="module")
+def results(tiny, tmp_path_factory) -> Path:
+    """A results dir: a real (short) quality run on tiny, plus hand-made throughput and serving results."""
+    out = tmp_path_factory.mktemp("results")
+    result = quality.run_quality(tiny, out / "work", models=(("dnn", "softmax"),), hparams=HParams(epochs=1),
+                                 lambdamart=FAST_LAMBDAMART, resamples=100)
+    common.write_result(result, out, "quality-tiny")
+    common.write_result(_throughput(), out, "throughput")
+    common.write_result(_serving(), out, "serving")
+    return out
+
+
+@pytest.mark.slow
+def test_quality_result_has_every_ranker_and_goal(results):
+    result = json.loads((results / "quality-tiny.json").read_text())
+    assert set(result["rankers"]) == {"legacy", "oracle", "lambdamart", "tfr-dnn-softmax"}
+    for ranker in result["rankers"].values():
+        for metric in quality.METRICS:
+            stat = ranker["overall"][metric]
+            assert stat["ci_low"] <= stat["value"] <= stat["ci_high"]
+        assert set(ranker["per_segment"]) == {"feed", "search"}
+    goals = result["goals"]
+    assert goals["best_tf_ranking"] == "tfr-dnn-softmax" and goals["best_lambdamart"] == "lambdamart"
+    oracle = result["rankers"]["oracle"]["overall"]["ndcg@10"]["value"]
+    best = result["rankers"]["tfr-dnn-softmax"]["overall"]["ndcg@10"]["value"]
+    assert goals["oracle_share"]["value"] == pytest.approx(best / oracle)
+    assert goals["oracle_share"]["met"] == (best / oracle >= 0.95)
+
+
+@pytest.mark.slow
+def test_report_renders_every_row_from_the_json(results, tmp_path):
+    path = report.write_report(results, tmp_path / "BENCHMARKS.md")
+    text = path.read_text()
+    result = json.loads((results / "quality-tiny.json").read_text())
+    for name, ranker in result["rankers"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"{ranker['overall']['ndcg@10']['value']:.4f}" in row
+    for candidates in (50, 300, 1000):
+        assert any(line.startswith(f"| {candidates} |") for line in text.splitlines())
+    assert "| `small` | 3,500 |" in text and "1.05x **met**" in text
+    for plot in ("quality-tiny.png", "throughput_scaling.png", "time_to_quality.png"):
+        assert f"/{plot})" in text and (results / plot).exists()
+    assert "serving_latency.png" not in text  # the serving benchmark draws it; linked only once it exists
+    (results / "serving_latency.png").write_bytes((results / "quality-tiny.png").read_bytes())
+    assert "/serving_latency.png)" in report.write_report(results, tmp_path / "BENCHMARKS.md").read_text()
+    assert result["machine"]["versions"]["lightgbm"] in text
+
+    # a number changed in the JSON is the number in the report: nothing is typed by hand
+    changed = copy.deepcopy(result)
+    changed["rankers"]["lambdamart"]["overall"]["ndcg@10"]["value"] = 0.123456
+    (results / "quality-tiny.json").write_text(json.dumps(changed))
+    serving = _serving()
+    serving["results"][1]["latency_ms"]["p99"] = 77.77
+    (results / "serving.json").write_text(json.dumps(serving))
+    try:
+        text = report.write_report(results, tmp_path / "BENCHMARKS.md").read_text()
+    finally:
+        (results / "quality-tiny.json").write_text(json.dumps(result))
+        (results / "serving.json").write_text(json.dumps(_serving()))
+    assert "| `lambdamart` | " in text and "0.1235 [" in text
+    assert "| 300 | 9.0 | 20.0 | 77.8 |" in text
+
+
+def test_report_without_results_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no benchmark results"):
+        report.write_report(tmp_path, tmp_path / "BENCHMARKS.md")
+
+
+def test_letor_sample_runs_lambdamart():
+    dataset = datasets.letor(LETOR_SAMPLE)
+    score, info = rankers.train_lambdamart(dataset, FAST_LAMBDAMART)
+    per_list = quality.evaluate_rankers(dataset, {"lambdamart": score}, "test")["per_list"]["lambdamart"]
+    assert dataset.spec.eval_label == "label" and not quality.baselines(dataset)
+    assert per_list["ndcg@10"].shape == (dataset.sizes["test"]["lists"],)
+    assert 0.0 < np.nanmean(per_list["ndcg@10"]) <= 1.0
+
+
+# ---------------------------------------------------------------- hand-made results of the other benchmarks
+
+
+def _throughput() -> dict:
+    def size(name: str, lists: int, seconds: float, ratio: float) -> dict:
+        return {"dataset": name, "train_lists": lists, "train_items": lists * 40, "train_seconds": seconds,
+                "epochs_run": 6, "best_epoch": 3, "seconds_per_epoch": seconds / 6, "lists_per_second": 6 * lists
+                / seconds, "items_per_second": 240 * lists / seconds,
+                "curve": {"seconds": [seconds / 6 * i for i in range(1, 7)], "val_ndcg_10": [.5, .6, .7, .7, .7, .7]},
+                "time_to_quality": {"seconds": seconds / 2, "epoch": 3, "target": 0.693, "final": 0.7},
+                "input_pipeline": {"real_step_ms": 21.0, "cached_step_ms": 20.0, "ratio": ratio, "met": ratio <= 1.1}}
+
+    return {"benchmark": "throughput", "created": "2026-01-01T00:00:00Z", "machine": common.machine(),
+            "hparams": {"scorer": "dnn", "loss": "softmax", "batch_size": 64, "epochs": 12, "patience": 3,
+                        "early_stopping": "val_loss"},
+            "sizes": [size("tiny", 400, 10.0, 1.5), size("small", 3500, 40.0, 1.05)]}
+
+
+def _serving() -> dict:
+    def row(candidates: int, p99: float) -> dict:
+        return {"candidates": candidates, "latency_ms": {"p50": 5.0, "p95": 20.0, "p99": p99},
+                "throughput_rps": 99.5, "errors": 0, "error_rate": 0.0, "fallbacks": 1, "fallback_rate": 0.001,
+                "floor": {"signature_ms": {"p50": 0.5, "p99": 0.9}}, "ratio_to_floor": {"p50": 10.0, "p99": 30.0}}
+
+    return {"benchmark": "serving", "created": "2026-01-01T00:00:00Z",
+            "machine": {"cores": 2, "cpu_model": "test", "ram_gib": 1, "platform": "test"},
+            "versions": {"python": "3.11"}, "settings": {"rate_rps": 100.0, "seconds": 20.0, "arrivals": "poisson"},
+            "target": {"p99_ms": 10.0, "rate_rps": 100.0, "candidates": 300, "met": False, "detail": "p99 too high"},
+            "results": [row(50, 12.0), {**row(300, 30.0), "latency_ms": {"p50": 9.0, "p95": 20.0, "p99": 30.0}},
+                        row(1000, 60.0)]}
+
+
+def test_cli_bench_report_names_the_missing_results(tmp_path):
+    from typer.testing import CliRunner
+
+    from marketrank.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "report", "--results", str(tmp_path), "--report",
+                                      str(tmp_path / "B.md")])
+    assert result.exit_code == 1 and "no benchmark results" in result.output and str(tmp_path) in result.output
+    assert not (tmp_path / "B.md").exists()
+
+
+def test_models_option_is_validated():
+    from benchmarks import suite
+
+    assert suite.parse_models("all") == quality.TFR_MODELS
+    assert suite.parse_models("dnn/softmax, din/approx_ndcg") == (("dnn", "softmax"), ("din", "approx_ndcg"))
+    with pytest.raises(ValueError, match="scorer"):
+        suite.parse_models("cnn/softmax")
+    with pytest.raises(ValueError, match="scorer/loss"):
+        suite.parse_models("dnn")
