@@ -653,7 +653,7 @@ def bench_all(
             ui.print_run(run_local(LocalRunConfig(size=size, seed=seed)))
         bench_serve(candidates=candidates, rate=rate, seconds=seconds, model_server="process",
                     out=_results(out), endpoint="marketrank")
-    _bench_report(out, None)
+    _bench_report(out, out / "BENCHMARKS.md" if out is not None else None)  # --out elsewhere: leave the repo's
 
 
 if __name__ == "__main__":
