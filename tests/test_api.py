@@ -561,15 +561,6 @@ def test_retries_only_connection_failures_and_only_within_the_budget():
 
 # --- SageMaker client wiring --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def aws_env(monkeypatch):
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-
-
 def _inputs(n: int) -> dict[str, np.ndarray]:
     return {"surface": np.array(["feed"], dtype=object), "views": np.ones((1, n), np.float32),
             "mask": np.ones((1, n), bool)}

@@ -108,16 +108,6 @@ def test_config_suffix_is_a_function_of_the_state():
 
 
 @pytest.fixture
-def aws_env(monkeypatch):
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
-
-
-@pytest.fixture
 def ext(aws_env):
     with mock_aws(), sagemaker_extension() as extension:
         yield extension
