@@ -408,7 +408,7 @@ class Ranker:
             else:
                 try:
                     inputs = build_inputs(spec, RequestContext(request.surface, request.query, request.ts_ms),
-                                          fetched.user, [s for _, s in known])
+                                          fetched.user, fetched.known_items())
                 except Exception:  # noqa: BLE001 - a state the feature code cannot handle: rank without the model
                     reason = "features_error"
                     log.exception("features failed for request %s", request.request_id)

@@ -397,7 +397,7 @@ def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests
     batches = []
     for request in requests[:FLOOR_BATCHES]:
         fetched = store.fetch(request["user_id"], request["candidates"])
-        known = [s for s in fetched.items if s is not None]
+        known = fetched.known_items()
         context = RequestContext(request["surface"], request.get("query"), now_ms)
         inputs = build_inputs(spec, context, fetched.user, known)
         tensors = {name: tf.constant(np.asarray(inputs[name]), dtype=s.dtype) for name, s in specs.items()}
@@ -425,7 +425,7 @@ def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests
         "encode_request": lambda i: wire.encode(wire.predict_request(batches[i % n]["inputs"])),
         "endpoint_predict": lambda i: wire.encode(servable.predict(wire.decode(batches[i % n]["raw"]))),
         "decode_response": lambda i: scores_from_body(wire.decode(batches[i % n]["response"]),
-                                                      len(batches[i % n]["known"])),
+                                                      len(batches[i % n]["inputs"]["mask"][0])),
     }
     in_process = {name: _stats(_timed(fn, parts), (50, 99)) for name, fn in steps.items()}
     return {"signature_ms": {"p50": floor["p50"], "p99": floor["p99"], "mean": floor["mean"], "max": floor["max"],

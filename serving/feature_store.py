@@ -45,6 +45,7 @@ from training.features import (
     ITEM_STATE_COLUMNS,
     USER_STATE_COLUMNS,
     feature_columns,
+    item_state_columns,
     online_raw_columns,
     popularity_recency,
 )
@@ -79,6 +80,15 @@ class Fetched:
 
     user: dict[str, Any] | None
     items: list[dict[str, Any] | None]
+    #: The known items' states as columns (``item_state_columns`` of the non-None ``items``, in order), where the
+    #: store keeps them that way; None otherwise.
+    known_columns: dict[str, np.ndarray] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def known_items(self) -> Sequence[Mapping[str, Any]] | Mapping[str, np.ndarray]:
+        """What ``build_inputs`` takes for the known items: the columns if there are, else the states."""
+        if self.known_columns is not None:
+            return self.known_columns
+        return [s for s in self.items if s is not None]
 
 
 def _json_value(value: Any) -> Any:
@@ -165,11 +175,16 @@ class FeatureStore(ABC):
 
 
 class EmbeddedStore(FeatureStore):
-    """In-process dicts; with ``path``, loaded from and flushed to one JSON file (written atomically)."""
+    """In-process dicts; with ``path``, loaded from and flushed to one JSON file (written atomically).
+
+    The items are also kept as columns (``item_state_columns`` of the whole catalogue, rebuilt after a write), so
+    a fetch hands out the candidates' rows with ``np.take`` instead of gathering 17 fields from 300 dicts.
+    """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         self._data: dict[str, dict[str, dict[str, Any]]] = {ITEMS: {}, USERS: {}}
+        self._table: tuple[dict[str, int], dict[str, np.ndarray]] | None = None
         self._spec: dict[str, Any] | None = None
         self._meta: dict[str, Any] | None = None
         if self.path is not None and self.path.exists():
@@ -185,14 +200,28 @@ class EmbeddedStore(FeatureStore):
         except (OSError, ValueError, KeyError, AttributeError) as err:
             raise StoreUnavailable(f"embedded feature store {self.path} is unreadable: {err}") from err
         self._spec, self._meta = content.get("spec"), content.get("meta")
+        self._table = None
+        self._item_table()
+
+    def _item_table(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        table = self._table
+        if table is None:
+            items = self._data[ITEMS]
+            table = self._table = ({item_id: row for row, item_id in enumerate(items)},
+                                   item_state_columns(list(items.values())))
+        return table
 
     def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched:
         items = self._data[ITEMS]
-        return Fetched(self._data[USERS].get(user_id), [items.get(i) for i in item_ids])
+        states = [items.get(i) for i in item_ids]
+        rows, columns = self._item_table()
+        known = np.fromiter((rows[i] for i, s in zip(item_ids, states, strict=True) if s is not None), np.intp)
+        return Fetched(self._data[USERS].get(user_id), states, {c: v.take(known) for c, v in columns.items()})
 
     def write(self, kind: str, records: Iterable[tuple[str, Mapping[str, Any]]], batch_size: int = WRITE_BATCH
               ) -> int:
         target = self._data[_kind(kind)]
+        self._table = None
         n = 0
         for key, state in records:
             target[str(key)] = json.loads(encode_state(state))  # the same JSON round trip as Redis
@@ -375,16 +404,17 @@ def materialize(features_dir: str | Path, store: FeatureStore, spec: FeatureSpec
 # --- model inputs -----------------------------------------------------------------------------------------------
 
 def build_inputs(spec: FeatureSpec, request: HasContext, user_state: Mapping[str, Any] | None,
-                 item_states: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+                 item_states: Sequence[Mapping[str, Any]] | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The signature's inputs for one request: context ``[1]``, item ``[1, L]``, ``mask [1, L]`` (all true).
 
-    ``item_states`` are the known candidates in order; strings are object arrays, floats float32.
+    ``item_states`` are the known candidates in order (states, or their columns: ``Fetched.known_items``);
+    strings are object arrays, floats float32.
     """
-    if not item_states:
+    raw = online_raw_columns(request.surface, request.query, int(request.ts_ms), user_state, item_states)
+    n = len(raw["ts_ms"])
+    if not n:
         raise ValueError("build_inputs needs at least one item")
-    features = feature_columns(online_raw_columns(request.surface, request.query, int(request.ts_ms), user_state,
-                                                  item_states))
-    n = len(item_states)
+    features = feature_columns(raw)
     inputs: dict[str, np.ndarray] = {}
     for feature in spec.features:
         if feature.shape:

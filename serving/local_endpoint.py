@@ -105,6 +105,10 @@ class Servable:
     signature: Any
     inputs: dict[str, tf.TensorSpec]
     signature_def: dict[str, dict]  # {"inputs": {name: tensor_info}, "outputs": {...}} for metadata
+    checks: dict[str, InputCheck] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checks = {name: InputCheck.of(name, spec) for name, spec in self.inputs.items()}
 
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> Servable:
@@ -140,7 +144,7 @@ class Servable:
         if missing:
             raise wire.WireError(f"missing input {', '.join(map(repr, missing))}: the signature needs all of "
                                  f"{sorted(self.inputs)}")
-        tensors = {name: _tensor(name, inputs[name], spec) for name, spec in self.inputs.items()}
+        tensors = {name: _tensor(inputs[name], check) for name, check in self.checks.items()}
         batch = {name: int(t.shape[0]) for name, t in tensors.items() if t.shape.rank}
         if len(set(batch.values())) > 1:
             raise wire.WireError(f"inputs disagree on the batch size: {batch}")
@@ -164,25 +168,48 @@ def _signature_def(path: Path) -> dict[str, dict]:
     return {"inputs": infos(signature.inputs), "outputs": infos(signature.outputs)}
 
 
-def _tensor(name: str, value: Any, spec: tf.TensorSpec) -> tf.Tensor:
+@dataclasses.dataclass(frozen=True)
+class InputCheck:
+    """What one signature input accepts, worked out once per load (a request checks ~30 inputs)."""
+
+    name: str
+    dtype: tf.DType
+    kind: str  # "string", "bool" or "number"
+    dims: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, name: str, spec: tf.TensorSpec) -> InputCheck:
+        kind = "string" if spec.dtype == tf.string else "bool" if spec.dtype == tf.bool else "number"
+        return cls(name, spec.dtype, kind, tuple(spec.shape.as_list()))
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.dims) and all(d is None or d == s for d, s in zip(self.dims, shape, strict=True))
+
+    def error(self, got: tuple[int, ...] | None = None) -> wire.WireError:
+        dtype = wire.DTYPES.get(np.dtype(self.dtype.as_numpy_dtype), self.dtype.name)
+        shape = [-1 if d is None else d for d in self.dims]
+        if got is None:
+            return wire.WireError(f"input {self.name!r} must be a rectangular array of {dtype} with shape {shape} "
+                                  f"(-1: any size)")
+        return wire.WireError(f"input {self.name!r} must have shape {shape} (-1: any size), got {list(got)}")
+
+
+def _tensor(value: Any, check: InputCheck) -> tf.Tensor:
     """One JSON input as a tensor of the signature's dtype and shape, or a WireError naming the input."""
-    dtype = wire.DTYPES.get(np.dtype(spec.dtype.as_numpy_dtype), spec.dtype.name)
-    shape = [-1 if d is None else d for d in spec.shape.as_list()]
     try:
-        if spec.dtype == tf.string:
+        if check.kind == "string":
             array = np.asarray(value, dtype=object)
             ok = set(map(type, array.flat)) <= {str}  # C-level loop: ~20x faster than isinstance per value
         else:
             array = np.asarray(value)
-            ok = array.dtype == np.bool_ if spec.dtype == tf.bool else array.dtype.kind in "iuf"
+            ok = array.dtype == np.bool_ if check.kind == "bool" else array.dtype.kind in "iuf"
     except (TypeError, ValueError):  # ragged nested lists
         ok = False
     if not ok:
-        raise wire.WireError(f"input {name!r} must be a rectangular array of {dtype} with shape {shape} "
-                             f"(-1: any size)")
-    if not spec.shape.is_compatible_with(array.shape):
-        raise wire.WireError(f"input {name!r} must have shape {shape} (-1: any size), got {list(array.shape)}")
-    return tf.constant(array, dtype=spec.dtype)
+        raise check.error()
+    if not check.fits(array.shape):
+        raise check.error(array.shape)
+    return tf.constant(array, dtype=check.dtype)
 
 
 def _fingerprint(path: Path) -> tuple:

@@ -29,7 +29,7 @@ from serving.feature_store import (
     open_store,
 )
 from training.feature_spec import MASK, STRING
-from training.features import DAY_MS, FEATURES, ITEM_STATE_COLUMNS, USER_STATE_COLUMNS
+from training.features import DAY_MS, FEATURES, ITEM_STATE_COLUMNS, USER_STATE_COLUMNS, item_state_columns
 
 #: Features computed only from the request (surface, query, time) and static catalogue / profile attributes:
 #: identical online and offline for the same request. The rest depend on counters that grow after the request.
@@ -118,9 +118,10 @@ def test_both_stores_return_identical_states_and_inputs(stores, online, spec):
         isinstance(v, int) for v in fetched.user["brand_clicks"].values())
     for surface, query in (("search", "vintage jeans"), ("feed", None)):
         request = RequestContext(surface, query, int(pd.Timestamp("2025-11-01", tz="UTC").value // 1_000_000))
-        a = build_inputs(spec, request, stores["embedded"].fetch(with_history, items[:80]).user,
-                         stores["embedded"].fetch(with_history, items[:80]).items)
-        b = build_inputs(spec, request, fetched.user, fetched.items)
+        embedded = stores["embedded"].fetch(with_history, [*items[:80], "i-never-seen"])
+        assert embedded.known_columns is not None and fetched.known_columns is None
+        a = build_inputs(spec, request, embedded.user, embedded.known_items())  # the catalogue's columns
+        b = build_inputs(spec, request, fetched.user, fetched.known_items())  # Redis: states, one per item
         assert a.keys() == b.keys() == {*spec.names, MASK}
         for name in a:
             assert a[name].dtype == b[name].dtype, name
@@ -229,3 +230,20 @@ def test_open_store_and_embedded_store_without_a_file(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(StoreUnavailable, match="broken.json"):
         EmbeddedStore(broken)
+
+
+def test_embedded_columns_follow_writes_and_match_the_states() -> None:
+    store = EmbeddedStore()
+    first = {c: None for c in ITEM_STATE_COLUMNS} | {"price": 10.0, "title": "blue jeans", "views": 3}
+    store.write("items", [("a", first)])
+    assert store.fetch("u", ["a"]).known_columns["price"].tolist() == [10.0]
+    second = first | {"price": "n/a", "title": "red dress"}  # text in a numeric field: the column turns object
+    store.write("items", [("b", second), ("a", first | {"price": 12.5})])
+    fetched = store.fetch("u", ["b", "missing", "a"])
+    assert fetched.items[1] is None
+    expected = item_state_columns([s for s in fetched.items if s is not None])
+    assert fetched.known_columns.keys() == expected.keys()
+    for column, values in expected.items():
+        assert fetched.known_columns[column].dtype == values.dtype, column
+        np.testing.assert_array_equal(fetched.known_columns[column], values, err_msg=column)
+    assert fetched.known_columns["price"].tolist() == ["n/a", 12.5]

@@ -8,6 +8,7 @@ feature store calls it with the counters as of now. Neither re-implements it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,8 +108,12 @@ def popularity_recency(views: np.ndarray, likes: np.ndarray, bags: np.ndarray, a
     return np.log1p(np.maximum(views + 3 * likes + 5 * bags, 0.0)) - age_days / 14.0
 
 
-def _tokens(text: object) -> set[str]:
-    return set(str(text).lower().split()) if isinstance(text, str) and text else set()
+def _tokens(text: object) -> frozenset[str]:
+    return frozenset(str(text).lower().split()) if isinstance(text, str) and text else frozenset()
+
+
+#: Titles repeat across lists and requests: tokenising each once is most of ``query_title_overlap``'s cost.
+_title_tokens = functools.lru_cache(maxsize=1 << 17)(_tokens)
 
 
 def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
@@ -126,6 +131,8 @@ def _num(column: np.ndarray) -> np.ndarray:
 
 def _text(column: np.ndarray) -> np.ndarray:
     """str() of every value, as an object array (what TF string inputs take)."""
+    if column.dtype == object and set(map(type, column)) <= {str}:
+        return column  # already text: skip the round trip through a fixed-width unicode array
     return column.astype(str).astype(object)
 
 
@@ -146,7 +153,7 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
     usual = np.divide(_num(col["user_lpi_sum"]), clicks, out=np.zeros_like(clicks), where=clicks > 0)
     views, likes = _num(col["views"]), _num(col["likes"])
     denominator = clicks + 1.0
-    tokens: dict[Any, set[str]] = {}  # one query per request: tokenised once, not once per candidate
+    tokens: dict[Any, frozenset[str]] = {}  # one query per request: tokenised once, not once per candidate
     query = [tokens[q] if q in tokens else tokens.setdefault(q, _tokens(q)) for q in col["query"]]
     surface, country = col["surface"], col["user_country"]
     features = {
@@ -178,7 +185,7 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         "query_category_match": [c in q for c, q in zip(col["category"], query, strict=True)],
         "query_brand_match": [b in q for b, q in zip(col["brand"], query, strict=True)],
         "query_style_match": [s in q for s, q in zip(col["style"], query, strict=True)],
-        "query_title_overlap": [len(q & _tokens(t)) / len(q) if q else 0.0
+        "query_title_overlap": [len(q & _title_tokens(t)) / len(q) if q else 0.0
                                 for t, q in zip(col["title"], query, strict=True)],
     }
     for feature in FEATURES:
@@ -215,17 +222,24 @@ def _repeat(value: Any, n: int) -> np.ndarray:
     return column
 
 
+def item_state_columns(items: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Item states (``ITEM_STATE_COLUMNS`` per item) as columns: numbers float64 (missing: NaN), the rest objects.
+
+    A store can build them once for its whole catalogue and hand out rows (``np.take``): the result is the same.
+    """
+    return {c: _state_column([item.get(c) for item in items], c in NUMERIC_RAW_COLUMNS) for c in ITEM_STATE_COLUMNS}
+
+
 def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
-                       items: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """RAW_COLUMNS for one request from feature-store state (``USER_STATE_COLUMNS``, ``ITEM_STATE_COLUMNS``).
+                       items: Sequence[Mapping[str, Any]] | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """RAW_COLUMNS for one request from feature-store state (``USER_STATE_COLUMNS``, and ``ITEM_STATE_COLUMNS``
+    per item, or already as columns: ``item_state_columns``).
 
     An unknown user (``None``) is a cold start: no country, size, favourites or history.
     """
     user = user or {}
-    n = len(items)
-    columns: dict[str, np.ndarray] = {}
-    for c in ITEM_STATE_COLUMNS:
-        columns[c] = _state_column([item.get(c) for item in items], c in NUMERIC_RAW_COLUMNS)
+    columns: dict[str, np.ndarray] = dict(items) if isinstance(items, Mapping) else item_state_columns(items)
+    n = len(columns[ITEM_STATE_COLUMNS[0]])
     shared = {"surface": surface, "query": query, "ts_ms": ts_ms, "user_country": user.get("user_country"),
               "user_size": user.get("user_size"), "user_signup_ms": user.get("user_signup_ms"),
               "user_clicks": user.get("user_clicks") or 0, "user_lpi_sum": user.get("user_lpi_sum") or 0.0,
