@@ -28,6 +28,8 @@ PRIMARY = "ndcg@10"
 TFR_MODELS = tuple((scorer, loss) for scorer in ("dnn", "din") for loss in ("softmax", "approx_ndcg",
                                                                             "pairwise_logistic"))
 ORACLE_SHARE_GOAL = 0.95
+#: The feature-ceiling reference (``rankers.train_feature_ceiling``): trained on true relevance, not a contender.
+CEILING = "reference-ceiling"
 Progress = Callable[[str], None]
 
 
@@ -93,6 +95,9 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple[str, st
             dataset, dataclasses.replace(hparams, scorer=scorer, loss=loss), work_dir / name,
             progress=lambda epoch, logs, n=name: note(f"TF-Ranking {n}: epoch {epoch}, val ndcg@10 (logged) "
                                                       f"{logs.get('val_ndcg_10', float('nan')):.4f}"))
+    if dataset.spec.oracle_score and dataset.spec.eval_label and dataset.spec.eval_label != dataset.spec.label:
+        note("feature ceiling: LambdaMART on the validation split's true relevance (a reference)")
+        scorers[CEILING], trained[CEILING] = rankers.train_feature_ceiling(dataset, lambdamart)
     if trained_out is not None:
         trained_out.update({name: (scorers[name], trained[name]) for name in trained if name.startswith("tfr-")})
     note("scoring the validation and test splits")
@@ -138,4 +143,8 @@ def goals(result: dict[str, Any], per_list: dict[str, dict[str, np.ndarray]], re
         oracle = rank["oracle"]["overall"][PRIMARY]["value"]
         out["oracle_share"] = {"value": value / oracle, "goal": ORACLE_SHARE_GOAL,
                                "met": value / oracle >= ORACLE_SHARE_GOAL}
+        if CEILING in rank:
+            ceiling = rank[CEILING]["overall"][PRIMARY]["value"]
+            out["feature_ceiling"] = {"value": ceiling, "oracle_share": ceiling / oracle,
+                                      "best_tf_ranking_share": value / ceiling}
     return out

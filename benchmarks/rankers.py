@@ -40,7 +40,8 @@ class LambdaMartParams:
     seed: int = 42
 
 
-def _matrices(dataset: Dataset, split: str, eta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from training.propensity import ipw_weights
 
     xs, groups, labels, weights = [], [], [], []
@@ -49,7 +50,7 @@ def _matrices(dataset: Dataset, split: str, eta: float) -> tuple[np.ndarray, np.
         mask = batch[MASK]
         xs.append(x)
         groups.append(group)
-        labels.append(batch[dataset.spec.label][mask])
+        labels.append(batch[label or dataset.spec.label][mask])
         if eta > 0:
             weights.append(ipw_weights(batch["position"], eta, mask)[mask])
     return (np.concatenate(xs), np.concatenate(groups), np.concatenate(labels),
@@ -94,6 +95,46 @@ def train_lambdamart(dataset: Dataset, params: LambdaMartParams = LambdaMartPara
             "valid_ndcg@10_logged": booster.best_score["valid"]["ndcg@10"], "train_seconds": seconds,
             "train_items": int(label.size)}
     return score, info
+
+
+def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMartParams(),
+                          holdout: float = 0.2, threads: int = 0) -> tuple[Scorer, dict[str, Any]]:
+    """A reference, not a contender: LambdaMART trained on the *evaluation label* (the simulator's true relevance)
+    of the validation split, early-stopped on a held-out fifth of it. No production model sees that label, so
+    its test NDCG@10 estimates how much of the oracle the features can carry at all, whatever the learner and
+    however clean the clicks."""
+    import lightgbm as lgb
+
+    spec = dataset.spec
+    if not spec.eval_label or spec.eval_label == spec.label:
+        raise ValueError(f"{dataset.name}: the feature ceiling needs an evaluation label apart from the logged one")
+    names, categorical = feature_columns(spec)
+    x, group, label, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label)
+    cut = max(1, int(len(group) * (1 - holdout)))
+    rows = int(group[:cut].sum())
+    train_set = lgb.Dataset(x[:rows], label[:rows], group=group[:cut], feature_name=names,
+                            categorical_feature=categorical, free_raw_data=True)
+    stop_set = lgb.Dataset(x[rows:], label[rows:], group=group[cut:], reference=train_set)
+    config = {"objective": params.objective, "metric": "ndcg", "eval_at": [10], "num_leaves": params.num_leaves,
+              "learning_rate": params.learning_rate, "min_data_in_leaf": params.min_data_in_leaf,
+              "feature_fraction": params.feature_fraction, "bagging_fraction": params.bagging_fraction,
+              "bagging_freq": 1, "lambda_l2": params.lambda_l2, "seed": params.seed, "verbosity": -1,
+              "num_threads": threads, "deterministic": True, "force_row_wise": True,
+              "label_gain": [2.0**i - 1 for i in range(int(label.max()) + 1)]}
+    start = time.perf_counter()
+    booster = lgb.train(config, train_set, num_boost_round=params.max_rounds, valid_sets=[stop_set],
+                        valid_names=["holdout"], callbacks=[lgb.early_stopping(params.early_stopping_rounds,
+                                                                               verbose=False)])
+
+    def score(batch: dict[str, Any]) -> np.ndarray:
+        mask = batch[MASK]
+        out = np.full(mask.shape, -1e9, dtype=np.float64)
+        out[mask] = booster.predict(item_matrix(batch, spec)[0], num_iteration=booster.best_iteration)
+        return out
+
+    return score, {"trained_on": f"valid split's {spec.eval_label} ({cut} lists; {len(group) - cut} held out "
+                                 "for early stopping)", "best_iteration": booster.best_iteration,
+                   "train_seconds": time.perf_counter() - start, "train_items": rows}
 
 
 def eval_label_callback(dataset: Dataset):

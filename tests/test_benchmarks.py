@@ -90,7 +90,13 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
     assert size["lists_per_second"] == pytest.approx(tiny.train_lists * epochs / size["train_seconds"])
     assert size["time_to_quality"]["seconds"] in curve["seconds"]
     pipe = size["input_pipeline"]
-    assert pipe["ratio"] == pytest.approx(pipe["real_step_ms"] / pipe["cached_step_ms"])
+    for name in ("streaming", "in_memory"):
+        assert pipe[name]["ratio"] == pytest.approx(pipe[name]["step_ms"] / pipe["cached_step_ms"])
+    memory = pipe["in_memory"]
+    assert memory["epochs"] == epochs and memory["load_seconds"] > 0
+    assert memory["ratio_with_load"] == pytest.approx(memory["ratio"] + memory["load_seconds"] * 1000 / (
+        epochs * pipe["steps"] * pipe["cached_step_ms"]))
+    assert pipe["train_uses"] == "in_memory" and pipe["ratio"] == memory["ratio_with_load"]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def results(tiny, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_quality_result_has_every_ranker_and_goal(results):
     result = json.loads((results / "quality-tiny.json").read_text())
-    assert set(result["rankers"]) == {"legacy", "oracle", "lambdamart", "tfr-dnn-softmax"}
+    assert set(result["rankers"]) == {"legacy", "oracle", "lambdamart", "tfr-dnn-softmax", quality.CEILING}
     for ranker in result["rankers"].values():
         for metric in quality.METRICS:
             stat = ranker["overall"][metric]
@@ -120,6 +126,11 @@ def test_quality_result_has_every_ranker_and_goal(results):
     best = result["rankers"]["tfr-dnn-softmax"]["overall"]["ndcg@10"]["value"]
     assert goals["oracle_share"]["value"] == pytest.approx(best / oracle)
     assert goals["oracle_share"]["met"] == (best / oracle >= 0.95)
+    ceiling = result["rankers"][quality.CEILING]
+    assert ceiling["kind"] == "reference" and "relevance" in ceiling["trained_on"]
+    value = ceiling["overall"]["ndcg@10"]["value"]
+    assert goals["feature_ceiling"] == pytest.approx(
+        {"value": value, "oracle_share": value / oracle, "best_tf_ranking_share": best / value})
 
 
 @pytest.mark.slow
@@ -180,7 +191,10 @@ def _throughput() -> dict:
                 / seconds, "items_per_second": 240 * lists / seconds,
                 "curve": {"seconds": [seconds / 6 * i for i in range(1, 7)], "val_ndcg_10": [.5, .6, .7, .7, .7, .7]},
                 "time_to_quality": {"seconds": seconds / 2, "epoch": 3, "target": 0.693, "final": 0.7},
-                "input_pipeline": {"real_step_ms": 21.0, "cached_step_ms": 20.0, "ratio": ratio, "met": ratio <= 1.1}}
+                "input_pipeline": {"cached_step_ms": 20.0, "streaming": {"step_ms": 30.0, "ratio": 1.5},
+                                   "in_memory": {"step_ms": 20.0 * ratio, "ratio": ratio, "load_seconds": 0.5,
+                                                 "epochs": 6, "ratio_with_load": ratio},
+                                   "train_uses": "in_memory", "ratio": ratio, "met": ratio <= 1.1}}
 
     return {"benchmark": "throughput", "created": "2026-01-01T00:00:00Z", "machine": common.machine(),
             "hparams": {"scorer": "dnn", "loss": "softmax", "batch_size": 64, "epochs": 12, "patience": 3,

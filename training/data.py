@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -36,9 +37,13 @@ def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype) -
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False)
-    if dtype is not object:
-        values = values.astype(dtype, copy=False)
+    if dtype is object and not column.values.null_count:  # distinct values once, then shared references
+        encoded = column.values.dictionary_encode()
+        values = encoded.dictionary.to_numpy(zero_copy_only=False)[encoded.indices.to_numpy()]
+    elif dtype is object:
+        values = column.values.to_numpy(zero_copy_only=False)
+    else:
+        values = column.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     lengths = np.minimum(np.diff(offsets), list_size)
     out = np.full((len(lengths), list_size), pad_value, dtype=dtype)
     rows = np.repeat(np.arange(len(lengths)), lengths)
@@ -131,19 +136,55 @@ def shuffle_within_lists(labels: np.ndarray, mask: np.ndarray, rng: np.random.Ge
     return shuffled
 
 
+def load_arrays(batches, names: list[str]) -> dict[str, np.ndarray] | None:
+    """Every batch of ``batches()`` concatenated (``names`` and the mask); None when their list sizes differ
+    (batches padded to their own longest list), which only streaming can feed."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in dict.fromkeys([*names, MASK])}
+    for batch in batches():
+        for name, values in parts.items():
+            values.append(batch[name])
+    if not parts[MASK]:
+        raise ValueError("no batches: is the split empty?")
+    if len({p.shape[1] for p in parts[MASK]}) > 1:
+        return None
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def estimated_bytes(split_dir: str | Path, spec: FeatureSpec) -> int:
+    """Rough in-memory size of a split's padded tensors (from the Parquet footers: nothing is read)."""
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(split_dir))
+    strings = sum(f.dtype == STRING for f in spec.item)
+    # float32 features, label, mask, position; strings are shared references while loading, int32 codes after.
+    per_item = 4 * (len(spec.item) - strings + 3) + 8 * strings
+    return rows * (spec.list_size or 1) * per_item
+
+
 def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: str | None = None,
-                 shuffle_labels_seed: int | None = None):
+                 shuffle_labels_seed: int | None = None, in_memory_batch_size: int | None = None,
+                 shuffle_seed: int | None = None):
     """tf.data.Dataset of (features, labels[, weights]) from a zero-argument callable returning batches.
 
     With ``ipw_eta > 0`` each item gets the inverse-propensity weight ``(1 + position) ** eta`` (examination
     probability modelled as ``(1 + position) ** -eta``), clipped and normalised to mean 1 over a batch's items.
     ``shuffle_labels_seed`` permutes labels within each list (the deliberately bad model of the gate tests).
+
+    ``in_memory_batch_size``: read the batches once, keep them as tensors and cut batches of that size from them
+    every epoch, in TensorFlow's own threads (the streaming path parses Parquet in Python on every epoch and, on
+    a few cores, slows every training step; see BENCHMARKS.md). ``shuffle_seed`` then reshuffles the lists
+    each epoch. Falls back to streaming when the batches do not share one list size.
     """
     import tensorflow as tf
 
     from training.propensity import ipw_weights
 
     feature_names = [*spec.names, MASK]
+    signature = _signature(spec, ipw_eta > 0)
+    if in_memory_batch_size:
+        names = [*feature_names, spec.label, *([position] if ipw_eta > 0 else [])]
+        arrays = load_arrays(batches, list(dict.fromkeys(names)))
+        if arrays is not None:
+            return _in_memory(arrays, spec, signature, in_memory_batch_size, shuffle_seed, ipw_eta, position,
+                              shuffle_labels_seed)
 
     def generate():
         rng = np.random.default_rng(shuffle_labels_seed)
@@ -156,5 +197,46 @@ def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: 
             else:
                 yield features, batch[spec.label]
 
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=_signature(spec, ipw_eta > 0))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batch_size: int,
+               shuffle_seed: int | None, ipw_eta: float, position: str | None, shuffle_labels_seed: int | None):
+    import tensorflow as tf
+
+    from training.propensity import ipw_weights
+
+    if shuffle_labels_seed is not None:
+        rng = np.random.default_rng(shuffle_labels_seed)
+        arrays[spec.label] = shuffle_within_lists(arrays[spec.label], arrays[MASK], rng)
+    feature_specs = signature[0]
+    tensors, vocabularies = {}, {}
+    for name, tensor_spec in feature_specs.items():
+        if tensor_spec.dtype == tf.string:  # as codes into the distinct values: ~50x less to convert and gather
+            codes, uniques = pd.factorize(arrays[name].ravel())
+            tensors[name] = tf.constant(codes.reshape(arrays[name].shape).astype(np.int32))
+            vocabularies[name] = tf.constant(uniques.astype(object), dtype=tf.string)
+        else:
+            tensors[name] = tf.constant(arrays[name], dtype=tensor_spec.dtype)
+    label = tf.constant(arrays[spec.label], dtype=tf.float32)
+    positions = tf.constant(arrays[position], dtype=tf.float32) if ipw_eta > 0 else None
+    rows = len(arrays[MASK])
+    del arrays
+
+    def take(index):
+        features = {name: tf.gather(tensor, index) for name, tensor in tensors.items()}
+        for name, vocabulary in vocabularies.items():
+            features[name] = tf.gather(vocabulary, features[name])
+        labels = tf.gather(label, index)
+        if positions is None:
+            return features, labels
+        weights = tf.numpy_function(lambda p, m: ipw_weights(p, ipw_eta, m), [tf.gather(positions, index),
+                                                                             features[MASK]], tf.float32)
+        return features, labels, tf.ensure_shape(weights, labels.shape)
+
+    dataset = tf.data.Dataset.range(rows)
+    if shuffle_seed is not None:  # a new order every epoch: a permutation of indices, not of the data
+        dataset = dataset.shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(take, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)

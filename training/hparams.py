@@ -29,6 +29,9 @@ class HParams:
     #: Inverse-propensity weighting of click labels by logged position: examination ~ (1 + pos) ** -ipw_eta.
     #: None uses the estimate the feature job wrote into the spec (no weighting if it has none); 0 disables.
     ipw_eta: float | None = None
+    #: Hold the training and validation data in memory as tensors when their estimated size fits this budget
+    #: (MiB): parsed once, reshuffled every epoch. 0 streams Parquet every epoch (bounded memory, slower steps).
+    data_cache_mb: int = 2048
     #: Ablation / sanity check: permute the training labels within each list (a model that must not ship).
     shuffle_labels: bool = False
     seed: int = 42

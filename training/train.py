@@ -104,6 +104,21 @@ class _EpochLogger:
         self.tracker, self.progress, self.callback = tracker, progress, Callback()
 
 
+def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
+    """Whether the data goes in memory: ``hparams.data_cache_mb`` > 0 and the split dirs' estimated size fits it
+    (batch callables, e.g. LETOR, are loaded whenever the budget is not 0)."""
+    from training import data
+
+    if hparams.data_cache_mb <= 0:
+        return False
+    needed = sum(data.estimated_bytes(s, spec) for s in sources if not callable(s))
+    if needed > hparams.data_cache_mb * 2**20:
+        log.info("data ~%.0f MiB > data_cache_mb=%d: streamed from Parquet every epoch", needed / 2**20,
+                 hparams.data_cache_mb)
+        return False
+    return True
+
+
 def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str | Path,
           output_dir: str | Path | None = None, *, model_name: str = "marketrank", version: int | None = None,
           tracking_uri: str | None = None, experiment: str = "marketrank", run_name: str | None = None,
@@ -126,10 +141,13 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
         return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
                                          seed=hparams.seed, columns_extra=extra)
 
+    batch_size = hparams.batch_size if in_memory(hparams, spec, train_source, valid_source) else None
     train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
-                                 shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None)
+                                 shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None,
+                                 in_memory_batch_size=batch_size, shuffle_seed=hparams.seed)
     # Validation is weighted like training, so early stopping follows the debiased metric, not raw clicks.
-    valid_ds = data.make_dataset(source(valid_source, False), spec, ipw_eta=eta, position="position")
+    valid_ds = data.make_dataset(source(valid_source, False), spec, ipw_eta=eta, position="position",
+                                 in_memory_batch_size=batch_size)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds, valid_ds = train_ds.with_options(options), valid_ds.with_options(options)

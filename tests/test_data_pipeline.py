@@ -1,0 +1,92 @@
+"""The training input pipelines on a real feature-job output: streaming from Parquet every epoch, or the split
+held in memory as tensors (what ``training.train`` picks when it fits ``HParams.data_cache_mb``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import data
+from training.feature_spec import MASK, FeatureSpec
+from training.hparams import HParams
+from training.propensity import ipw_weights
+from training.train import in_memory
+
+pytestmark = pytest.mark.slow
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def split(tiny_run):
+    spec = FeatureSpec.load(tiny_run["features"])
+    train_dir = tiny_run["features"] / "train"
+
+    def batches():
+        return data.iter_batches(train_dir, spec, BATCH, list_size=spec.list_size, columns_extra=("position",))
+
+    return spec, train_dir, batches
+
+
+def _rows(dataset, spec: FeatureSpec) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The dataset's batches (as NumPy) and all its rows concatenated."""
+    batches = [{**{k: v.numpy() for k, v in features.items()}, "label": label.numpy(),
+                **({"weights": rest[0].numpy()} if rest else {})} for features, label, *rest in dataset]
+    return batches, {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _sorted(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows in a canonical order (by their label and float features), to compare datasets that shuffle."""
+    keys = [rows[name][:, i] for name in ("label", "age_days", "price_gap") for i in range(rows[name].shape[1])]
+    order = np.lexsort(keys[::-1])
+    return {k: v[order] for k, v in rows.items()}
+
+
+def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(split):
+    spec, _, batches = split
+    streamed = _sorted(_rows(data.make_dataset(batches, spec), spec)[1])
+    memory = data.make_dataset(batches, spec, in_memory_batch_size=BATCH, shuffle_seed=3)
+    first_batches, first = _rows(memory, spec)
+    second = _rows(memory, spec)[1]
+    assert all(len(b["label"]) <= BATCH for b in first_batches)
+    assert not np.array_equal(first["label"], second["label"])  # a new order every epoch
+    for rows in (first, second):
+        rows = _sorted(rows)
+        assert rows.keys() == streamed.keys() == {*spec.names, MASK, "label"}
+        for name, values in streamed.items():
+            assert rows[name].dtype == values.dtype, name
+            np.testing.assert_array_equal(rows[name], values, err_msg=name)
+    assert isinstance(first["item_category"][0, 0], bytes) and first["item_category"][0, 0] != b""
+
+
+def test_in_memory_weights_are_ipw_weights_of_each_batch(split):
+    spec, _, batches = split
+    eta = 0.9
+    memory = data.make_dataset(batches, spec, ipw_eta=eta, position="position", in_memory_batch_size=BATCH)
+    arrays = data.load_arrays(batches, ["position", MASK])
+    produced = _rows(memory, spec)[0]
+    assert len(produced) == -(-len(arrays[MASK]) // BATCH)
+    for i, batch in enumerate(produced):  # no shuffle seed: the split's order, cut every BATCH lists
+        rows = slice(i * BATCH, (i + 1) * BATCH)
+        expected = ipw_weights(arrays["position"][rows], eta, arrays[MASK][rows])
+        np.testing.assert_allclose(batch["weights"], expected, rtol=1e-6)
+        assert batch["weights"][batch[MASK]].mean() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_batches_of_different_list_sizes_are_streamed(split):
+    spec, _, batches = split
+    ragged = [{k: v[:, : 30 + 5 * (i % 2)] if v.ndim == 2 else v for k, v in batch.items()}  # as LETOR's
+              for i, batch in enumerate(batches())]  # evaluation batches: each padded to its own longest list
+    assert len({b[MASK].shape[1] for b in ragged}) == 2
+    assert data.load_arrays(lambda: iter(ragged), list(spec.names)) is None
+    produced = data.make_dataset(lambda: iter(ragged), spec, in_memory_batch_size=BATCH)
+    assert [tuple(features[MASK].shape) for features, _ in produced] == [b[MASK].shape for b in ragged]
+
+
+def test_training_keeps_data_in_memory_only_within_the_budget(split):
+    spec, train_dir, batches = split
+    estimated = data.estimated_bytes(train_dir, spec)
+    assert 0 < estimated < 2048 * 2**20
+    assert in_memory(HParams(), spec, train_dir, batches)
+    assert not in_memory(HParams(data_cache_mb=0), spec, train_dir)
+    too_small = max(1, estimated // 2**20 // 2)
+    assert estimated > too_small * 2**20 and not in_memory(HParams(data_cache_mb=too_small), spec, train_dir)
