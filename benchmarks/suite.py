@@ -78,8 +78,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         if result["benchmark"] == "unbiased":
             lines.append(f"IPW closes {result['gap_closed']['value']:.1%} of the naive model's gap to the oracle")
         for name, goal in result.get("goals", {}).items():
-            if isinstance(goal, dict):
+            if isinstance(goal, dict) and "met" in goal:
                 lines.append(f"goal {name}: {'met' if goal['met'] else 'NOT met'}")
+        ceiling = result.get("goals", {}).get("feature_ceiling")
+        if ceiling:
+            lines.append(f"feature ceiling (LambdaMART on true relevance) {ceiling['value']:.4f} = "
+                         f"{ceiling['oracle_share']:.1%} of the oracle; best TF-Ranking reaches "
+                         f"{ceiling['best_tf_ranking_share']:.1%} of it")
         return lines
     return [f"{s['dataset']:8s} {s['train_lists']:>7,} lists {s['train_seconds']:7.1f}s "
             f"{s['lists_per_second']:7.0f} lists/s, time-to-quality {s['time_to_quality']['seconds']}s, "

@@ -90,13 +90,16 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, r
     median = {name: statistics.median(values) for name, values in times.items()}
     cached_s = median["cached"]
     epochs = epochs or hparams.epochs
+    epoch_steps = -(-dataset.train_lists // hparams.batch_size)
+    memory_ratio = median["in_memory"] / cached_s
     result: dict[str, Any] = {
         "steps": steps, "batch_size": hparams.batch_size, "rounds": rounds, "goal": PIPELINE_GOAL,
         "cached_step_ms": 1000 * cached_s / steps,
         "streaming": {"step_ms": 1000 * median["streaming"] / steps, "ratio": median["streaming"] / cached_s},
-        "in_memory": {"step_ms": 1000 * median["in_memory"] / steps, "ratio": median["in_memory"] / cached_s,
-                      "load_seconds": load_seconds, "epochs": epochs,
-                      "ratio_with_load": (load_seconds + epochs * median["in_memory"]) / (epochs * cached_s)},
+        "in_memory": {"step_ms": 1000 * median["in_memory"] / steps, "ratio": memory_ratio,
+                      "load_seconds": load_seconds, "epochs": epochs, "epoch_steps": epoch_steps,
+                      # the one-off load spread over every step of the run (steps above may be fewer than an epoch)
+                      "ratio_with_load": memory_ratio + load_seconds / (epochs * epoch_steps * cached_s / steps)},
         "train_uses": "in_memory" if in_memory(hparams, spec, dataset.train_source, dataset.valid_source)
         else "streaming",
     }

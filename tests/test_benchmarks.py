@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import common, datasets, quality, rankers, report, throughput
+from benchmarks import common, datasets, quality, rankers, report, suite, throughput
 from training.hparams import HParams
 
 LETOR_SAMPLE = Path(__file__).parent / "data" / "letor-sample"
@@ -94,8 +94,9 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
         assert pipe[name]["ratio"] == pytest.approx(pipe[name]["step_ms"] / pipe["cached_step_ms"])
     memory = pipe["in_memory"]
     assert memory["epochs"] == epochs and memory["load_seconds"] > 0
+    assert memory["epoch_steps"] == -(-tiny.train_lists // 64) >= pipe["steps"]
     assert memory["ratio_with_load"] == pytest.approx(memory["ratio"] + memory["load_seconds"] * 1000 / (
-        epochs * pipe["steps"] * pipe["cached_step_ms"]))
+        epochs * memory["epoch_steps"] * pipe["cached_step_ms"]))
     assert pipe["train_uses"] == "in_memory" and pipe["ratio"] == memory["ratio_with_load"]
 
 
@@ -131,6 +132,9 @@ def test_quality_result_has_every_ranker_and_goal(results):
     value = ceiling["overall"]["ndcg@10"]["value"]
     assert goals["feature_ceiling"] == pytest.approx(
         {"value": value, "oracle_share": value / oracle, "best_tf_ranking_share": best / value})
+    lines = suite.summary_lines(result)  # what `marketrank bench quality` prints
+    assert f"goal oracle_share: {'met' if goals['oracle_share']['met'] else 'NOT met'}" in lines
+    assert any(line.startswith(f"feature ceiling (LambdaMART on true relevance) {value:.4f}") for line in lines)
 
 
 @pytest.mark.slow
@@ -228,7 +232,7 @@ def test_cli_bench_report_names_the_missing_results(tmp_path):
 
 
 def test_models_option_is_validated():
-    from benchmarks import suite
+
 
     assert suite.parse_models("all") == quality.TFR_MODELS
     assert suite.parse_models("dnn/softmax, din/approx_ndcg") == (("dnn", "softmax"), ("din", "approx_ndcg"))

@@ -32,8 +32,18 @@ def shard_paths(split_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype) -> np.ndarray:
-    """[n] list column -> [n, list_size] array, truncated to the first ``list_size`` items, padded."""
+def _layout(offsets: np.ndarray, list_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, source index) placing a list column's values into ``[n, list_size]``, truncating."""
+    lengths = np.minimum(np.diff(offsets), list_size)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows, cols, np.repeat(offsets[:-1], lengths) + cols
+
+
+def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype,
+         layouts: dict[bytes, tuple] | None = None) -> np.ndarray:
+    """[n] list column -> [n, list_size] array, truncated to the first ``list_size`` items, padded.
+    ``layouts`` caches the placement per offsets: a table's item columns share theirs."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     offsets = column.offsets.to_numpy()
@@ -44,11 +54,14 @@ def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype) -
         values = column.values.to_numpy(zero_copy_only=False)
     else:
         values = column.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    lengths = np.minimum(np.diff(offsets), list_size)
-    out = np.full((len(lengths), list_size), pad_value, dtype=dtype)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = values[np.repeat(offsets[:-1], lengths) + cols]
+    if layouts is None:
+        layouts = {}
+    key = offsets.tobytes()
+    if key not in layouts:
+        layouts[key] = _layout(offsets, list_size)
+    rows, cols, source = layouts[key]
+    out = np.full((len(offsets) - 1, list_size), pad_value, dtype=dtype)
+    out[rows, cols] = values[source]
     return out
 
 
@@ -66,20 +79,22 @@ def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
     if list_size is None:
         list_size = max(int(pc.max(pc.list_value_length(table.column(spec.label))).as_py() or 1), 1)
     out: dict[str, np.ndarray] = {}
+    layouts: dict[bytes, tuple] = {}
     for feature in spec.context:
         values = table.column(feature.name).to_numpy(zero_copy_only=False)
         out[feature.name] = values.astype(object if feature.dtype == STRING else np.float32)
     for feature in spec.item:
         if feature.dtype == STRING:
-            out[feature.name] = _pad(table.column(feature.name), list_size, "", object)
+            out[feature.name] = _pad(table.column(feature.name), list_size, "", object, layouts)
         else:
-            out[feature.name] = _pad(table.column(feature.name), list_size, 0.0, np.float32)
-    label = _pad(table.column(spec.label), list_size, LABEL_PAD, np.float32)
+            out[feature.name] = _pad(table.column(feature.name), list_size, 0.0, np.float32, layouts)
+    label = _pad(table.column(spec.label), list_size, LABEL_PAD, np.float32, layouts)
     out[MASK] = label >= 0
     out[spec.label] = label
     for name in extra_item_columns:
         if name != spec.label and name in table.column_names:
-            out[name] = _pad(table.column(name), list_size, LABEL_PAD if name != "position" else -1, np.float32)
+            out[name] = _pad(table.column(name), list_size, LABEL_PAD if name != "position" else -1, np.float32,
+                             layouts)
     return out
 
 

@@ -142,7 +142,8 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
                                          seed=hparams.seed, columns_extra=extra)
 
     batch_size = hparams.batch_size if in_memory(hparams, spec, train_source, valid_source) else None
-    train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
+    # In memory, tf.data reshuffles every epoch: the load needs no shuffled read.
+    train_ds = data.make_dataset(source(train_source, batch_size is None), spec, ipw_eta=eta, position="position",
                                  shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None,
                                  in_memory_batch_size=batch_size, shuffle_seed=hparams.seed)
     # Validation is weighted like training, so early stopping follows the debiased metric, not raw clicks.
