@@ -42,7 +42,7 @@ def _fit_seconds(model, dataset) -> float:
     return time.perf_counter() - begin
 
 
-def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, rounds: int = 3,
+def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, rounds: int = 5,
                          epochs: int | None = None) -> dict[str, Any]:
     """Step time of each input pipeline ``training.train`` can use versus the same batches cached in memory
     (``tf.data`` ``cache()``), same model and steps (one epoch, at most ``steps``); medians of ``rounds``
@@ -71,8 +71,13 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, r
                                      shuffle=True, seed=hparams.seed, columns_extra=extra)
     steps = max(1, min(steps, dataset.train_lists // hparams.batch_size))
     streaming = data.make_dataset(source, spec, ipw_eta=eta, position="position").take(steps)
+    load = source
+    if not callable(dataset.train_source):  # as training.train loads it: whole chunks, in file order
+        def load():
+            return data.iter_batches(dataset.train_source, spec, data.CHUNK_ROWS, list_size=spec.list_size,
+                                     columns_extra=extra)
     start = time.perf_counter()
-    memory = data.make_dataset(source, spec, ipw_eta=eta, position="position",
+    memory = data.make_dataset(load, spec, ipw_eta=eta, position="position",
                                in_memory_batch_size=hparams.batch_size, shuffle_seed=hparams.seed)
     load_seconds = time.perf_counter() - start
     memory = memory.take(steps)

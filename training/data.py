@@ -220,7 +220,7 @@ def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batc
                shuffle_seed: int | None, ipw_eta: float, position: str | None, shuffle_labels_seed: int | None):
     import tensorflow as tf
 
-    from training.propensity import ipw_weights
+    from training.propensity import propensity_weights
 
     if shuffle_labels_seed is not None:
         rng = np.random.default_rng(shuffle_labels_seed)
@@ -235,7 +235,8 @@ def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batc
         else:
             tensors[name] = tf.constant(arrays[name], dtype=tensor_spec.dtype)
     label = tf.constant(arrays[spec.label], dtype=tf.float32)
-    positions = tf.constant(arrays[position], dtype=tf.float32) if ipw_eta > 0 else None
+    # Unscaled weights once; each batch scales its own to mean 1, as ipw_weights does, without the GIL.
+    propensity = tf.constant(propensity_weights(arrays[position], ipw_eta, arrays[MASK])) if ipw_eta > 0 else None
     rows = len(arrays[MASK])
     del arrays
 
@@ -244,11 +245,12 @@ def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batc
         for name, vocabulary in vocabularies.items():
             features[name] = tf.gather(vocabulary, features[name])
         labels = tf.gather(label, index)
-        if positions is None:
+        if propensity is None:
             return features, labels
-        weights = tf.numpy_function(lambda p, m: ipw_weights(p, ipw_eta, m), [tf.gather(positions, index),
-                                                                             features[MASK]], tf.float32)
-        return features, labels, tf.ensure_shape(weights, labels.shape)
+        weights = tf.gather(propensity, index)
+        total = tf.reduce_sum(weights)
+        valid = tf.reduce_sum(tf.cast(features[MASK], tf.float32))
+        return features, labels, tf.where(total > 0, weights * (valid / total), weights)
 
     dataset = tf.data.Dataset.range(rows)
     if shuffle_seed is not None:  # a new order every epoch: a permutation of indices, not of the data

@@ -34,8 +34,14 @@ def fit_power_law(positions: np.ndarray, impressions: np.ndarray, clicks: np.nda
             "clicks": int(clicks[usable].sum())}
 
 
+def propensity_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = 20.0) -> np.ndarray:
+    """Per-item weights ``(1 + p) ** eta`` clipped at ``clip``, 0 where not ``valid`` (before scaling)."""
+    return np.where(valid, np.minimum((1.0 + np.maximum(positions, 0.0)) ** eta, clip), 0.0).astype(np.float32)
+
+
 def ipw_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = 20.0) -> np.ndarray:
-    """Per-item weights ``(1 + p) ** eta`` clipped at ``clip`` and scaled to mean 1 over ``valid`` items."""
-    weights = np.where(valid, np.minimum((1.0 + np.maximum(positions, 0.0)) ** eta, clip), 0.0)
+    """Per-item weights ``(1 + p) ** eta`` clipped at ``clip`` and scaled to mean 1 over ``valid`` items (the
+    scaling is per batch: ``training.data`` does it in TensorFlow for batches it cuts itself)."""
+    weights = propensity_weights(positions, eta, valid, clip).astype(np.float64)
     total = weights.sum()
     return (weights * (valid.sum() / total) if total > 0 else weights).astype(np.float32)

@@ -135,15 +135,18 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     eta = resolve_ipw_eta(hparams, spec)
     extra = ("position",) if eta > 0 else ()
 
+    batch_size = hparams.batch_size if in_memory(hparams, spec, train_source, valid_source) else None
+
     def source(src, shuffle: bool):
         if callable(src):
             return src
-        return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
+        # Loaded into memory: whole chunks (fewer, larger arrays to join) and no shuffled read (tf.data
+        # reshuffles every epoch).
+        size, shuffle = (data.CHUNK_ROWS, False) if batch_size else (hparams.batch_size, shuffle)
+        return lambda: data.iter_batches(src, spec, size, list_size=spec.list_size, shuffle=shuffle,
                                          seed=hparams.seed, columns_extra=extra)
 
-    batch_size = hparams.batch_size if in_memory(hparams, spec, train_source, valid_source) else None
-    # In memory, tf.data reshuffles every epoch: the load needs no shuffled read.
-    train_ds = data.make_dataset(source(train_source, batch_size is None), spec, ipw_eta=eta, position="position",
+    train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
                                  shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None,
                                  in_memory_batch_size=batch_size, shuffle_seed=hparams.seed)
     # Validation is weighted like training, so early stopping follows the debiased metric, not raw clicks.
