@@ -100,6 +100,7 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, r
     result: dict[str, Any] = {
         "steps": steps, "batch_size": hparams.batch_size, "rounds": rounds, "goal": PIPELINE_GOAL,
         "cached_step_ms": 1000 * cached_s / steps,
+        "cached_spread": (max(times["cached"]) - min(times["cached"])) / cached_s,
         "streaming": {"step_ms": 1000 * median["streaming"] / steps, "ratio": median["streaming"] / cached_s},
         "in_memory": {"step_ms": 1000 * median["in_memory"] / steps, "ratio": memory_ratio,
                       "load_seconds": load_seconds, "epochs": epochs, "epoch_steps": epoch_steps,
