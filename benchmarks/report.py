@@ -143,7 +143,8 @@ def throughput_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              "Time-to-quality: until validation NDCG@10 on the evaluation label first reaches 99% of the exported "
              "epoch's value (computing that curve is left out of the seconds). Input "
              "pipeline: the same model and steps fed by each pipeline versus the batches cached in memory by "
-             "tf.data (median of alternating runs). *Streaming* parses Parquet into padded NumPy on every epoch "
+             "tf.data (the fastest of alternating rounds: slower ones measure the neighbours on a shared "
+             "machine). *Streaming* parses Parquet into padded NumPy on every epoch "
              "(data beyond `data_cache_mb`); *in-memory* reads the split once (*load s*) and cuts reshuffled "
              "batches in TensorFlow's threads. The goal column rates the pipeline training picks for that data, "
              "in-memory with its load spread over the epochs run.", ""]
