@@ -72,11 +72,7 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, r
                                      shuffle=True, seed=hparams.seed, columns_extra=extra)
     steps = max(1, min(steps, dataset.train_lists // hparams.batch_size))
     streaming = data.make_dataset(source, spec, ipw_eta=eta, position="position").take(steps)
-    load = source
-    if not callable(dataset.train_source):  # as training.train loads it: whole chunks, in file order
-        def load():
-            return data.iter_batches(dataset.train_source, spec, data.CHUNK_ROWS, list_size=spec.list_size,
-                                     columns_extra=extra)
+    load = source if callable(dataset.train_source) else data.loading_batches(dataset.train_source, spec, extra)
     start = time.perf_counter()
     memory = data.make_dataset(load, spec, ipw_eta=eta, position="position",
                                in_memory_batch_size=hparams.batch_size, shuffle_seed=hparams.seed)

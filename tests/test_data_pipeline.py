@@ -86,7 +86,8 @@ def test_training_keeps_data_in_memory_only_within_the_budget(split):
     spec, train_dir, batches = split
     estimated = data.estimated_bytes(train_dir, spec)
     assert 0 < estimated < 2048 * 2**20
-    assert in_memory(HParams(), spec, train_dir, batches)
+    assert in_memory(HParams(), spec, train_dir, train_dir)
+    assert not in_memory(HParams(), spec, train_dir, batches)  # a batch callable has no size to check: streamed
     assert not in_memory(HParams(data_cache_mb=0), spec, train_dir)
     too_small = max(1, estimated // 2**20 // 2)
     assert estimated > too_small * 2**20 and not in_memory(HParams(data_cache_mb=too_small), spec, train_dir)

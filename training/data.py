@@ -151,6 +151,12 @@ def shuffle_within_lists(labels: np.ndarray, mask: np.ndarray, rng: np.random.Ge
     return shuffled
 
 
+def loading_batches(split_dir: str | Path, spec: FeatureSpec, columns_extra: tuple[str, ...] = ()):
+    """The batches callable that loads a split into memory: whole chunks (fewer, larger arrays to join), in file
+    order (``tf.data`` reshuffles every epoch)."""
+    return lambda: iter_batches(split_dir, spec, CHUNK_ROWS, list_size=spec.list_size, columns_extra=columns_extra)
+
+
 def load_arrays(batches, names: list[str]) -> dict[str, np.ndarray] | None:
     """Every batch of ``batches()`` concatenated (``names`` and the mask); None when their list sizes differ
     (batches padded to their own longest list), which only streaming can feed."""

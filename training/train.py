@@ -105,13 +105,13 @@ class _EpochLogger:
 
 
 def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
-    """Whether the data goes in memory: ``hparams.data_cache_mb`` > 0 and the split dirs' estimated size fits it
-    (batch callables, e.g. LETOR, are loaded whenever the budget is not 0)."""
+    """Whether the data goes in memory: every source is a split dir (batch callables, e.g. LETOR files, have no
+    size to check and stream) and their estimated size fits ``hparams.data_cache_mb``."""
     from training import data
 
-    if hparams.data_cache_mb <= 0:
+    if hparams.data_cache_mb <= 0 or any(callable(s) for s in sources):
         return False
-    needed = sum(data.estimated_bytes(s, spec) for s in sources if not callable(s))
+    needed = sum(data.estimated_bytes(s, spec) for s in sources)
     if needed > hparams.data_cache_mb * 2**20:
         log.info("data ~%.0f MiB > data_cache_mb=%d: streamed from Parquet every epoch", needed / 2**20,
                  hparams.data_cache_mb)
@@ -140,10 +140,9 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     def source(src, shuffle: bool):
         if callable(src):
             return src
-        # Loaded into memory: whole chunks (fewer, larger arrays to join) and no shuffled read (tf.data
-        # reshuffles every epoch).
-        size, shuffle = (data.CHUNK_ROWS, False) if batch_size else (hparams.batch_size, shuffle)
-        return lambda: data.iter_batches(src, spec, size, list_size=spec.list_size, shuffle=shuffle,
+        if batch_size:
+            return data.loading_batches(src, spec, columns_extra=extra)
+        return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
                                          seed=hparams.seed, columns_extra=extra)
 
     train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
