@@ -27,7 +27,7 @@ def split(tiny_run):
     return spec, train_dir, batches
 
 
-def _rows(dataset, spec: FeatureSpec) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+def _rows(dataset) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """The dataset's batches (as NumPy) and all its rows concatenated."""
     batches = [{**{k: v.numpy() for k, v in features.items()}, "label": label.numpy(),
                 **({"weights": rest[0].numpy()} if rest else {})} for features, label, *rest in dataset]
@@ -43,10 +43,10 @@ def _sorted(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(split):
     spec, _, batches = split
-    streamed = _sorted(_rows(data.make_dataset(batches, spec), spec)[1])
+    streamed = _sorted(_rows(data.make_dataset(batches, spec))[1])
     memory = data.make_dataset(batches, spec, in_memory_batch_size=BATCH, shuffle_seed=3)
-    first_batches, first = _rows(memory, spec)
-    second = _rows(memory, spec)[1]
+    first_batches, first = _rows(memory)
+    second = _rows(memory)[1]
     assert all(len(b["label"]) <= BATCH for b in first_batches)
     assert not np.array_equal(first["label"], second["label"])  # a new order every epoch
     for rows in (first, second):
@@ -63,7 +63,7 @@ def test_in_memory_weights_are_ipw_weights_of_each_batch(split):
     eta = 0.9
     memory = data.make_dataset(batches, spec, ipw_eta=eta, position="position", in_memory_batch_size=BATCH)
     arrays = data.load_arrays(batches, ["position", MASK])
-    produced = _rows(memory, spec)[0]
+    produced = _rows(memory)[0]
     assert len(produced) == -(-len(arrays[MASK]) // BATCH)
     for i, batch in enumerate(produced):  # no shuffle seed: the split's order, cut every BATCH lists
         rows = slice(i * BATCH, (i + 1) * BATCH)
