@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.feature_spec import MASK, SPEC_FILE, STRING, FeatureSpec
+from training.feature_spec import MASK, STRING, FeatureSpec
 
 Batches = Callable[[], Iterator[dict[str, Any]]]
 
@@ -47,15 +47,14 @@ def marketplace(size: str, seed: int = 7, cache: Path | None = None) -> Dataset:
     The cache defaults to the workspace's dataset dir, the one ``marketrank run`` uses, so both share the data.
     """
     from marketrank import simulator, workspace
-    from pipelines.local import build_features, generate_data
+    from pipelines.local import ensure_features, generate_data
 
     root = (cache / f"{size}-seed{seed}") if cache else workspace.dataset_dir(f"{size}-seed{seed}")
     raw, features = root / "raw", root / "features"
     root.mkdir(parents=True, exist_ok=True)
     if not raw.exists():
         generate_data(raw, size, seed)
-    if not (features / SPEC_FILE).exists():
-        build_features(raw, features)
+    ensure_features(raw, features)
     config = dataclasses.replace(simulator.SIZE_PRESETS[size], seed=seed)
     return from_features(features, size, simulator={k: getattr(config, k) for k in (
         "users", "items", "requests", "days", "seed", "position_bias", "randomized_share")})

@@ -64,6 +64,23 @@ def build_features(raw_dir: Path, features_dir: Path) -> dict[str, Any]:
         return run_feature_job(raw_dir, features_dir, progress=lambda msg: s.note(f"Spark feature job: {msg}"))
 
 
+def ensure_features(raw_dir: Path, features_dir: Path) -> dict[str, Any] | None:
+    """Run the feature job unless ``features_dir`` already holds this code's features (the same feature names as
+    ``training.features.FEATURES``): data built by an older feature job is rebuilt, not silently reused."""
+    from training.features import FEATURES
+
+    if (features_dir / SPEC_FILE).exists():
+        built = {f.name for f in FeatureSpec.load(features_dir).features}
+        wanted = {f.name for f in FEATURES}
+        if built == wanted:
+            ui.console.print(f"[dim]using features in {features_dir}[/dim]")
+            return None
+        ui.console.print(f"[yellow]features in {features_dir} come from another feature job (missing "
+                         f"{sorted(wanted - built) or 'none'}, extra {sorted(built - wanted) or 'none'}): "
+                         "rebuilding[/yellow]")
+    return build_features(raw_dir, features_dir)
+
+
 def train_model(features_dir: Path, run_dir: Path, hparams: HParams, run_name: str):
     from training.train import train
 
@@ -117,10 +134,7 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
         generate_data(raw_dir, config.size, config.seed)
     else:
         ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")
-    if not (features_dir / SPEC_FILE).exists():
-        build_features(raw_dir, features_dir)
-    else:
-        ui.console.print(f"[dim]using features in {features_dir}[/dim]")
+    ensure_features(raw_dir, features_dir)
 
     registry = LocalRegistry(workspace.mlflow_uri(), workspace.models_dir())
     champion = registry.get(CHAMPION)

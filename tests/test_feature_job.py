@@ -105,7 +105,7 @@ REQUEST_ROWS = [  # request_id, user_id (u9 has no profile), ts_ms, surface, que
     ("r04", "u1", T0 + 4 * HOUR, "feed", None),
     ("r05", "u2", T0 + 5 * HOUR, "feed", None),
     ("r06", "u1", T0 + 6 * HOUR, "feed", None),
-    ("r07", "u1", T0 + 7 * HOUR, "search", "zeta"),
+    ("r07", "u1", T0 + 7 * HOUR, "search", " Zeta  zeta"),  # names zeta once: terms are lower case, distinct
     ("r08", "u2", T0 + 8 * HOUR, "feed", None),
     ("r09", "u1", T0 + 9 * HOUR, "feed", None),
     ("r10", "u9", T0 + 10 * HOUR, "feed", None),
@@ -168,6 +168,8 @@ def oracle_raw(ts: int, user_id: str, item_id: str, surface: str = "feed", query
     users = {row[0]: row for row in USER_ROWS}
     earlier = [e for e in INTERACTION_ROWS if e[3] < ts]  # strictly earlier events only
     clicks = [e[2] for e in earlier if e[1] == user_id and e[4] == "click"]
+    seen = [i for r in REQUEST_ROWS if r[1] == user_id and r[2] < ts for i in SHOWN[r[0]]]
+    searches = [set(r[4].lower().split()) for r in REQUEST_ROWS if r[1] == user_id and r[2] < ts and r[4]]
     user, item = users.get(user_id), ITEMS[item_id]
     return {
         "surface": surface, "query": query, "ts_ms": ts,
@@ -184,6 +186,11 @@ def oracle_raw(ts: int, user_id: str, item_id: str, surface: str = "feed", query
         "user_brand_clicks": sum(ITEMS[i]["brand"] == item["brand"] for i in clicks),
         "user_style_clicks": sum(ITEMS[i]["style"] == item["style"] for i in clicks),
         "user_category_clicks": sum(ITEMS[i]["category"] == item["category"] for i in clicks),
+        "user_brand_views": sum(ITEMS[i]["brand"] == item["brand"] for i in seen),
+        "user_style_views": sum(ITEMS[i]["style"] == item["style"] for i in seen),
+        "user_searches": len(searches),
+        "user_brand_searches": sum(item["brand"] in terms for terms in searches),
+        "user_style_searches": sum(item["style"] in terms for terms in searches),
     }
 
 
@@ -456,11 +463,16 @@ def test_online_assemble_features_matches_spark_row(handmade_job) -> None:
         "listed_ms": T0 - 3 * DAY, "seller_rating": 4.5, "seller_sales": 12, "seller_country": "FR",
         "title": "acme vintage wool coat", "views": 8, "likes": 3, "bags": 1,
         "user_brand_clicks": 3, "user_style_clicks": 2, "user_category_clicks": 2,
+        # r01 and r03 showed u1 acme 3 times (iA, iB; iA), vintage 4 times (iA, iC; iC, iA); r03 searched "vintage"
+        "user_brand_views": 3, "user_style_views": 4, "user_searches": 1, "user_brand_searches": 0,
+        "user_style_searches": 1,
     }
     assert set(raw) == set(RAW_COLUMNS)
     online = assemble_features(pd.DataFrame([raw])).iloc[0]
     assert online["price_gap"] == pytest.approx(abs(usual_lpi) / 3, rel=1e-6)
     assert online["user_tenure_days"] == pytest.approx(10 + 4 / 24, rel=1e-6)
+    assert (online["brand_ctr"], online["style_ctr"]) == pytest.approx((3 / 4, 2 / 5))
+    assert (online["brand_searched"], online["style_searched"]) == pytest.approx((0.0, 1 / 2))
     flags = ("fav_brand", "fav_style", "same_country", "size_match")
     assert [online[name] for name in flags] == [1, 1, 1, 1]
     assert_features_equal(handmade_job["items"].loc[("r04", "iA")], online, where="r04/iA")
@@ -478,6 +490,7 @@ def test_online_state_is_the_counters_at_the_end_of_the_log(handmade_job) -> Non
     assert set(user_state.index) == {row[0] for row in USER_ROWS}
     assert (item_state.loc["iA", "views"], item_state.loc["iA", "likes"], item_state.loc["iA", "bags"]) == (15, 4, 1)
     assert user_state.loc["u1", "user_clicks"] == 7 and user_state.loc["u2", "user_clicks"] == 1
+    assert user_state.loc["u1", "user_searches"] == 2 and user_state.loc["u2", "user_searches"] == 1
 
     now = T0 + 11 * HOUR  # after every event of the log
     for user_id in ("u1", "u2", "u9"):  # u9 has no profile: a cold start

@@ -38,7 +38,8 @@ STATIC = {"surface", "user_country", "user_tenure_days", "item_category", "item_
           "same_country", "size_match", "fav_brand", "fav_style", "query_category_match", "query_brand_match",
           "query_style_match", "query_title_overlap"}
 COUNTERS = {"user_history", "views", "likes", "bags"}  # only grow between the request and the end of the logs
-DERIVED = {"price_gap", "like_rate", "brand_affinity", "style_affinity", "category_affinity"}
+DERIVED = {"price_gap", "like_rate", "brand_affinity", "style_affinity", "category_affinity", "brand_ctr", "style_ctr",
+           "brand_searched", "style_searched"}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -87,3 +88,21 @@ def test_gate_registry_and_shadow_deployment_sequence(workspace, monkeypatch):
     assert _endpoint(workspace)["production"]["model_name"] == "marketrank-v1"
     assert _aliases(workspace) == {"champion": 1}
     assert json.loads(runner.invoke(app, ["endpoint", "rollback"], catch_exceptions=False).output)["action"] == "noop"
+
+
+def test_features_from_another_feature_job_are_rebuilt(tiny_run, tmp_path):
+    """Cached features whose spec names other features than this code computes are rebuilt, not reused."""
+    import dataclasses
+
+    from pipelines.local import ensure_features
+    from training.feature_spec import FeatureSpec
+    from training.features import FEATURES
+
+    raw, features = Path(tiny_run["report"]["dataset"]["raw"]), tmp_path / "features"
+    shutil.copytree(tiny_run["features"], features)
+    assert ensure_features(raw, features) is None  # current: reused as it is
+    spec = FeatureSpec.load(features)
+    dataclasses.replace(spec, features=spec.features[:-1]).save(features)  # as an older job would have built it
+    stats = ensure_features(raw, features)
+    assert stats is not None and stats["splits"]["train"]["lists"] > 0
+    assert [f.name for f in FeatureSpec.load(features).features] == [f.name for f in FEATURES]

@@ -181,7 +181,8 @@ def _event_stream(tables: dict):
              .join(item_keys, "item_id")
              .select("request_id", "user_id", "item_id", "brand", "style", "category", "ts_ms",
                      F.lit(1).alias("view"), F.lit(0).alias("click"), F.lit(0).alias("like"),
-                     F.lit(0).alias("bag"), F.lit(0.0).alias("click_lpi"), F.lit(True).alias("is_impression")))
+                     F.lit(0).alias("bag"), F.lit(0.0).alias("click_lpi"), F.lit(True).alias("is_impression"),
+                     F.lit(0).alias("search"), F.lit(0).alias("named")))
     events = (interactions.withColumn("ts_ms", _to_ms(interactions, "ts")).join(item_keys, "item_id")
               .select(F.lit(None).cast("string").alias("request_id"), "user_id", "item_id", "brand", "style",
                       "category", "ts_ms", F.lit(0).alias("view"),
@@ -189,8 +190,31 @@ def _event_stream(tables: dict):
                       (F.col("event") == "like").cast("int").alias("like"),
                       (F.col("event") == "add_to_bag").cast("int").alias("bag"),
                       F.when(F.col("event") == "click", F.col("lpi")).otherwise(0.0).alias("click_lpi"),
-                      F.lit(False).alias("is_impression")))
-    return items, requests, shown.unionByName(events)
+                      F.lit(False).alias("is_impression"), F.lit(0).alias("search"), F.lit(0).alias("named")))
+    return items, requests, shown.unionByName(events).unionByName(_search_stream(requests))
+
+
+def _search_stream(requests):
+    """Searches as stream rows: one per search (``search``), and one per distinct query term (``named``) whose
+    ``brand`` and ``style`` are the term, so the (user, brand) and (user, style) windows count the searches that
+    named an item's brand or style. Terms follow ``training.features``' query tokens: lower case, split on
+    whitespace."""
+    from pyspark.sql import functions as F
+
+    searches = (requests.filter(F.col("query").isNotNull())
+                .withColumn("terms", F.array_distinct(F.filter(F.split(F.lower(F.trim("query")), r"\s+"),
+                                                               lambda term: term != "")))
+                .filter(F.size("terms") > 0))
+    none, zero = F.lit(None).cast("string"), F.lit(0)
+    common = [none.alias("request_id"), "user_id", none.alias("item_id")]
+    counters = [zero.alias("view"), zero.alias("click"), zero.alias("like"), zero.alias("bag"),
+                F.lit(0.0).alias("click_lpi"), F.lit(False).alias("is_impression")]
+    per_search = searches.select(*common, none.alias("brand"), none.alias("style"), none.alias("category"),
+                                 "ts_ms", *counters, F.lit(1).alias("search"), zero.alias("named"))
+    per_term = (searches.select("user_id", "ts_ms", F.explode("terms").alias("term"))
+                .select(*common, F.col("term").alias("brand"), F.col("term").alias("style"), none.alias("category"),
+                        "ts_ms", *counters, zero.alias("search"), F.lit(1).alias("named")))
+    return per_search.unionByName(per_term)
 
 
 def _user_profile(users):
@@ -222,10 +246,16 @@ def point_in_time_rows(tables: dict):
                .withColumn("user_brand_clicks", F.sum("click").over(before("user_id", "brand")))
                .withColumn("user_style_clicks", F.sum("click").over(before("user_id", "style")))
                .withColumn("user_category_clicks", F.sum("click").over(before("user_id", "category")))
+               .withColumn("user_brand_views", F.sum("view").over(before("user_id", "brand")))
+               .withColumn("user_style_views", F.sum("view").over(before("user_id", "style")))
+               .withColumn("user_searches", F.sum("search").over(before("user_id")))
+               .withColumn("user_brand_searches", F.sum("named").over(before("user_id", "brand")))
+               .withColumn("user_style_searches", F.sum("named").over(before("user_id", "style")))
                .filter("is_impression")
                .select("request_id", "item_id", *(F.coalesce(F.col(c), F.lit(0)).alias(c) for c in (
                    "views_before", "likes_before", "bags", "user_clicks", "user_lpi_sum", "user_brand_clicks",
-                   "user_style_clicks", "user_category_clicks")))
+                   "user_style_clicks", "user_category_clicks", "user_brand_views", "user_style_views",
+                   "user_searches", "user_brand_searches", "user_style_searches")))
                .dropDuplicates(["request_id", "item_id"]))  # an item shown twice in a request: same counters
 
     grade = F.create_map(*[x for e, g in EVENT_GRADES.items() for x in (F.lit(e), F.lit(g))])
@@ -263,16 +293,19 @@ def online_state(tables: dict):
                   .withColumn("likes", F.col("likes") + F.coalesce(F.col("likes_n"), F.lit(0)))
                   .withColumn("bags", F.coalesce(F.col("bags_n"), F.lit(0)))
                   .select("item_id", *ITEM_STATE_COLUMNS))
-    clicks = stream.filter(F.col("click") == 1)
     user_state = (_user_profile(tables["users"])
                   .join(stream.groupBy("user_id").agg(F.sum("click").alias("user_clicks"),
-                                                      F.sum("click_lpi").alias("user_lpi_sum")), "user_id", "left"))
-    for key in ("brand", "style", "category"):
-        per_key = (clicks.groupBy("user_id", key).count()
-                   .groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct(key, "count")))
-                                           .alias(f"{key}_clicks")))
+                                                      F.sum("click_lpi").alias("user_lpi_sum"),
+                                                      F.sum("search").alias("user_searches")), "user_id", "left"))
+    # Per-key counters as maps: clicks and impressions by brand / style / category, searches by query term.
+    maps = {"brand_clicks": ("click", "brand"), "style_clicks": ("click", "style"),
+            "category_clicks": ("click", "category"), "brand_views": ("view", "brand"),
+            "style_views": ("view", "style"), "search_terms": ("named", "brand")}
+    for name, (event, key) in maps.items():
+        per_key = (stream.filter(F.col(event) == 1).groupBy("user_id", key).count()
+                   .groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct(key, "count"))).alias(name)))
         user_state = user_state.join(per_key, "user_id", "left")
-    user_state = (user_state.withColumn("user_clicks", F.coalesce(F.col("user_clicks"), F.lit(0)))
+    user_state = (user_state.fillna(0, subset=["user_clicks", "user_searches"])
                   .withColumn("user_lpi_sum", F.coalesce(F.col("user_lpi_sum"), F.lit(0.0)))
                   .select("user_id", *USER_STATE_COLUMNS))
     return item_state, user_state

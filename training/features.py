@@ -51,6 +51,11 @@ RAW_COLUMNS: dict[str, str] = {
     "user_brand_clicks": "user's clicks on this brand before the request",
     "user_style_clicks": "user's clicks on this style before the request",
     "user_category_clicks": "user's clicks on this category before the request",
+    "user_brand_views": "user's impressions of this brand before the request",
+    "user_style_views": "user's impressions of this style before the request",
+    "user_searches": "user's searches before the request",
+    "user_brand_searches": "user's searches before the request whose query names this brand",
+    "user_style_searches": "user's searches before the request whose query names this style",
 }
 
 FEATURES: tuple[Feature, ...] = (
@@ -77,6 +82,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("brand_affinity", ITEM, description="share of the user's clicks on this brand"),
     Feature("style_affinity", ITEM, description="share of the user's clicks on this style"),
     Feature("category_affinity", ITEM, description="share of the user's clicks on this category"),
+    # Affinity by exposure: a share of clicks cannot tell a liked brand from one the old ranker kept showing.
+    Feature("brand_ctr", ITEM, description="user's clicks per impression of this brand: clicks / (views + 1)"),
+    Feature("style_ctr", ITEM, description="user's clicks per impression of this style: clicks / (views + 1)"),
+    # Query history: a user names the brands and styles they want, including those they never declared.
+    Feature("brand_searched", ITEM, description="share of the user's earlier searches naming this brand"),
+    Feature("style_searched", ITEM, description="share of the user's earlier searches naming this style"),
     Feature("fav_brand", ITEM, description="user follows the brand"),
     Feature("fav_style", ITEM, description="user declared the style"),
     Feature("query_category_match", ITEM),
@@ -90,12 +101,20 @@ ITEM_STATE_COLUMNS = ("title", "category", "brand", "brand_tier", "style", "size
                       "category_median_price", "listed_ms", "seller_rating", "seller_sales", "seller_country",
                       "views", "likes", "bags")
 USER_STATE_COLUMNS = ("user_country", "user_size", "user_fav_brands", "user_fav_styles", "user_signup_ms",
-                      "user_clicks", "user_lpi_sum", "brand_clicks", "style_clicks", "category_clicks")
+                      "user_clicks", "user_lpi_sum", "brand_clicks", "style_clicks", "category_clicks",
+                      "brand_views", "style_views", "user_searches", "search_terms")
+#: How the user state's per-key maps fill raw columns: (map, the item attribute looked up in it, raw column).
+USER_MAP_LOOKUPS = (("brand_clicks", "brand", "user_brand_clicks"), ("style_clicks", "style", "user_style_clicks"),
+                    ("category_clicks", "category", "user_category_clicks"),
+                    ("brand_views", "brand", "user_brand_views"), ("style_views", "style", "user_style_views"),
+                    ("search_terms", "brand", "user_brand_searches"), ("search_terms", "style", "user_style_searches"))
 
 #: Raw columns that are numbers (the rest are text, lists or maps): the online path builds them as float64.
 NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user_lpi_sum", "price", "photos",
                                  "category_median_price", "listed_ms", "seller_rating", "seller_sales", "views",
-                                 "likes", "bags", "user_brand_clicks", "user_style_clicks", "user_category_clicks"})
+                                 "likes", "bags", "user_brand_clicks", "user_style_clicks", "user_category_clicks",
+                                 "user_brand_views", "user_style_views", "user_searches", "user_brand_searches",
+                                 "user_style_searches"})
 
 #: Output columns that are not features but travel with each list.
 LIST_COLUMNS = ("request_id", "user_id", "ts_ms", "split")
@@ -152,7 +171,7 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
     lpi = np.log(np.maximum(_num(col["price"]), 0.01) / np.maximum(_num(col["category_median_price"]), 0.01))
     usual = np.divide(_num(col["user_lpi_sum"]), clicks, out=np.zeros_like(clicks), where=clicks > 0)
     views, likes = _num(col["views"]), _num(col["likes"])
-    denominator = clicks + 1.0
+    denominator, searches = clicks + 1.0, _num(col["user_searches"]) + 1.0
     tokens: dict[Any, frozenset[str]] = {}  # one query per request: tokenised once, not once per candidate
     query = [tokens[q] if q in tokens else tokens.setdefault(q, _tokens(q)) for q in col["query"]]
     surface, country = col["surface"], col["user_country"]
@@ -180,6 +199,10 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         "brand_affinity": _num(col["user_brand_clicks"]) / denominator,
         "style_affinity": _num(col["user_style_clicks"]) / denominator,
         "category_affinity": _num(col["user_category_clicks"]) / denominator,
+        "brand_ctr": _num(col["user_brand_clicks"]) / (_num(col["user_brand_views"]) + 1.0),
+        "style_ctr": _num(col["user_style_clicks"]) / (_num(col["user_style_views"]) + 1.0),
+        "brand_searched": _num(col["user_brand_searches"]) / searches,
+        "style_searched": _num(col["user_style_searches"]) / searches,
         "fav_brand": _member(col["brand"], col["user_fav_brands"]),
         "fav_style": _member(col["style"], col["user_fav_styles"]),
         "query_category_match": [c in q for c, q in zip(col["category"], query, strict=True)],
@@ -243,12 +266,14 @@ def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mappin
     shared = {"surface": surface, "query": query, "ts_ms": ts_ms, "user_country": user.get("user_country"),
               "user_size": user.get("user_size"), "user_signup_ms": user.get("user_signup_ms"),
               "user_clicks": user.get("user_clicks") or 0, "user_lpi_sum": user.get("user_lpi_sum") or 0.0,
+              "user_searches": user.get("user_searches") or 0,
               "user_fav_brands": user.get("user_fav_brands"), "user_fav_styles": user.get("user_fav_styles")}
     columns.update({name: _state_column([value] * n, True) if name in NUMERIC_RAW_COLUMNS else _repeat(value, n)
                     for name, value in shared.items()})
-    for key in ("brand", "style", "category"):
-        clicks = dict(user.get(f"{key}_clicks") or {})  # a JSON object, or Parquet's (key, value) pairs
-        columns[f"user_{key}_clicks"] = np.array([clicks.get(value, 0) for value in columns[key]], dtype=np.float64)
+    maps = {name: dict(user.get(name) or {}) for name, _, _ in USER_MAP_LOOKUPS}  # JSON objects or (key, value)s
+    for name, key, column in USER_MAP_LOOKUPS:
+        counts = maps[name]
+        columns[column] = np.array([counts.get(value, 0) for value in columns[key]], dtype=np.float64)
     return {c: columns[c] for c in RAW_COLUMNS}
 
 
