@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -119,6 +120,22 @@ def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
     return True
 
 
+def batch_source(src, spec: FeatureSpec, hparams, *, shuffle: bool, columns_extra: tuple[str, ...] = (),
+                 whole: bool = False) -> Callable[[], Iterator[dict[str, Any]]]:
+    """What ``data.make_dataset`` takes for one split: a batch callable as it is; a split dir read whole (``whole``:
+    the in-memory path, which reshuffles in TensorFlow) or streamed, in a new order on every call when ``shuffle``
+    (tf.data calls the generator once per epoch; epoch k uses seed + k, so runs stay reproducible)."""
+    from training import data
+
+    if callable(src):
+        return src
+    if whole:
+        return data.loading_batches(src, spec, columns_extra=columns_extra)
+    epochs = itertools.count()
+    return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
+                                     seed=hparams.seed + next(epochs), columns_extra=columns_extra)
+
+
 def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str | Path,
           output_dir: str | Path | None = None, *, model_name: str = "marketrank", version: int | None = None,
           tracking_uri: str | None = None, experiment: str = "marketrank", run_name: str | None = None,
@@ -138,12 +155,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     batch_size = hparams.batch_size if in_memory(hparams, spec, train_source, valid_source) else None
 
     def source(src, shuffle: bool):
-        if callable(src):
-            return src
-        if batch_size:
-            return data.loading_batches(src, spec, columns_extra=extra)
-        return lambda: data.iter_batches(src, spec, hparams.batch_size, list_size=spec.list_size, shuffle=shuffle,
-                                         seed=hparams.seed, columns_extra=extra)
+        return batch_source(src, spec, hparams, shuffle=shuffle, columns_extra=extra, whole=bool(batch_size))
 
     train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
                                  shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None,
