@@ -10,6 +10,7 @@ Data and features are cached per dataset name in the workspace, so a second run 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -65,19 +66,18 @@ def build_features(raw_dir: Path, features_dir: Path) -> dict[str, Any]:
 
 
 def ensure_features(raw_dir: Path, features_dir: Path) -> dict[str, Any] | None:
-    """Run the feature job unless ``features_dir`` already holds this code's features (the same feature names as
-    ``training.features.FEATURES``): data built by an older feature job is rebuilt, not silently reused."""
-    from training.features import FEATURES
+    """Run the feature job unless ``features_dir`` already holds this code's features (its ``stats.json`` has
+    ``training.features.features_fingerprint()``): output of another feature job is rebuilt, not reused."""
+    from training.features import features_fingerprint
 
-    if (features_dir / SPEC_FILE).exists():
-        built = {f.name for f in FeatureSpec.load(features_dir).features}
-        wanted = {f.name for f in FEATURES}
-        if built == wanted:
+    stats_path = features_dir / "stats.json"
+    if (features_dir / SPEC_FILE).exists() and stats_path.exists():
+        built = json.loads(stats_path.read_text()).get("features_fingerprint")
+        if built == features_fingerprint():
             ui.console.print(f"[dim]using features in {features_dir}[/dim]")
             return None
-        ui.console.print(f"[yellow]features in {features_dir} come from another feature job (missing "
-                         f"{sorted(wanted - built) or 'none'}, extra {sorted(built - wanted) or 'none'}): "
-                         "rebuilding[/yellow]")
+        ui.console.print(f"[yellow]features in {features_dir} come from another feature job (fingerprint {built}, "
+                         f"this code's {features_fingerprint()}): rebuilding[/yellow]")
     return build_features(raw_dir, features_dir)
 
 

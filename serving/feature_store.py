@@ -13,7 +13,8 @@ Two stores, one interface (``FeatureStore``):
   ``mr:user:<id>``, the spec under ``mr:spec`` and materialisation metadata under ``mr:meta``.
 
 A request's fetch is ONE round trip (``MGET`` of the user key and every candidate key). State values are plain
-JSON (numbers, strings, lists, objects: the ``*_clicks`` maps are ``{key: count}``), so both stores return
+JSON (numbers, strings, lists, objects: the per-key maps such as ``brand_clicks`` or ``search_terms`` are
+``{key: count}``), so both stores return
 identical states. Unknown ids come back as ``None``: an unknown user is a cold start, an unknown item cannot be
 scored (the API ranks it last, see ``serving.app``). Redis calls never retry inside redis-py: the API owns the
 time budget.

@@ -101,12 +101,12 @@ USER_ROWS = [  # user_id, country, size, signup_ms, fav_styles, fav_brands
 REQUEST_ROWS = [  # request_id, user_id (u9 has no profile), ts_ms, surface, query; one request an hour
     ("r01", "u1", T0 + 1 * HOUR, "feed", None),
     ("r02", "u2", T0 + 2 * HOUR, "search", "acme coats"),
-    ("r03", "u1", T0 + 3 * HOUR, "search", "vintage coat"),
+    ("r03", "u1", T0 + 3 * HOUR, "search", "vintage\u00a0coat"),  # a no-break space splits terms (str.split)
     ("r04", "u1", T0 + 4 * HOUR, "feed", None),
     ("r05", "u2", T0 + 5 * HOUR, "feed", None),
     ("r06", "u1", T0 + 6 * HOUR, "feed", None),
     ("r07", "u1", T0 + 7 * HOUR, "search", " Zeta  zeta"),  # names zeta once: terms are lower case, distinct
-    ("r08", "u2", T0 + 8 * HOUR, "feed", None),
+    ("r08", "u2", T0 + 8 * HOUR, "search", " \u3000 "),  # no term: not a search
     ("r09", "u1", T0 + 9 * HOUR, "feed", None),
     ("r10", "u9", T0 + 10 * HOUR, "feed", None),
 ]
@@ -169,7 +169,8 @@ def oracle_raw(ts: int, user_id: str, item_id: str, surface: str = "feed", query
     earlier = [e for e in INTERACTION_ROWS if e[3] < ts]  # strictly earlier events only
     clicks = [e[2] for e in earlier if e[1] == user_id and e[4] == "click"]
     seen = [i for r in REQUEST_ROWS if r[1] == user_id and r[2] < ts for i in SHOWN[r[0]]]
-    searches = [set(r[4].lower().split()) for r in REQUEST_ROWS if r[1] == user_id and r[2] < ts and r[4]]
+    searches = [set(r[4].lower().split()) for r in REQUEST_ROWS if r[1] == user_id and r[2] < ts and r[4]
+                and r[4].split()]
     user, item = users.get(user_id), ITEMS[item_id]
     return {
         "surface": surface, "query": query, "ts_ms": ts,
@@ -487,13 +488,13 @@ def test_online_state_is_the_counters_at_the_end_of_the_log(handmade_job) -> Non
     item_state = read_split(online / "items").set_index("item_id")
     user_state = read_split(online / "users").set_index("user_id")
     assert set(item_state.index) == set(ITEMS)  # never-shown items too
-    assert set(user_state.index) == {row[0] for row in USER_ROWS}
+    assert set(user_state.index) == {row[0] for row in USER_ROWS} | {"u9"}  # u9: activity, no profile row
     assert (item_state.loc["iA", "views"], item_state.loc["iA", "likes"], item_state.loc["iA", "bags"]) == (15, 4, 1)
     assert user_state.loc["u1", "user_clicks"] == 7 and user_state.loc["u2", "user_clicks"] == 1
     assert user_state.loc["u1", "user_searches"] == 2 and user_state.loc["u2", "user_searches"] == 1
 
     now = T0 + 11 * HOUR  # after every event of the log
-    for user_id in ("u1", "u2", "u9"):  # u9 has no profile: a cold start
+    for user_id in ("u1", "u2", "u9"):  # u9 has history but no profile
         user = user_state.loc[user_id].to_dict() if user_id in user_state.index else None
         raw = online_raw_frame("search", "vintage coat", now, user,
                                [item_state.loc[i].to_dict() for i in ITEMS])
@@ -571,6 +572,23 @@ def test_null_event_is_rejected(spark, tmp_path) -> None:
     with pytest.raises(FeatureJobError, match="'interactions'.*'event'"):
         run(raw, out, spark)
     assert leftovers(out) == []
+
+
+def test_item_without_brand_has_no_brand_history(spark, tmp_path) -> None:
+    """An item with no brand (null) is shown and clicked: the job runs, its brand counters are 0 offline, and the
+    online state has no null key, so the online lookup (0) agrees."""
+    raw = break_raw(tmp_path / "raw", "items", lambda f: f.assign(brand=f["brand"].mask(f["item_id"] == "iB")))
+    out = tmp_path / "features"
+    run(raw, out, spark)
+    items = read_items(out, truth=False).set_index(["request_id", "item_id"])
+    unbranded = items.xs("iB", level="item_id")
+    assert len(unbranded) == 5  # shown in r01, r04, r05, r06 and r09, clicked in r01
+    assert (unbranded[["brand_affinity", "brand_ctr", "brand_searched", "fav_brand"]] == 0).all().all()
+    # before r04, u1 saw acme (now iA only) in r01 and r03 and clicked it in both: 2 / (2 + 1)
+    assert items.loc[("r04", "iA"), "brand_ctr"] == pytest.approx(2 / 3)
+    users = read_split(out / "online" / "users").set_index("user_id")
+    for name in ("brand_clicks", "brand_views"):
+        assert all(key is not None for pairs in users[name].dropna() for key, _ in pairs), name
 
 
 def test_item_shown_twice_in_a_request_is_listed_twice(spark, tmp_path) -> None:

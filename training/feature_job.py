@@ -24,12 +24,21 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
+
 if __package__ in (None, ""):  # run as a script (spark-submit / SageMaker): make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import propensity, storage
 from training.feature_spec import FLOAT, STRING, Feature, FeatureSpec
-from training.features import FEATURES, ITEM_STATE_COLUMNS, USER_STATE_COLUMNS, assemble_features
+from training.features import (
+    FEATURES,
+    ITEM_STATE_COLUMNS,
+    USER_STATE_COLUMNS,
+    assemble_features,
+    features_fingerprint,
+    query_terms,
+)
 
 log = logging.getLogger("marketrank.feature_job")
 
@@ -195,16 +204,18 @@ def _event_stream(tables: dict):
 
 
 def _search_stream(requests):
-    """Searches as stream rows: one per search (``search``), and one per distinct query term (``named``) whose
-    ``brand`` and ``style`` are the term, so the (user, brand) and (user, style) windows count the searches that
-    named an item's brand or style. Terms follow ``training.features``' query tokens: lower case, split on
-    whitespace."""
+    """Searches as stream rows: one per search (``search``: a query with at least one term), and one per term
+    (``named``) whose ``brand`` and ``style`` are the term, so the (user, brand) and (user, style) windows count
+    the searches that named an item's brand or style. Terms are ``training.features.query_terms``."""
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
-    searches = (requests.filter(F.col("query").isNotNull())
-                .withColumn("terms", F.array_distinct(F.filter(F.split(F.lower(F.trim("query")), r"\s+"),
-                                                               lambda term: term != "")))
-                .filter(F.size("terms") > 0))
+    @F.pandas_udf(T.ArrayType(T.StringType()))
+    def terms(queries: pd.Series) -> pd.Series:
+        return queries.map(lambda query: sorted(query_terms(query)))
+
+    searches = requests.filter(F.col("query").isNotNull()).withColumn("terms", terms("query"))
+    searches = searches.filter(F.size("terms") > 0)
     none, zero = F.lit(None).cast("string"), F.lit(0)
     common = [none.alias("request_id"), "user_id", none.alias("item_id")]
     counters = [zero.alias("view"), zero.alias("click"), zero.alias("like"), zero.alias("bag"),
@@ -237,20 +248,23 @@ def point_in_time_rows(tables: dict):
     def before(*keys):  # strictly earlier events only: this is what keeps the counters leak-free
         return Window.partitionBy(*keys).orderBy("ts_ms").rangeBetween(Window.unboundedPreceding, -1)
 
+    def per_user(counter: str, key: str):  # an item without this attribute has no history with it (online: 0)
+        return F.when(F.col(key).isNotNull(), F.sum(counter).over(before("user_id", key)))
+
     counted = (stream
                .withColumn("views_before", F.sum("view").over(before("item_id")))
                .withColumn("likes_before", F.sum("like").over(before("item_id")))
                .withColumn("bags", F.sum("bag").over(before("item_id")))
                .withColumn("user_clicks", F.sum("click").over(before("user_id")))
                .withColumn("user_lpi_sum", F.sum("click_lpi").over(before("user_id")))
-               .withColumn("user_brand_clicks", F.sum("click").over(before("user_id", "brand")))
-               .withColumn("user_style_clicks", F.sum("click").over(before("user_id", "style")))
-               .withColumn("user_category_clicks", F.sum("click").over(before("user_id", "category")))
-               .withColumn("user_brand_views", F.sum("view").over(before("user_id", "brand")))
-               .withColumn("user_style_views", F.sum("view").over(before("user_id", "style")))
+               .withColumn("user_brand_clicks", per_user("click", "brand"))
+               .withColumn("user_style_clicks", per_user("click", "style"))
+               .withColumn("user_category_clicks", per_user("click", "category"))
+               .withColumn("user_brand_views", per_user("view", "brand"))
+               .withColumn("user_style_views", per_user("view", "style"))
                .withColumn("user_searches", F.sum("search").over(before("user_id")))
-               .withColumn("user_brand_searches", F.sum("named").over(before("user_id", "brand")))
-               .withColumn("user_style_searches", F.sum("named").over(before("user_id", "style")))
+               .withColumn("user_brand_searches", per_user("named", "brand"))
+               .withColumn("user_style_searches", per_user("named", "style"))
                .filter("is_impression")
                .select("request_id", "item_id", *(F.coalesce(F.col(c), F.lit(0)).alias(c) for c in (
                    "views_before", "likes_before", "bags", "user_clicks", "user_lpi_sum", "user_brand_clicks",
@@ -293,16 +307,23 @@ def online_state(tables: dict):
                   .withColumn("likes", F.col("likes") + F.coalesce(F.col("likes_n"), F.lit(0)))
                   .withColumn("bags", F.coalesce(F.col("bags_n"), F.lit(0)))
                   .select("item_id", *ITEM_STATE_COLUMNS))
-    user_state = (_user_profile(tables["users"])
+    # Every user with a profile or any activity: offline counters count users missing from the users table too.
+    profiles = _user_profile(tables["users"])
+    user_ids = profiles.select("user_id").union(stream.select("user_id")).distinct().dropna()
+    user_state = (user_ids.join(profiles, "user_id", "left")
                   .join(stream.groupBy("user_id").agg(F.sum("click").alias("user_clicks"),
                                                       F.sum("click_lpi").alias("user_lpi_sum"),
                                                       F.sum("search").alias("user_searches")), "user_id", "left"))
-    # Per-key counters as maps: clicks and impressions by brand / style / category, searches by query term.
+    # Per-key counters as maps: clicks and impressions by brand / style / category, and searches by query term
+    # (only terms that are a brand or a style of the catalogue: the only ones looked up).
+    catalogue_terms = items.select(F.col("brand").alias("term")).union(items.select("style")).distinct()
+    named = stream.filter(F.col("named") == 1).join(catalogue_terms, F.col("brand") == F.col("term"), "left_semi")
     maps = {"brand_clicks": ("click", "brand"), "style_clicks": ("click", "style"),
             "category_clicks": ("click", "category"), "brand_views": ("view", "brand"),
             "style_views": ("view", "style"), "search_terms": ("named", "brand")}
-    for name, (event, key) in maps.items():
-        per_key = (stream.filter(F.col(event) == 1).groupBy("user_id", key).count()
+    for name, (counter, key) in maps.items():
+        rows = named if name == "search_terms" else stream.filter(F.col(counter) == 1)
+        per_key = (rows.filter(F.col(key).isNotNull()).groupBy("user_id", key).count()
                    .groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct(key, "count"))).alias(name)))
         user_state = user_state.join(per_key, "user_id", "left")
     user_state = (user_state.fillna(0, subset=["user_clicks", "user_searches"])
@@ -469,7 +490,8 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
         for split in SPLITS:  # each split channel carries the spec, so a training job needs nothing else
             spec.save(tmp / split)
         as_of = max(tables[t].select(F.max(_to_ms(tables[t], "ts"))).first()[0] for t in ("requests", "interactions"))
-        stats = {"splits": counts, "time_cuts_ms": cuts, "list_size": config.list_size, "position_bias": position_bias,
+        stats = {"splits": counts, "time_cuts_ms": cuts, "features_fingerprint": features_fingerprint(),
+                 "list_size": config.list_size, "position_bias": position_bias,
                  "online_as_of_ms": as_of,
                  "max_list_length": lists.select(F.max(F.size("item_id"))).first()[0]}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))

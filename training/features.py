@@ -9,6 +9,8 @@ feature store calls it with the counters as of now. Neither re-implements it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,8 +88,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("brand_ctr", ITEM, description="user's clicks per impression of this brand: clicks / (views + 1)"),
     Feature("style_ctr", ITEM, description="user's clicks per impression of this style: clicks / (views + 1)"),
     # Query history: a user names the brands and styles they want, including those they never declared.
-    Feature("brand_searched", ITEM, description="share of the user's earlier searches naming this brand"),
-    Feature("style_searched", ITEM, description="share of the user's earlier searches naming this style"),
+    Feature("brand_searched", ITEM, description="user's earlier searches naming this brand / (searches + 1)"),
+    Feature("style_searched", ITEM, description="user's earlier searches naming this style / (searches + 1)"),
     Feature("fav_brand", ITEM, description="user follows the brand"),
     Feature("fav_style", ITEM, description="user declared the style"),
     Feature("query_category_match", ITEM),
@@ -116,6 +118,18 @@ NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user
                                  "user_brand_views", "user_style_views", "user_searches", "user_brand_searches",
                                  "user_style_searches"})
 
+#: Bump when a feature's meaning changes but no name does: cached feature-job output is then rebuilt.
+FEATURE_LOGIC_VERSION = 2
+
+
+def features_fingerprint() -> str:
+    """What the feature job's output depends on in this code (written to its ``stats.json``): data built by
+    another version is rebuilt rather than reused (``pipelines.local.ensure_features``)."""
+    definition = [FEATURE_LOGIC_VERSION, [(f.name, f.scope, f.dtype, f.transform) for f in FEATURES],
+                  list(RAW_COLUMNS), ITEM_STATE_COLUMNS, USER_STATE_COLUMNS, USER_MAP_LOOKUPS]
+    return hashlib.sha256(json.dumps(definition).encode()).hexdigest()[:16]
+
+
 #: Output columns that are not features but travel with each list.
 LIST_COLUMNS = ("request_id", "user_id", "ts_ms", "split")
 ITEM_COLUMNS = ("item_id", "position", "label", "relevance", "true_score")
@@ -127,12 +141,14 @@ def popularity_recency(views: np.ndarray, likes: np.ndarray, bags: np.ndarray, a
     return np.log1p(np.maximum(views + 3 * likes + 5 * bags, 0.0)) - age_days / 14.0
 
 
-def _tokens(text: object) -> frozenset[str]:
+def query_terms(text: object) -> frozenset[str]:
+    """The terms of a query or a title: lower case, split on whitespace (``str.split``), distinct. The query match
+    features use it here, and the feature job's search-history counters through a pandas UDF: one rule."""
     return frozenset(str(text).lower().split()) if isinstance(text, str) and text else frozenset()
 
 
 #: Titles repeat across lists and requests: tokenising each once is most of ``query_title_overlap``'s cost.
-_title_tokens = functools.lru_cache(maxsize=1 << 17)(_tokens)
+_title_tokens = functools.lru_cache(maxsize=1 << 17)(query_terms)
 
 
 def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
@@ -173,7 +189,7 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
     views, likes = _num(col["views"]), _num(col["likes"])
     denominator, searches = clicks + 1.0, _num(col["user_searches"]) + 1.0
     tokens: dict[Any, frozenset[str]] = {}  # one query per request: tokenised once, not once per candidate
-    query = [tokens[q] if q in tokens else tokens.setdefault(q, _tokens(q)) for q in col["query"]]
+    query = [tokens[q] if q in tokens else tokens.setdefault(q, query_terms(q)) for q in col["query"]]
     surface, country = col["surface"], col["user_country"]
     features = {
         "surface": _text(np.where(pd.isna(surface), "feed", surface)),
