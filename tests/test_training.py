@@ -151,3 +151,15 @@ def test_bad_hparams_name_the_field():
         HParams(scorer="gbdt")
     with pytest.raises(ValueError, match="loss"):
         HParams(loss="hinge")
+
+
+def test_several_hosts_without_tf_config_fail_fast(monkeypatch):
+    """A multi-instance SageMaker job (SM_HOSTS) without a cluster spec would train N independent copies."""
+    from training.train import choose_strategy
+
+    monkeypatch.setenv("SM_HOSTS", '["algo-1", "algo-2"]')
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match="2 hosts.*TrainingInstanceCount=1"):
+        choose_strategy()
+    monkeypatch.setenv("SM_HOSTS", '["algo-1"]')
+    assert choose_strategy() is not None  # one host: the default strategy

@@ -48,11 +48,17 @@ class TrainResult:
 
 
 def choose_strategy():
-    """One device, all local GPUs (MirroredStrategy) or several hosts (MultiWorkerMirroredStrategy via SM_HOSTS)."""
+    """One device, all local GPUs (MirroredStrategy), or several hosts (MultiWorkerMirroredStrategy) when the
+    launcher describes the cluster in ``TF_CONFIG``. SageMaker's ModelTrainer lists the hosts in ``SM_HOSTS`` but
+    sets no ``TF_CONFIG``: each host would then train its own copy on all the data, so that fails here."""
     import tensorflow as tf
 
     hosts = json.loads(os.environ.get("SM_HOSTS", "[]") or "[]")
-    if len(hosts) > 1 and os.environ.get("TF_CONFIG"):
+    if len(hosts) > 1:
+        if not os.environ.get("TF_CONFIG"):
+            raise RuntimeError(f"SM_HOSTS lists {len(hosts)} hosts but TF_CONFIG is not set, so each host would "
+                               "train its own copy: run the training job on one instance "
+                               "(pipeline parameter TrainingInstanceCount=1) or launch it with a TF_CONFIG")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
