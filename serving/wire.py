@@ -44,10 +44,17 @@ class WireError(ValueError):
 
 
 def predict_request(inputs: Mapping[str, Any], signature_name: str = SIGNATURE) -> dict[str, Any]:
-    """Columnar predict body from named arrays (numpy or nested lists)."""
-    return {"signature_name": signature_name,
-            "inputs": {name: value.tolist() if isinstance(value, np.ndarray) else value
-                       for name, value in inputs.items()}}
+    """Columnar predict body from named arrays (numpy or nested lists), for ``encode``.
+
+    Numeric and bool arrays stay NumPy: orjson writes a float32 as the shortest text that reads back as the same
+    float32 (``0.12345679``), where ``tolist()`` would widen it to a 17-digit float64: a third of the body at
+    300 candidates. Text arrays become lists (orjson writes no object arrays)."""
+    def value(array: Any) -> Any:
+        if not isinstance(array, np.ndarray):
+            return array
+        return np.ascontiguousarray(array) if array.dtype.kind in "biuf" else array.tolist()
+
+    return {"signature_name": signature_name, "inputs": {name: value(a) for name, a in inputs.items()}}
 
 
 def encode(body: Mapping[str, Any]) -> bytes:

@@ -27,9 +27,19 @@ slow = pytest.mark.slow
 def test_predict_request_is_the_columnar_format() -> None:
     body = wire.predict_request({"x": np.array([[1.0, 2.5]], np.float32), "s": np.array(["a"], dtype=object),
                                  "mask": np.array([[True, False]]), "raw": [[0.5]]})
-    assert body == {"signature_name": "serving_default",
-                    "inputs": {"x": [[1.0, 2.5]], "s": ["a"], "mask": [[True, False]], "raw": [[0.5]]}}
-    assert json.loads(wire.encode(body)) == body
+    assert json.loads(wire.encode(body)) == {
+        "signature_name": "serving_default",
+        "inputs": {"x": [[1.0, 2.5]], "s": ["a"], "mask": [[True, False]], "raw": [[0.5]]}}
+
+
+def test_float32_inputs_are_written_short_and_read_back_exactly() -> None:
+    x = (np.random.default_rng(0).random((1, 300)) * 3).astype(np.float32)
+    x[0, :2] = [0.1, np.float32(1) / 3]
+    text = wire.encode(wire.predict_request({"x": x}))
+    assert b'[[0.1,0.33333334,' in text  # float32's shortest repr, not the float64 0.10000000149011612
+    back = np.asarray(json.loads(text)["inputs"]["x"], dtype=np.float32)
+    assert back.tobytes() == x.tobytes()
+    assert len(text) < len(json.dumps({"inputs": {"x": x.tolist()}}).replace(" ", "")) * 0.7
 
 
 def test_request_inputs_reads_the_columnar_and_the_row_format() -> None:
@@ -212,10 +222,10 @@ def test_metadata_describes_the_loaded_signature(client, model) -> None:
 
 @slow
 def test_errors_are_error_objects_with_4xx_statuses(client, model) -> None:
-    body = wire.predict_request({**model["inputs"], "bogus": [1.0]})
-    cases = [(client.post(wire.predict_path(MODEL), json=body), 400),
+    body = wire.encode(wire.predict_request({**model["inputs"], "bogus": [1.0]}))
+    cases = [(client.post(wire.predict_path(MODEL), content=body), 400),
              (client.post(wire.predict_path(MODEL), content=b"{not json"), 400),
-             (client.post(wire.predict_path("no-such-model"), json=body), 404),
+             (client.post(wire.predict_path("no-such-model"), content=body), 404),
              (client.get(f"/v1/models/{MODEL}/versions/1"), 404)]
     for response, status in cases:
         assert response.status_code == status, response.text
