@@ -57,6 +57,27 @@ def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
             np.concatenate(weights) if weights else None)
 
 
+def _lightgbm_config(params: LambdaMartParams, threads: int, max_label: float) -> dict[str, Any]:
+    # label_gain: LightGBM's default 2**i - 1 is the gain the NDCG here uses; it must cover the largest grade.
+    return {"objective": params.objective, "metric": "ndcg", "eval_at": [10], "num_leaves": params.num_leaves,
+            "learning_rate": params.learning_rate, "min_data_in_leaf": params.min_data_in_leaf,
+            "feature_fraction": params.feature_fraction, "bagging_fraction": params.bagging_fraction,
+            "bagging_freq": 1, "lambda_l2": params.lambda_l2, "seed": params.seed, "verbosity": -1,
+            "num_threads": threads, "deterministic": True, "force_row_wise": True,
+            "label_gain": [2.0**i - 1 for i in range(int(max_label) + 1)]}
+
+
+def _scorer(booster, spec) -> Scorer:
+    """Scores [B, L] for a padded batch: the booster's prediction per real item, -1e9 on padding."""
+    def score(batch: dict[str, Any]) -> np.ndarray:
+        mask = batch[MASK]
+        out = np.full(mask.shape, -1e9, dtype=np.float64)
+        out[mask] = booster.predict(item_matrix(batch, spec)[0], num_iteration=booster.best_iteration)
+        return out
+
+    return score
+
+
 def train_lambdamart(dataset: Dataset, params: LambdaMartParams = LambdaMartParams(),
                      threads: int = 0) -> tuple[Scorer, dict[str, Any]]:
     """LightGBM LambdaMART on the logged labels, early-stopped on NDCG@10 of the validation split's labels."""
@@ -71,30 +92,16 @@ def train_lambdamart(dataset: Dataset, params: LambdaMartParams = LambdaMartPara
     train_set = lgb.Dataset(x, label, group=group, weight=weight, feature_name=names,
                             categorical_feature=categorical, free_raw_data=True)
     valid_set = lgb.Dataset(vx, vlabel, group=vgroup, weight=vweight, reference=train_set)
-    config = {"objective": params.objective, "metric": "ndcg", "eval_at": [10], "num_leaves": params.num_leaves,
-              "learning_rate": params.learning_rate, "min_data_in_leaf": params.min_data_in_leaf,
-              "feature_fraction": params.feature_fraction, "bagging_fraction": params.bagging_fraction,
-              "bagging_freq": 1, "lambda_l2": params.lambda_l2, "seed": params.seed, "verbosity": -1,
-              "num_threads": threads, "deterministic": True, "force_row_wise": True}
-    # label_gain: LightGBM's default 2**i - 1 is the gain the NDCG here uses; it must cover the largest grade.
-    config["label_gain"] = [2.0**i - 1 for i in range(int(max(label.max(), vlabel.max())) + 1)]
+    config = _lightgbm_config(params, threads, max(label.max(), vlabel.max()))
     start = time.perf_counter()
     booster = lgb.train(config, train_set, num_boost_round=params.max_rounds, valid_sets=[valid_set],
                         valid_names=["valid"], callbacks=[lgb.early_stopping(params.early_stopping_rounds,
                                                                              verbose=False)])
     seconds = time.perf_counter() - start
-    spec = dataset.spec
-
-    def score(batch: dict[str, Any]) -> np.ndarray:
-        mask = batch[MASK]
-        out = np.full(mask.shape, -1e9, dtype=np.float64)
-        out[mask] = booster.predict(item_matrix(batch, spec)[0], num_iteration=booster.best_iteration)
-        return out
-
     info = {"params": dataclasses.asdict(params), "ipw_eta": eta, "best_iteration": booster.best_iteration,
             "valid_ndcg@10_logged": booster.best_score["valid"]["ndcg@10"], "train_seconds": seconds,
             "train_items": int(label.size)}
-    return score, info
+    return _scorer(booster, dataset.spec), info
 
 
 def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMartParams(),
@@ -115,26 +122,15 @@ def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMar
     train_set = lgb.Dataset(x[:rows], label[:rows], group=group[:cut], feature_name=names,
                             categorical_feature=categorical, free_raw_data=True)
     stop_set = lgb.Dataset(x[rows:], label[rows:], group=group[cut:], reference=train_set)
-    config = {"objective": params.objective, "metric": "ndcg", "eval_at": [10], "num_leaves": params.num_leaves,
-              "learning_rate": params.learning_rate, "min_data_in_leaf": params.min_data_in_leaf,
-              "feature_fraction": params.feature_fraction, "bagging_fraction": params.bagging_fraction,
-              "bagging_freq": 1, "lambda_l2": params.lambda_l2, "seed": params.seed, "verbosity": -1,
-              "num_threads": threads, "deterministic": True, "force_row_wise": True,
-              "label_gain": [2.0**i - 1 for i in range(int(label.max()) + 1)]}
+    config = _lightgbm_config(params, threads, label.max())
     start = time.perf_counter()
     booster = lgb.train(config, train_set, num_boost_round=params.max_rounds, valid_sets=[stop_set],
                         valid_names=["holdout"], callbacks=[lgb.early_stopping(params.early_stopping_rounds,
                                                                                verbose=False)])
-
-    def score(batch: dict[str, Any]) -> np.ndarray:
-        mask = batch[MASK]
-        out = np.full(mask.shape, -1e9, dtype=np.float64)
-        out[mask] = booster.predict(item_matrix(batch, spec)[0], num_iteration=booster.best_iteration)
-        return out
-
-    return score, {"trained_on": f"valid split's {spec.eval_label} ({cut} lists; {len(group) - cut} held out "
-                                 "for early stopping)", "best_iteration": booster.best_iteration,
-                   "train_seconds": time.perf_counter() - start, "train_items": rows}
+    info = {"trained_on": f"valid split's {spec.eval_label} ({cut} lists; {len(group) - cut} held out for early "
+                          "stopping)", "best_iteration": booster.best_iteration,
+            "train_seconds": time.perf_counter() - start, "train_items": rows}
+    return _scorer(booster, spec), info
 
 
 def eval_label_callback(dataset: Dataset):

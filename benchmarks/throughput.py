@@ -60,19 +60,15 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 400, r
 
     from training import data
     from training.model import build_model, compile_model
-    from training.train import in_memory, resolve_ipw_eta
+    from training.train import batch_source, in_memory, resolve_ipw_eta
 
     spec = dataset.spec
     eta = resolve_ipw_eta(hparams, spec)
     extra = ("position",) if eta > 0 else ()
-    source = dataset.train_source
-    if not callable(source):
-        def source():
-            return data.iter_batches(dataset.train_source, spec, hparams.batch_size, list_size=spec.list_size,
-                                     shuffle=True, seed=hparams.seed, columns_extra=extra)
+    source = batch_source(dataset.train_source, spec, hparams, shuffle=True, columns_extra=extra)
     steps = max(1, min(steps, dataset.train_lists // hparams.batch_size))
     streaming = data.make_dataset(source, spec, ipw_eta=eta, position="position").take(steps)
-    load = source if callable(dataset.train_source) else data.loading_batches(dataset.train_source, spec, extra)
+    load = batch_source(dataset.train_source, spec, hparams, shuffle=True, columns_extra=extra, whole=True)
     start = time.perf_counter()
     memory = data.make_dataset(load, spec, ipw_eta=eta, position="position",
                                in_memory_batch_size=hparams.batch_size, shuffle_seed=hparams.seed)

@@ -130,7 +130,8 @@ def batch_source(src, spec: FeatureSpec, hparams, *, shuffle: bool, columns_extr
                  whole: bool = False) -> Callable[[], Iterator[dict[str, Any]]]:
     """What ``data.make_dataset`` takes for one split: a batch callable as it is; a split dir read whole (``whole``:
     the in-memory path, which reshuffles in TensorFlow) or streamed, in a new order on every call when ``shuffle``
-    (tf.data calls the generator once per epoch; epoch k uses seed + k, so runs stay reproducible)."""
+    (tf.data calls the generator once per epoch, and each call takes the next seed: seed, seed + 1, ..., so a
+    re-run repeats the same orders)."""
     from training import data
 
     if callable(src):
