@@ -510,8 +510,29 @@ def serve(
         settings = api.Settings(feature_store=store, store_path=str(store_path), model_url=model_url,
                                 model_name=endpoint, budget_ms=budget_ms,
                                 shadow_report=str(workspace.shadow_dir() / endpoint / "latest.json"))
-        ui.console.print(f"ranking API on http://{host}:{port}/v1/rank  (/healthz /readyz /metrics)")
-        api.serve(settings, host=host, port=port)
+        api.configure_logging(settings.log_level)
+        # Both servers in threads, this one waiting: Ctrl-C or SIGTERM then stops them in order, without the
+        # traceback uvicorn prints when it re-raises the signal into a main-thread server's lifespan.
+        with local_endpoint.running(api.create_app(settings), host=host, port=port) as api_url:
+            ui.console.print(f"ranking API on {api_url}/v1/rank  (/healthz /readyz /metrics); Ctrl-C stops both")
+            _wait_for_stop()
+        ui.console.print("stopped")
+
+
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @bench_app.command("serve")

@@ -667,14 +667,14 @@ def _log_problems(path: Path, limit: int = 5) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the benchmark
 
-def _cpu_usage(since: tuple | None = None, model_pid: int | None = None) -> Any:
-    """(wall, this process's CPU s, waited-for children's CPU s, the model server process's CPU s, machine
-    jiffies); with ``since``: the cores each used meanwhile."""
+def _cpu_usage(since: tuple | None = None, model_pid: int | None = None, sidecar_pids: Sequence[int] = ()) -> Any:
+    """(wall, this process's CPU s, waited-for children's CPU s, the model server process's CPU s, the endpoint
+    sidecar's, machine jiffies); with ``since``: the cores each used meanwhile."""
     import resource
 
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     now = (time.perf_counter(), me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime,
-           _process_cpu_s(model_pid), *_machine_jiffies())
+           _process_cpu_s(model_pid), sum(map(_process_cpu_s, sidecar_pids)), *_machine_jiffies())
     if since is None:
         return now
     wall = max(now[0] - since[0], 1e-9)
@@ -682,7 +682,9 @@ def _cpu_usage(since: tuple | None = None, model_pid: int | None = None) -> Any:
            "client_process_cores_incl_startup": round((now[2] - since[2]) / wall, 2), "phase_wall_s": round(wall, 2)}
     if model_pid is not None:
         out["model_server_process_cores"] = round((now[3] - since[3]) / wall, 2)
-    busy, total = now[4] - since[4], now[5] - since[5]
+    if sidecar_pids:
+        out["sidecar_process_cores"] = round((now[4] - since[4]) / wall, 2)
+    busy, total = now[5] - since[5], now[6] - since[6]
     if total > 0:  # the whole machine, from /proc/stat: a busy neighbour shows up as other_processes_cores
         machine = busy / total * (os.cpu_count() or 1)
         ours = sum(v for k, v in out.items() if k.endswith(("_cores", "_cores_incl_startup")))
@@ -699,6 +701,16 @@ def _process_cpu_s(pid: int | None) -> float:
         return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def _child_pids(pid: int) -> tuple[int, ...]:
+    """Every process whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return tuple(found)
 
 
 def _wait_quiet(max_s: float = 30.0, busy_cores: float = 0.3, window_s: float = 0.25) -> float:
@@ -783,8 +795,11 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             if model_server == "thread":  # as `marketrank serve`
                 model_app = local_endpoint.create_app(workspace.home / "models", workspace.manifest, tmp / "capture")
                 model_url, model_pid = stack.enter_context(local_endpoint.running(model_app, HOST, 0)), None
+                sidecar = model_app.state.endpoint.sidecar
+                sidecar_pids = (sidecar.pid,) if sidecar else ()
             else:  # as production: the model server is another process
                 model_url, model_pid = stack.enter_context(_endpoint_process(workspace, tmp / "capture"))
+                sidecar_pids = _child_pids(model_pid)  # the endpoint's sidecar (and multiprocessing's helper)
             settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
                                     model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
             api_app = api.create_app(settings)
@@ -798,7 +813,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             # freeze it too, or full GC passes over TF's objects (~200 ms) would land inside the API's requests.
             heap.settle("loading the floor models")
             servers = _Servers(api_url, api_app, servable, floor_model.signatures["serving_default"], store, spec,
-                               catalogue, tmp, client_process, note, model_pid)
+                               catalogue, tmp, client_process, note, model_pid, sidecar_pids)
             for requested in candidates:
                 n = min(requested, len(catalogue.items), settings.max_candidates)
                 plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
@@ -835,7 +850,8 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             "model_server": model_server,
             "cpu_note": "cores = CPU seconds per wall second during the open-loop phase; servers_process = this "
                         "process (API, and the endpoint with model_server=thread); model_server_process_cores: the "
-                        "endpoint's process with model_server=process",
+                        "endpoint's process with model_server=process; sidecar_process_cores: the endpoint's sidecar "
+                        "(shadow variant and data capture) and multiprocessing's helper",
             "servers": ("local endpoint + ranking API in this process, uvicorn in threads (as `marketrank serve`)"
                         if model_server == "thread" else "ranking API in this process (uvicorn in a thread), local "
                         "endpoint in a child process (uvicorn, as TF Serving runs beside the API in production)")
@@ -875,6 +891,7 @@ class _Servers:
     client_process: bool
     note: Callable[[str], None]
     model_pid: int | None = None  # the local endpoint's process, when it runs in one
+    sidecar_pids: tuple[int, ...] = ()  # the endpoint's sidecar: shadow variant and data capture
 
     def wait_breaker_closed(self) -> float:
         """Seconds waited for an open breaker (a previous phase's) to reach half-open; the next request probes."""
@@ -901,9 +918,9 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
         waited += servers.wait_breaker_closed()
     note(f"{n} candidates: {len(plan.requests) - plan.warmup} requests (open loop) after {plan.warmup} warm-up "
          "requests")
-    usage = _cpu_usage(model_pid=servers.model_pid)
+    usage = _cpu_usage(model_pid=servers.model_pid, sidecar_pids=servers.sidecar_pids)
     records = run_load(servers.api_url, bodies, plan.offsets, servers.workdir, servers.client_process)
-    cpu = _cpu_usage(usage, servers.model_pid)
+    cpu = _cpu_usage(usage, servers.model_pid, servers.sidecar_pids)
     breaker = servers.api_app.state.runtime.breaker.state
     quiet = _wait_quiet()  # cancelled model calls and queued data capture finish before the floor is timed
     note(f"{n} candidates: floor ({floor_calls} signature calls)")
