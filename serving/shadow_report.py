@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ import numpy as np
 
 from pipelines.deploy import PRODUCTION, SHADOW  # variant names: one definition
 from serving import wire
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,15 @@ def read_capture(capture: str | Path, endpoint: str, variant: str) -> list[dict[
         Path(capture) / endpoint / variant)
     records = []
     for path in sorted(Path(root).glob("*/*/*/*/*.jsonl")):
-        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # Only whole lines: an endpoint may be appending the last one right now.
+        lines = path.read_text().split("\n")[:-1]
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                log.warning("capture %s line %d is not a JSON record, skipped: %s", path, number, err)
     return records
 
 

@@ -147,3 +147,16 @@ def test_recommendation_rules():
 
 def test_export_version_layout_is_what_the_endpoint_serves(tiny_run):
     assert export.find_saved_model(tiny_run["export_dir"].parent) == tiny_run["export_dir"]
+
+
+def test_read_capture_takes_whole_lines_and_names_a_bad_one(tmp_path, caplog):
+    hour = tmp_path / ENDPOINT / "challenger" / "2026" / "11" / "25" / "23"
+    hour.mkdir(parents=True)
+    capture = hour / "writer.jsonl"
+    good = [{"eventMetadata": {"inferenceId": f"r{i}"}} for i in range(2)]
+    # a whole record, a corrupt line, another record, then one still being appended by the endpoint
+    capture.write_text(json.dumps(good[0]) + "\n" + '{"captureData": {"endpointIn\n' + json.dumps(good[1]) + "\n"
+                       + '{"eventMetadata": {"infer')
+    assert shadow_report.read_capture(tmp_path, ENDPOINT, "challenger") == good
+    assert f"{capture} line 2 is not a JSON record" in caplog.text
+    assert "line 4" not in caplog.text  # the unfinished last line is not an error
