@@ -799,7 +799,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
                 sidecar_pids = (sidecar.pid,) if sidecar else ()
             else:  # as production: the model server is another process
                 model_url, model_pid = stack.enter_context(_endpoint_process(workspace, tmp / "capture"))
-                sidecar_pids = _child_pids(model_pid)  # the endpoint's sidecar (and multiprocessing's helper)
+                sidecar_pids = _child_pids(model_pid)  # the endpoint's sidecar
             settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
                                     model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
             api_app = api.create_app(settings)
@@ -851,7 +851,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             "cpu_note": "cores = CPU seconds per wall second during the open-loop phase; servers_process = this "
                         "process (API, and the endpoint with model_server=thread); model_server_process_cores: the "
                         "endpoint's process with model_server=process; sidecar_process_cores: the endpoint's sidecar "
-                        "(shadow variant and data capture) and multiprocessing's helper",
+                        "process (shadow variant and data capture)",
             "servers": ("local endpoint + ranking API in this process, uvicorn in threads (as `marketrank serve`)"
                         if model_server == "thread" else "ranking API in this process (uvicorn in a thread), local "
                         "endpoint in a child process (uvicorn, as TF Serving runs beside the API in production)")

@@ -19,14 +19,16 @@ format of ``serving.wire``:
   production variant, with ``X-Amzn-Invoked-Production-Variant: champion``. The endpoint's name is also a TF
   Serving model name (``/v1/models/<endpoint>:predict``) that behaves like ``/invocations``.
 * **Sidecar**: what SageMaker runs away from the production variant's instances (the shadow variant and data
-  capture) runs here in a child process (``Sidecar``, started with the endpoint, at the lowest CPU priority:
-  Linux's ``SCHED_IDLE``).
-  After the production answer is computed, the request/response pair is queued for it (at most
-  ``MAX_PENDING_SHADOW`` waiting; beyond that, pairs are dropped with a warning). The response never waits:
-  a slow, stalled, crashed or failing shadow cannot delay or fail production.
+  capture) runs here in a child process (``Sidecar``). Start-up waits (``SIDECAR_READY_SECONDS`` at most)
+  while it loads the shadow model; then it drops to the lowest CPU priority (Linux's ``SCHED_IDLE``). After
+  the production answer is computed, the request/response pair is queued for it (``MAX_PENDING_SHADOW``
+  waiting at most, plus what the pipe holds; beyond that, pairs are dropped, counted, and logged once per
+  ``DROP_LOG_SECONDS``). The response never waits: a slow, stalled, crashed or failing sidecar cannot delay or
+  fail production. A sidecar that dies is logged and not restarted.
 * **Shadow**: with probability = the shadow variant's weight, the sidecar runs the request on the shadow
-  variant's model (loaded there, latest version, hot-reloaded like the server's). A shadow failure is only
-  logged.
+  variant's model (loaded there, latest version, hot-reloaded like the server's), in a thread of its own
+  with its own queue: the production capture is written first, so a slow shadow drops shadow copies, not
+  captures. A shadow failure is only logged.
 * **Data capture** (``capture_dir``): the sidecar appends each variant's request/response pair as a SageMaker
   capture record to ``<capture_dir>/<endpoint>/<variant>/<yyyy>/<mm>/<dd>/<hh>/<sidecar-id>.jsonl`` (UTC),
   SageMaker's S3 layout::
@@ -93,7 +95,7 @@ MAX_PENDING_SHADOW = 64  # answers queued for the sidecar; beyond that they are 
 #: The sidecar's CPU priority: shadow copies and capture can wait, the production answer cannot. Linux's
 #: SCHED_IDLE runs it only on CPU time nothing else wants; the nice value is the fallback elsewhere.
 SIDECAR_NICE = 19
-SIDECAR_READY_SECONDS = 120.0  # start-up waits this long at most for the sidecar to load the shadow model
+SIDECAR_READY_SECONDS = 30.0  # start-up waits this long at most for the sidecar to load the shadow model
 DROP_LOG_SECONDS = 10.0  # dropped hand-offs are logged at most once per this interval, with their count
 SERVE_TAG = "serve"
 
@@ -368,31 +370,57 @@ class CaptureWriter:
             log.error("endpoint %s: data capture to %s failed: %s", self.endpoint, path, err)
 
 
+class _Dropped:
+    """Counts what was dropped and logs it at most once per ``DROP_LOG_SECONDS`` (not once per request)."""
+
+    def __init__(self, what: str):
+        self.what, self.total, self._unlogged, self._logged = what, 0, 0, -math.inf
+
+    def add(self, endpoint: str, reason: str, inference_id: str) -> None:
+        self.total += 1
+        self._unlogged += 1
+        if time.monotonic() - self._logged >= DROP_LOG_SECONDS:
+            self.flush(endpoint, f"{reason} (latest: request {inference_id})")
+
+    def flush(self, endpoint: str, reason: str) -> None:
+        if self._unlogged:
+            log.warning("endpoint %s: %d answers %s: %s", endpoint, self._unlogged, self.what, reason)
+            self._unlogged, self._logged = 0, time.monotonic()
+
+
 class Sidecar:
     """What SageMaker does away from the production variant's instances: the shadow variant (on its own
     instances there) and data capture. Here a child process at the lowest CPU priority, fed through a bounded
-    queue: the production path only enqueues, so a slow, stalled, crashed or failing shadow can neither delay
-    nor fail an answer, and the shadow's Python work never holds the production process's GIL (run in a thread
-    of the endpoint process, it added ~6 ms to the serving benchmark's p99 at 300 candidates)."""
+    queue and a pipe: the production path only enqueues, so a slow, stalled, crashed or failing shadow can
+    neither delay nor fail an answer, and the shadow's Python work never holds the production process's GIL
+    (run in a thread of the endpoint process, it added ~6 ms to the serving benchmark's p99 at 300 candidates).
+    A sidecar that dies is not restarted: its loss is logged and the endpoint goes on answering."""
 
     def __init__(self, models_dir: Path, capture_dir: Path | None, endpoint: str, poll_seconds: float,
                  shadow_models: tuple[str, ...] = ()):
         context = multiprocessing.get_context("spawn")  # a fork of a process running TensorFlow is not safe
         self.endpoint = endpoint
-        self._queue = context.Queue(MAX_PENDING_SHADOW)
+        self.dropped = _Dropped("were neither captured nor copied to the shadow")
+        self._pending: queue.Queue = queue.Queue(MAX_PENDING_SHADOW)
+        answers, self._pipe = context.Pipe(duplex=False)
         self._ready, ready = context.Pipe(duplex=False)
         self._process = context.Process(
             target=_sidecar_main, name=f"{endpoint}-sidecar", daemon=True,
-            args=(str(models_dir), str(capture_dir) if capture_dir else None, endpoint, self._queue, ready,
-                  shadow_models, poll_seconds, logging.getLogger().getEffectiveLevel(), os.getpid()))
+            args=(str(models_dir), str(capture_dir) if capture_dir else None, endpoint, answers, ready,
+                  shadow_models, poll_seconds, logging.getLogger().getEffectiveLevel()))
         self._process.start()
+        answers.close()  # the child's ends: once it is gone, sends fail instead of blocking
         ready.close()
+        self._sender = threading.Thread(target=self._send_all, name=f"{endpoint}-sidecar-sender", daemon=True)
+        self._sender.start()
         self._gone_logged = False
-        self._dropped, self._drop_logged = 0, -math.inf
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the sidecar has loaded the shadow models it was started with (False: not within the time)."""
@@ -401,87 +429,134 @@ class Sidecar:
             while self._process.is_alive() and time.monotonic() < deadline:
                 if self._ready.poll(0.2):
                     return self._ready.recv()
+        self._process.join(0.5)  # an EOF above: the child is exiting
         if self._process.is_alive():
-            log.warning("endpoint %s: the sidecar is not ready after %.0f s; answers wait in its queue (%d at most)",
-                        self.endpoint, timeout_s, MAX_PENDING_SHADOW)
+            log.warning("endpoint %s: the sidecar is not ready after %.0f s; serving meanwhile (answers wait in its "
+                        "queue, %d at most)", self.endpoint, timeout_s, MAX_PENDING_SHADOW)
         else:
-            log.error("endpoint %s: the sidecar process exited at start-up (code %s): no shadow copies or data "
-                      "capture", self.endpoint, self._process.exitcode)
-            self._gone_logged = True
+            self._log_gone()
         return False
 
     def hand_off(self, answered: Answered) -> None:
-        """Queue ``answered`` without waiting; dropped (and logged) when the sidecar is gone or too far behind."""
-        if self._queue is None or not self._process.is_alive():
-            if not self._gone_logged:
-                self._gone_logged = True
-                log.error("endpoint %s: the sidecar process exited (code %s): no more shadow copies or data "
-                          "capture until the endpoint restarts", self.endpoint, self._process.exitcode)
+        """Queue ``answered`` without waiting; dropped (and counted) when the sidecar is gone or too far behind."""
+        if not self._process.is_alive():
+            self._log_gone()
             return
         try:
-            self._queue.put_nowait(answered)
+            self._pending.put_nowait(answered)
         except queue.Full:
-            self._dropped += 1
-            if time.monotonic() - self._drop_logged >= DROP_LOG_SECONDS:  # one line per interval, not per request
-                log.warning("endpoint %s: %d answers pending in the sidecar; %d answers (latest: request %s) were "
-                            "neither captured nor copied to the shadow", self.endpoint, MAX_PENDING_SHADOW,
-                            self._dropped, answered.inference_id)
-                self._dropped, self._drop_logged = 0, time.monotonic()
+            self.dropped.add(self.endpoint, f"{MAX_PENDING_SHADOW} already pending in the sidecar",
+                             answered.inference_id)
+
+    def _send_all(self) -> None:
+        """The sender thread: pipe each queued answer to the child (blocking writes release the GIL)."""
+        while (answered := self._pending.get()) is not None:
+            try:
+                self._pipe.send(answered)
+            except (OSError, ValueError):  # the child is gone (EPIPE), or close() closed the pipe
+                break
+
+    def _log_gone(self) -> None:
+        if not self._gone_logged:
+            self._gone_logged = True
+            log.error("endpoint %s: the sidecar process exited (code %s): no shadow copies or data capture until "
+                      "the endpoint restarts", self.endpoint, self._process.exitcode)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Let the sidecar finish what is queued (up to ``timeout_s``), then stop it."""
-        if self._queue is None:
+        if self._sender is None:
             return
-        if self._process.is_alive():
-            with contextlib.suppress(queue.Full):
-                self._queue.put(None, timeout=1.0)
+        with contextlib.suppress(queue.Full):
+            self._pending.put(None, timeout=1.0)  # after everything queued
+        self._sender.join(timeout_s)
+        if not self._sender.is_alive():
+            self._pipe.close()  # EOF: the child captures what it has read, then exits
             self._process.join(timeout_s)
-        stopped = not self._process.is_alive() and self._process.exitcode == 0  # it read everything queued
         if self._process.is_alive():
             self._process.terminate()
+            with contextlib.suppress(OSError):  # a stopped child (SIGSTOP, a debugger) acts on SIGTERM only now
+                os.kill(self._process.pid, signal.SIGCONT)
             self._process.join(5)
-        if self._dropped:
-            log.warning("endpoint %s: %d more answers were neither captured nor copied to the shadow", self.endpoint,
-                        self._dropped)
-        if not stopped:
-            self._queue.cancel_join_thread()  # nobody is left to read what is unsent: never block shutdown on it
-        self._queue.close()
-        self._queue.join_thread()
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        with contextlib.suppress(queue.Full):
+            self._pending.put_nowait(None)  # a sender still waiting for work
+        self._sender.join(5)  # a send blocked on the child failed (EPIPE) once it was gone
+        self._pipe.close()
         self._ready.close()
-        self._queue = None  # frees its semaphores now, not in the resource tracker's warning at exit
+        self._sender = None
+        self.dropped.flush(self.endpoint, "since the last warning, at shutdown")
 
 
 def _sidecar_main(models_dir: str, capture_dir: str | None, endpoint: str, answers, ready,
-                  shadow_models: tuple[str, ...], poll_seconds: float, log_level: int, parent_pid: int) -> None:
-    """The sidecar process: capture each answer, and run the sampled ones on the shadow variant's model."""
+                  shadow_models: tuple[str, ...], poll_seconds: float, log_level: int) -> None:
+    """The sidecar process: capture each answer as it arrives; a thread runs the sampled ones on the shadow
+    variant's model, so a slow shadow drops shadow copies (counted, logged) but never production captures."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the endpoint, which then stops this process
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[sidecar]: %(message)s")
-    _lowest_priority()
     threads = configure_threads()
     server = ModelServer(models_dir, names=set(shadow_models))  # only the shadow models, loaded before answers
-    server.poll()
+    _poll(server)
     writer = CaptureWriter(Path(capture_dir), endpoint) if capture_dir else None
     log.info("endpoint %s sidecar up (pid %d): shadow models %s, data capture to %s, thread settings %s", endpoint,
              os.getpid(), sorted(server.names), capture_dir, threads or "TensorFlow's defaults")
     with contextlib.suppress(OSError):
         ready.send(True)
     ready.close()
+    _lowest_priority()  # after loading: start-up must not wait for idle CPU time
+    shadow_work: queue.Queue = queue.Queue(MAX_PENDING_SHADOW)
+    worker = threading.Thread(target=_shadow_worker, args=(shadow_work, server, writer, endpoint, poll_seconds),
+                              name="shadow", daemon=True)
+    worker.start()
+    dropped = _Dropped("were captured but not copied to the shadow")
+    while True:
+        try:
+            answered = answers.recv()
+        except (EOFError, OSError):  # the endpoint closed the pipe (shutdown) or died
+            break
+        try:
+            if writer is not None:
+                writer.write(PRODUCTION, capture_record(answered.request, answered.response, answered.inference_id,
+                                                        answered.received, answered.latency_ms,
+                                                        answered.model_name, answered.model_version),
+                             answered.received)
+            if answered.shadow_model is not None:
+                shadow_work.put_nowait(answered)
+        except queue.Full:
+            dropped.add(endpoint, f"{MAX_PENDING_SHADOW} shadow copies already pending", answered.inference_id)
+        except Exception:  # noqa: BLE001 - one bad answer must not end capture for the rest
+            log.exception("endpoint %s: sidecar failed on inference %s", endpoint, answered.inference_id)
+    shadow_work.put(None)
+    worker.join(30)
+    dropped.flush(endpoint, "since the last warning, at shutdown")
+
+
+def _shadow_worker(work: queue.Queue, server: ModelServer, writer: CaptureWriter | None, endpoint: str,
+                   poll_seconds: float) -> None:
     polled = time.monotonic()
     while True:
         try:
-            answered = answers.get(timeout=poll_seconds)
+            answered = work.get(timeout=poll_seconds)
         except queue.Empty:
             answered = False
-        if answered is None or os.getppid() != parent_pid:  # stopped, or the endpoint died
+        if answered is None:
             return
-        if time.monotonic() - polled >= poll_seconds or (answered and answered.shadow_model
-                                                         and answered.shadow_model not in server.names):
-            if answered and answered.shadow_model:  # a new shadow variant (the manifest changed)
-                server.names.add(answered.shadow_model)
-            server.poll()
+        if answered and answered.shadow_model not in server.names:  # a new shadow variant: serve only that one
+            server.names = {answered.shadow_model}
+            polled = -math.inf
+        if time.monotonic() - polled >= poll_seconds:  # new versions, as the endpoint's own poller does
+            _poll(server)
             polled = time.monotonic()
         if answered:
             _shadow_and_capture(answered, server, writer, endpoint)
+
+
+def _poll(server: ModelServer) -> None:
+    try:
+        server.poll()
+    except Exception:  # noqa: BLE001 - e.g. a version dir removed mid-scan: the next poll sees a settled tree
+        log.exception("sidecar model poll of %s failed", server.models_dir)
 
 
 def _lowest_priority() -> None:
@@ -493,12 +568,7 @@ def _lowest_priority() -> None:
 
 def _shadow_and_capture(answered: Answered, server: ModelServer, writer: CaptureWriter | None,
                         endpoint: str) -> None:
-    if writer is not None:
-        writer.write(PRODUCTION, capture_record(answered.request, answered.response, answered.inference_id,
-                                                answered.received, answered.latency_ms, answered.model_name,
-                                                answered.model_version), answered.received)
-    if answered.shadow_model is None:
-        return
+    """Run one answer's request on the shadow variant's model and capture the pair."""
     try:
         servable = server.get(answered.shadow_model)
         response, latency = _timed_predict(servable, wire.decode(answered.request))
@@ -525,11 +595,15 @@ class Endpoint:
         self.sidecar: Sidecar | None = None
 
     def start(self, poll_seconds: float) -> None:
-        """Start the sidecar (endpoints only: a plain TF Serving model server has no variants to shadow)."""
+        """Start the sidecar (endpoints only: a plain TF Serving model server has no variants to shadow). A
+        sidecar that cannot start is logged, and the endpoint serves without shadow copies or capture."""
         if self.manifest is not None and self.sidecar is None:
             state = self.state()
             shadow = (state.shadow.model_name,) if state is not None and state.shadow is not None else ()
-            self.sidecar = Sidecar(self.server.models_dir, self.capture_dir, self.name, poll_seconds, shadow)
+            try:
+                self.sidecar = Sidecar(self.server.models_dir, self.capture_dir, self.name, poll_seconds, shadow)
+            except Exception:  # noqa: BLE001 - production answers do not depend on it
+                log.exception("endpoint %s: the sidecar did not start: no shadow copies or data capture", self.name)
 
     def state(self) -> EndpointState | None:
         """The manifest's state, re-read whenever the file changes (promote and rollback take effect live)."""
