@@ -333,7 +333,10 @@ def _run(coroutine):
 
 def _client_main(plan_path: str, result_path: str) -> None:
     """The child process: run one phase's load from a plan file, write the records."""
+    from serving import heap
+
     plan = json.loads(Path(plan_path).read_text())
+    heap.settle("loading the plan")  # a full collection over the plan's bodies (~13 ms) must not land mid-load
     records = _run(_drive(plan["base_url"], plan["bodies"], plan.get("offsets"), plan["timeout_s"]))
     Path(result_path).write_text(json.dumps(records))
 

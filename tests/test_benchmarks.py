@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -90,15 +91,38 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
     assert size["lists_per_second"] == pytest.approx(tiny.train_lists * epochs / size["train_seconds"])
     assert size["time_to_quality"]["seconds"] in curve["seconds"]
     pipe = size["input_pipeline"]
-    for name in ("streaming", "in_memory"):
-        assert pipe[name]["ratio"] == pytest.approx(pipe[name]["step_ms"] / pipe["cached_step_ms"])
+    rounds = pipe["round_seconds"]
+    assert all(len(rounds[name]) == pipe["rounds"] == 9 for name in ("streaming", "in_memory", "cached"))
+    assert pipe["cached_step_ms"] == pytest.approx(1000 * min(rounds["cached"]) / pipe["steps"])
+    for name in ("streaming", "in_memory"):  # each round's time against the same round's cached time
+        paired = [t / c for t, c in zip(rounds[name], rounds["cached"], strict=True)]
+        assert pipe[name]["paired_ratios"] == pytest.approx(paired)
+        assert pipe[name]["ratio"] == pytest.approx(statistics.median(paired))
+        assert pipe[name]["ratio_ci"] == pytest.approx(sorted(paired)[1:8:6])  # 2nd and 8th of 9: ~96%
     memory = pipe["in_memory"]
     assert memory["epochs"] == epochs and memory["load_seconds"] > 0
     assert memory["epoch_steps"] == -(-tiny.train_lists // 64) >= pipe["steps"]
-    assert memory["ratio_with_load"] == pytest.approx(memory["ratio"] + memory["load_seconds"] * 1000 / (
-        epochs * memory["epoch_steps"] * pipe["cached_step_ms"]))
+    load_share = memory["load_seconds"] / (epochs * memory["epoch_steps"] * statistics.median(rounds["cached"])
+                                           / pipe["steps"])
+    assert memory["ratio_with_load"] == pytest.approx(memory["ratio"] + load_share)
     assert pipe["train_uses"] == "in_memory" and pipe["ratio"] == memory["ratio_with_load"]
+    low, high = pipe["ratio_ci"]
+    assert pipe["met"] == (True if high <= 1.1 else False if low > 1.1 else None)
     assert pipe["cached_spread"] >= 0
+
+
+def test_median_interval_is_distribution_free():
+    assert throughput.median_ci([5, 1, 4, 2, 3, 9, 8, 7, 6]) == (2, 8, pytest.approx(1 - 2 * 10 / 512))
+    assert throughput.median_ci([3, 1, 2, 5, 4]) == (1, 5, pytest.approx(1 - 2 / 32))  # the widest there is
+    assert throughput.median_ci([1.0]) == (1.0, 1.0, 0.0)
+    with pytest.raises(ValueError):
+        throughput.median_ci([])
+
+
+def test_pipeline_verdict_says_when_the_interval_spans_the_goal():
+    pipe = {"ratio": 1.08, "ratio_ci": [1.02, 1.15], "met": None}
+    assert report._pipeline_verdict(pipe) == "1.08x (1.02 to 1.15) **not resolved: the interval spans the goal**"
+    assert report._pipeline_verdict({**pipe, "ratio_ci": [1.12, 1.2], "met": False}).endswith("**NOT met**")
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +172,9 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
         assert f"{ranker['overall']['ndcg@10']['value']:.4f}" in row
     for candidates in (50, 300, 1000):
         assert any(line.startswith(f"| {candidates} |") for line in text.splitlines())
-    assert "| `small` | 3,500 |" in text and "1.05x **met**" in text
-    assert "varied across rounds by more than 10% ((max - min) / median) on `tiny` 30%;" in text
+    assert "| `small` | 3,500 |" in text and "1.05x (0.98 to 1.08) **met**" in text
+    assert "1.50x (1.30 to 1.70) **NOT met**" in text
+    assert "the cached step time varied across rounds by `tiny` 30%, `small` 2% ((max - min) / median)" in text
     for plot in ("quality-tiny.png", "throughput_scaling.png", "time_to_quality.png"):
         assert f"/{plot})" in text and (results / plot).exists()
     assert "serving_latency.png" not in text  # the serving benchmark draws it; linked only once it exists
@@ -191,7 +216,7 @@ def test_letor_sample_runs_lambdamart():
 
 
 def _throughput() -> dict:
-    def size(name: str, lists: int, seconds: float, ratio: float) -> dict:
+    def size(name: str, lists: int, seconds: float, ratio: float, ci: tuple[float, float]) -> dict:
         return {"dataset": name, "train_lists": lists, "train_items": lists * 40, "train_seconds": seconds,
                 "epochs_run": 6, "best_epoch": 3, "seconds_per_epoch": seconds / 6, "lists_per_second": 6 * lists
                 / seconds, "items_per_second": 240 * lists / seconds,
@@ -200,13 +225,13 @@ def _throughput() -> dict:
                 "input_pipeline": {"cached_step_ms": 20.0, "streaming": {"step_ms": 30.0, "ratio": 1.5},
                                    "in_memory": {"step_ms": 20.0 * ratio, "ratio": ratio, "load_seconds": 0.5,
                                                  "epochs": 6, "ratio_with_load": ratio},
-                                   "train_uses": "in_memory", "ratio": ratio, "met": ratio <= 1.1,
-                                   "cached_spread": 0.02 if ratio < 1.1 else 0.3}}
+                                   "train_uses": "in_memory", "ratio": ratio, "ratio_ci": list(ci),
+                                   "met": ci[1] <= 1.1, "cached_spread": 0.02 if ratio < 1.1 else 0.3}}
 
     return {"benchmark": "throughput", "created": "2026-01-01T00:00:00Z", "machine": common.machine(),
             "hparams": {"scorer": "dnn", "loss": "softmax", "batch_size": 64, "epochs": 12, "patience": 3,
                         "early_stopping": "val_loss"},
-            "sizes": [size("tiny", 400, 10.0, 1.5), size("small", 3500, 40.0, 1.05)]}
+            "sizes": [size("tiny", 400, 10.0, 1.5, (1.3, 1.7)), size("small", 3500, 40.0, 1.05, (0.98, 1.08))]}
 
 
 def _serving() -> dict:

@@ -112,3 +112,14 @@ def test_streaming_source_reshuffles_every_epoch_reproducibly(split) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     valid = epochs(batch_source(train_dir, spec, hparams, shuffle=False), n=2)
     assert np.array_equal(valid[0], valid[1])  # no shuffle: the file order every time
+
+
+def test_both_pipelines_run_without_the_autotuner_whose_iterators_stall_on_delete(split):
+    """TF 2.14's autotune thread made a finished iterator wait out its current (doubling) sleep: a Keras epoch
+    or evaluation could end seconds late. Both pipelines run with fixed buffers and parallelism instead."""
+    spec, _, batches = split
+    for dataset in (data.make_dataset(batches, spec),
+                    data.make_dataset(batches, spec, in_memory_batch_size=BATCH, shuffle_seed=3),
+                    data.make_dataset(batches, spec, ipw_eta=0.8, position="position", in_memory_batch_size=BATCH)):
+        assert dataset.options().autotune.enabled is False
+        assert len(list(dataset.take(2))) == 2

@@ -20,6 +20,10 @@ from training.feature_spec import LABEL_PAD, MASK, STRING, FeatureSpec
 
 #: Rows read per chunk; a chunk is shuffled in memory before it is cut into batches.
 CHUNK_ROWS = 4096
+#: Batches made ahead of the training step, and batches cut in parallel from in-memory data (fixed: see
+#: ``_without_autotune``). Two of each keep a 2-core machine's step fed without taking its cores.
+PREFETCH_BATCHES = 2
+PARALLEL_BATCHES = 2
 
 
 def shard_paths(split_dir: str | Path) -> list[Path]:
@@ -219,7 +223,7 @@ def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: 
                 yield features, batch[spec.label]
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return _without_autotune(dataset.prefetch(PREFETCH_BATCHES))
 
 
 def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batch_size: int,
@@ -261,5 +265,17 @@ def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batc
     dataset = tf.data.Dataset.range(rows)
     if shuffle_seed is not None:  # a new order every epoch: a permutation of indices, not of the data
         dataset = dataset.shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).map(take, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size).map(take, num_parallel_calls=PARALLEL_BATCHES)
+    return _without_autotune(dataset.prefetch(PREFETCH_BATCHES))
+
+
+def _without_autotune(dataset):
+    """``dataset`` with tf.data's autotuner off. In TensorFlow 2.14 its model thread sleeps in doubling periods
+    (10 ms up to seconds), and deleting an iterator, as Keras does after every epoch and every evaluation, waits
+    for the current sleep to end: an iterator used for 2.7 s took 5.1 s to be done with (measured on 2 cores).
+    Fixed parallelism and buffers (``PARALLEL_BATCHES``, ``PREFETCH_BATCHES``) do not have that stall."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
