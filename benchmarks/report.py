@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, plots
+from benchmarks import common, plots, throughput
 
 REPORT = common.RESULTS_DIR.parent.parent / "BENCHMARKS.md"
 SERVING_PLOT = "serving_latency.png"
@@ -114,13 +114,14 @@ def unbiased_section(result: dict[str, Any], out_dir: Path) -> list[str]:
     return lines
 
 
+def _pipeline_status(pipe: dict[str, Any]) -> str:
+    """met / NOT met, or not resolved when the ratio's interval spans the goal (``met`` is None)."""
+    return "**not resolved: the interval spans the goal**" if pipe["met"] is None else _yes(pipe["met"])
+
+
 def _pipeline_verdict(pipe: dict[str, Any]) -> str:
     """The training pipeline's ratio to cached batches, its interval, and met / NOT met / not resolved."""
-    if "ratio_ci" not in pipe:  # results from before paired rounds
-        return f"{pipe['ratio']:.2f}x {_yes(pipe['met'])}"
-    low, high = pipe["ratio_ci"]
-    status = "**not resolved: the interval spans the goal**" if pipe["met"] is None else _yes(pipe["met"])
-    return f"{pipe['ratio']:.2f}x ({low:.2f} to {high:.2f}) {status}"
+    return f"{throughput.describe_ratio(pipe)} {_pipeline_status(pipe)}"
 
 
 def throughput_section(result: dict[str, Any], out_dir: Path) -> list[str]:
@@ -215,10 +216,9 @@ def goals_section(results: dict[str, Any]) -> list[str]:
                      f"{gap['value']:.1%} (95% CI {gap['ci_low']:.1%} to {gap['ci_high']:.1%})", "n/a"])
     if "throughput" in results:
         largest = max(results["throughput"]["sizes"], key=lambda s: s["train_lists"])
-        verdict = _pipeline_verdict(largest["input_pipeline"])
-        measured, _, status = verdict.partition(" **")
-        rows.append([f"input pipeline step time <= 1.1x cached batches (`{largest['dataset']}`)", measured,
-                     f"**{status}"])
+        pipe = largest["input_pipeline"]
+        rows.append([f"input pipeline step time <= 1.1x cached batches (`{largest['dataset']}`)",
+                     throughput.describe_ratio(pipe), _pipeline_status(pipe)])
     if "serving" in results and results["serving"].get("target"):
         target = results["serving"]["target"]
         rows.append([f"serving p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, "

@@ -88,12 +88,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         return lines
     return [f"{s['dataset']:8s} {s['train_lists']:>7,} lists {s['train_seconds']:7.1f}s "
             f"{s['lists_per_second']:7.0f} lists/s, time-to-quality {s['time_to_quality']['seconds']}s, "
-            f"input pipeline {_interval(s['input_pipeline'])}" for s in result["sizes"]]
-
-
-def _interval(pipe: dict[str, Any]) -> str:
-    interval = pipe.get("ratio_ci")
-    return f"{pipe['ratio']:.2f}x" + (f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else "")
+            f"input pipeline {throughput.describe_ratio(s['input_pipeline'])}" for s in result["sizes"]]
 
 
 def with_epochs(hparams: HParams, epochs: int | None) -> HParams:

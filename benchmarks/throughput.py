@@ -55,6 +55,13 @@ def median_ci(values: Sequence[float], level: float = CONFIDENCE) -> tuple[float
     return xs[k], xs[n - 1 - k], coverage(k)
 
 
+def describe_ratio(pipe: dict[str, Any]) -> str:
+    """An ``input_pipeline_ratio`` result's ratio and interval as text (results from before paired rounds have
+    no interval)."""
+    interval = pipe.get("ratio_ci")
+    return f"{pipe['ratio']:.2f}x" + (f" ({interval[0]:.2f} to {interval[1]:.2f})" if interval else "")
+
+
 def _fit_seconds(model, dataset) -> float:
     begin = time.perf_counter()
     model.fit(dataset, epochs=1, verbose=0)
