@@ -153,9 +153,9 @@ def throughput_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              "pipeline's time / the same round's cached time (a paired comparison: a shared machine that slows "
              "down slows both sides of a pair), with a distribution-free ~95% interval of that median. Step ms "
              "are the fastest round's. *Streaming* parses Parquet into padded NumPy on every epoch "
-             "(data beyond `data_cache_mb`); *in-memory* reads the split once (*load s*) and cuts reshuffled "
-             "batches in TensorFlow's threads. The goal column rates the pipeline training picks for that data, "
-             "in-memory with its load spread over the epochs run.", ""]
+             "and preprocesses every batch (data beyond `data_cache_mb`); *in-memory* reads and preprocesses the "
+             "split once (*load s*) and cuts reshuffled batches in TensorFlow's threads. The goal column rates "
+             "the pipeline training picks for that data, in-memory with its load spread over the epochs run.", ""]
     largest = max(result["sizes"], key=lambda s: s["train_lists"])
     lines += _table(header, rows) + [
         "", f"The largest size, `{largest['dataset']}`, trains for {largest['train_seconds'] / 60:.1f} minutes "

@@ -91,7 +91,7 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 250, r
     import tensorflow as tf
 
     from training import data
-    from training.model import build_model, compile_model
+    from training.model import Preprocessor, build_model, compile_model
     from training.train import batch_source, in_memory, resolve_ipw_eta
 
     spec = dataset.spec
@@ -99,10 +99,11 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 250, r
     extra = ("position",) if eta > 0 else ()
     source = batch_source(dataset.train_source, spec, hparams, shuffle=True, columns_extra=extra)
     steps = max(1, min(steps, dataset.train_lists // hparams.batch_size))
-    streaming = data.make_dataset(source, spec, ipw_eta=eta, position="position").take(steps)
+    preprocessor = Preprocessor(spec)
+    streaming = data.make_dataset(source, spec, preprocessor, ipw_eta=eta, position="position").take(steps)
     load = batch_source(dataset.train_source, spec, hparams, shuffle=True, columns_extra=extra, whole=True)
     start = time.perf_counter()
-    memory = data.make_dataset(load, spec, ipw_eta=eta, position="position",
+    memory = data.make_dataset(load, spec, preprocessor, ipw_eta=eta, position="position",
                                in_memory_batch_size=hparams.batch_size, shuffle_seed=hparams.seed)
     load_seconds = time.perf_counter() - start
     memory = memory.take(steps)

@@ -1,5 +1,5 @@
 """The training input pipelines on a real feature-job output: streaming from Parquet every epoch, or the split
-held in memory as tensors (what ``training.train`` picks when it fits ``HParams.data_cache_mb``)."""
+held in memory as preprocessed tensors (what ``training.train`` picks when it fits ``HParams.data_cache_mb``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from training import data
 from training.feature_spec import MASK, FeatureSpec
 from training.hparams import HParams
+from training.model import Preprocessor
 from training.propensity import ipw_weights
 from training.train import in_memory
 
@@ -27,6 +28,11 @@ def split(tiny_run):
     return spec, train_dir, batches
 
 
+@pytest.fixture(scope="module")
+def preprocessor(split):
+    return Preprocessor(split[0])
+
+
 def _rows(dataset) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """The dataset's batches (as NumPy) and all its rows concatenated."""
     batches = [{**{k: v.numpy() for k, v in features.items()}, "label": label.numpy(),
@@ -36,33 +42,40 @@ def _rows(dataset) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
 
 def _sorted(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rows in a canonical order (by their label and float features), to compare datasets that shuffle."""
-    keys = [rows[name][:, i] for name in ("label", "age_days", "price_gap") for i in range(rows[name].shape[1])]
-    order = np.lexsort(keys[::-1])
+    keys = [rows["label"], *np.moveaxis(rows["item_dense"], -1, 0)]
+    order = np.lexsort([column[:, i] for column in keys for i in range(column.shape[1])][::-1])
     return {k: v[order] for k, v in rows.items()}
 
 
-def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(split):
-    spec, _, batches = split
-    streamed = _sorted(_rows(data.make_dataset(batches, spec))[1])
-    memory = data.make_dataset(batches, spec, in_memory_batch_size=BATCH, shuffle_seed=3)
+@pytest.mark.parametrize("load", ["loading_batches", "batches"])
+def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(split, preprocessor, load):
+    """The same packed inputs whether strings are looked up per batch (streaming) or per distinct value of a chunk
+    read with string codes (``loading_batches``, what training uses) or of plain string batches."""
+    spec, train_dir, batches = split
+    streamed = _sorted(_rows(data.make_dataset(batches, spec, preprocessor))[1])
+    source = data.loading_batches(train_dir, spec) if load == "loading_batches" else batches
+    memory = data.make_dataset(source, spec, preprocessor, in_memory_batch_size=BATCH, shuffle_seed=3)
     first_batches, first = _rows(memory)
     second = _rows(memory)[1]
     assert all(len(b["label"]) <= BATCH for b in first_batches)
     assert not np.array_equal(first["label"], second["label"])  # a new order every epoch
     for rows in (first, second):
         rows = _sorted(rows)
-        assert rows.keys() == streamed.keys() == {*spec.names, MASK, "label"}
+        assert rows.keys() == streamed.keys() == {"context_dense", "context_ids", "item_dense", "item_ids", MASK,
+                                                  "label"}
         for name, values in streamed.items():
             assert rows[name].dtype == values.dtype, name
             np.testing.assert_array_equal(rows[name], values, err_msg=name)
-    assert isinstance(first["item_category"][0, 0], bytes) and first["item_category"][0, 0] != b""
+    # every training value is in the vocabulary (id 0 is out of vocabulary); padding is not
+    assert (first["item_ids"][first[MASK]] > 0).all() and (first["item_ids"][~first[MASK]] == 0).all()
 
 
-def test_in_memory_weights_are_ipw_weights_of_each_batch(split):
+def test_in_memory_weights_are_ipw_weights_of_each_batch(split, preprocessor):
     spec, _, batches = split
     eta = 0.9
-    memory = data.make_dataset(batches, spec, ipw_eta=eta, position="position", in_memory_batch_size=BATCH)
-    arrays = data.load_arrays(batches, ["position", MASK])
+    memory = data.make_dataset(batches, spec, preprocessor, ipw_eta=eta, position="position",
+                               in_memory_batch_size=BATCH)
+    arrays = {name: np.concatenate([b[name] for b in batches()]) for name in ("position", MASK)}
     produced = _rows(memory)[0]
     assert len(produced) == -(-len(arrays[MASK]) // BATCH)
     for i, batch in enumerate(produced):  # no shuffle seed: the split's order, cut every BATCH lists
@@ -72,13 +85,13 @@ def test_in_memory_weights_are_ipw_weights_of_each_batch(split):
         assert batch["weights"][batch[MASK]].mean() == pytest.approx(1.0, rel=1e-5)
 
 
-def test_batches_of_different_list_sizes_are_streamed(split):
+def test_batches_of_different_list_sizes_are_streamed(split, preprocessor):
     spec, _, batches = split
     ragged = [{k: v[:, : 30 + 5 * (i % 2)] if v.ndim == 2 else v for k, v in batch.items()}  # as LETOR's
               for i, batch in enumerate(batches())]  # evaluation batches: each padded to its own longest list
     assert len({b[MASK].shape[1] for b in ragged}) == 2
-    assert data.load_arrays(lambda: iter(ragged), list(spec.names)) is None
-    produced = data.make_dataset(lambda: iter(ragged), spec, in_memory_batch_size=BATCH)
+    assert data.load_packed(lambda: iter(ragged), spec, preprocessor, []) is None
+    produced = data.make_dataset(lambda: iter(ragged), spec, preprocessor, in_memory_batch_size=BATCH)
     assert [tuple(features[MASK].shape) for features, _ in produced] == [b[MASK].shape for b in ragged]
 
 
@@ -114,12 +127,13 @@ def test_streaming_source_reshuffles_every_epoch_reproducibly(split) -> None:
     assert np.array_equal(valid[0], valid[1])  # no shuffle: the file order every time
 
 
-def test_both_pipelines_run_without_the_autotuner_whose_iterators_stall_on_delete(split):
+def test_both_pipelines_run_without_the_autotuner_whose_iterators_stall_on_delete(split, preprocessor):
     """TF 2.14's autotune thread made a finished iterator wait out its current (doubling) sleep: a Keras epoch
     or evaluation could end seconds late. Both pipelines run with fixed buffers and parallelism instead."""
     spec, _, batches = split
-    for dataset in (data.make_dataset(batches, spec),
-                    data.make_dataset(batches, spec, in_memory_batch_size=BATCH, shuffle_seed=3),
-                    data.make_dataset(batches, spec, ipw_eta=0.8, position="position", in_memory_batch_size=BATCH)):
+    for dataset in (data.make_dataset(batches, spec, preprocessor),
+                    data.make_dataset(batches, spec, preprocessor, in_memory_batch_size=BATCH, shuffle_seed=3),
+                    data.make_dataset(batches, spec, preprocessor, ipw_eta=0.8, position="position",
+                                      in_memory_batch_size=BATCH)):
         assert dataset.options().autotune.enabled is False
         assert len(list(dataset.take(2))) == 2

@@ -6,6 +6,7 @@ with pyarrow and padded to ``list_size`` in NumPy, so memory is bounded by the c
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,32 @@ def _layout(offsets: np.ndarray, list_size: int) -> tuple[np.ndarray, np.ndarray
     return rows, cols, np.repeat(offsets[:-1], lengths) + cols
 
 
+@dataclasses.dataclass(frozen=True)
+class Coded:
+    """A padded string column as codes into its distinct ``values``; code ``len(values)`` is the padding (and a
+    missing value): both read as ``""``. Held-in-memory data takes it instead of millions of Python strings."""
+
+    codes: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, strings: np.ndarray) -> Coded:
+        codes, values = pd.factorize(strings.ravel(), use_na_sentinel=False)
+        values = np.array(["" if pd.isna(v) else v for v in values], dtype=object)  # missing: out of vocabulary
+        return cls(codes.reshape(strings.shape).astype(np.int32), values)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    def __getitem__(self, rows) -> Coded:
+        return Coded(self.codes[rows], self.values)
+
+    def map(self, convert) -> np.ndarray:
+        """``convert`` (distinct strings -> array) applied once per distinct value, placed at every code."""
+        return np.asarray(convert(np.append(self.values, "").astype(object)))[self.codes]
+
+
 def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype,
          layouts: dict[bytes, tuple] | None = None) -> np.ndarray:
     """[n] list column -> [n, list_size] array, truncated to the first ``list_size`` items, padded.
@@ -69,16 +96,34 @@ def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype,
     return out
 
 
+def _pad_codes(column: pa.ChunkedArray | pa.Array, list_size: int, layouts: dict[bytes, tuple]) -> Coded:
+    """A list-of-strings column as :class:`Coded` ``[n, list_size]``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    encoded = column.values.dictionary_encode()
+    pad = len(encoded.dictionary)
+    codes = encoded.indices.fill_null(pad).to_numpy().astype(np.int32, copy=False)
+    key = offsets.tobytes()
+    if key not in layouts:
+        layouts[key] = _layout(offsets, list_size)
+    rows, cols, source = layouts[key]
+    out = np.full((len(offsets) - 1, list_size), pad, dtype=np.int32)
+    out[rows, cols] = codes[source]
+    return Coded(out, encoded.dictionary.to_numpy(zero_copy_only=False))
+
+
 def available_columns(split_dir: str | Path) -> set[str]:
     """Column names of a split (from its first shard's schema)."""
     return set(pq.ParquetFile(shard_paths(split_dir)[0]).schema_arrow.names)
 
 
 def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
-                    extra_item_columns: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+                    extra_item_columns: tuple[str, ...] = (), string_codes: bool = False) -> dict[str, np.ndarray]:
     """Padded model inputs (+ label and extra per-item columns) from a table of listwise rows.
 
     ``list_size=None`` pads to the longest list of the table instead of truncating (what evaluation needs).
+    ``string_codes``: item string features as :class:`Coded` instead of arrays of Python strings.
     """
     if list_size is None:
         list_size = max(int(pc.max(pc.list_value_length(table.column(spec.label))).as_py() or 1), 1)
@@ -88,7 +133,9 @@ def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
         values = table.column(feature.name).to_numpy(zero_copy_only=False)
         out[feature.name] = values.astype(object if feature.dtype == STRING else np.float32)
     for feature in spec.item:
-        if feature.dtype == STRING:
+        if feature.dtype == STRING and string_codes:
+            out[feature.name] = _pad_codes(table.column(feature.name), list_size, layouts)
+        elif feature.dtype == STRING:
             out[feature.name] = _pad(table.column(feature.name), list_size, "", object, layouts)
         else:
             out[feature.name] = _pad(table.column(feature.name), list_size, 0.0, np.float32, layouts)
@@ -104,11 +151,11 @@ def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
 
 def iter_batches(split_dir: str | Path, spec: FeatureSpec, batch_size: int, *, list_size: int | None,
                  shuffle: bool = False, seed: int = 0, columns_extra: tuple[str, ...] = (),
-                 keep_columns: tuple[str, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
+                 keep_columns: tuple[str, ...] = (), string_codes: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Stream padded batches from the shards of one split (``list_size=None``: pad, never truncate).
 
     ``columns_extra`` adds per-item columns (e.g. ``position``); ``keep_columns`` adds per-list columns as-is
-    (e.g. ``request_id``).
+    (e.g. ``request_id``); ``string_codes``: item strings as :class:`Coded`.
     """
     paths = shard_paths(split_dir)
     rng = random.Random(seed)
@@ -124,7 +171,7 @@ def iter_batches(split_dir: str | Path, spec: FeatureSpec, batch_size: int, *, l
             table = pa.Table.from_batches([record_batch])
             if shuffle:
                 table = table.take(np.random.default_rng(rng.randrange(2**31)).permutation(table.num_rows))
-            arrays = batch_to_arrays(table, spec, list_size, columns_extra)
+            arrays = batch_to_arrays(table, spec, list_size, columns_extra, string_codes)
             for name in keep_columns:
                 arrays[name] = table.column(name).to_numpy(zero_copy_only=False)
             for start in range(0, table.num_rows, batch_size):
@@ -156,47 +203,35 @@ def shuffle_within_lists(labels: np.ndarray, mask: np.ndarray, rng: np.random.Ge
 
 
 def loading_batches(split_dir: str | Path, spec: FeatureSpec, columns_extra: tuple[str, ...] = ()):
-    """The batches callable that loads a split into memory: whole chunks (fewer, larger arrays to join), in file
-    order (``tf.data`` reshuffles every epoch)."""
-    return lambda: iter_batches(split_dir, spec, CHUNK_ROWS, list_size=spec.list_size, columns_extra=columns_extra)
-
-
-def load_arrays(batches, names: list[str]) -> dict[str, np.ndarray] | None:
-    """Every batch of ``batches()`` concatenated (``names`` and the mask); None when their list sizes differ
-    (batches padded to their own longest list), which only streaming can feed."""
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in dict.fromkeys([*names, MASK])}
-    for batch in batches():
-        for name, values in parts.items():
-            values.append(batch[name])
-    if not parts[MASK]:
-        raise ValueError("no batches: is the split empty?")
-    if len({p.shape[1] for p in parts[MASK]}) > 1:
-        return None
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    """The batches callable that loads a split into memory: whole chunks with their item strings :class:`Coded`,
+    in file order (``tf.data`` reshuffles every epoch)."""
+    return lambda: iter_batches(split_dir, spec, CHUNK_ROWS, list_size=spec.list_size, columns_extra=columns_extra,
+                                string_codes=True)
 
 
 def estimated_bytes(split_dir: str | Path, spec: FeatureSpec) -> int:
     """Rough in-memory size of a split's padded tensors (from the Parquet footers: nothing is read)."""
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(split_dir))
-    strings = sum(f.dtype == STRING for f in spec.item)
-    # float32 features, label, mask, position; strings are shared references while loading, int32 codes after.
-    per_item = 4 * (len(spec.item) - strings + 3) + 8 * strings
+    # packed float32 features and int32 string ids, label, position, mask
+    per_item = 4 * (sum(int(np.prod(f.shape)) if f.shape else 1 for f in spec.item) + 3)
     return rows * (spec.list_size or 1) * per_item
 
 
-def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: str | None = None,
+def make_dataset(batches, spec: FeatureSpec, preprocessor, *, ipw_eta: float = 0.0, position: str | None = None,
                  shuffle_labels_seed: int | None = None, in_memory_batch_size: int | None = None,
                  shuffle_seed: int | None = None):
-    """tf.data.Dataset of (features, labels[, weights]) from a zero-argument callable returning batches.
+    """tf.data.Dataset of (packed features, labels[, weights]) from a zero-argument callable returning batches of
+    raw named features; ``preprocessor`` (``training.model.Preprocessor``) packs them for the model.
 
     With ``ipw_eta > 0`` each item gets the inverse-propensity weight ``(1 + position) ** eta`` (examination
     probability modelled as ``(1 + position) ** -eta``), clipped and normalised to mean 1 over a batch's items.
     ``shuffle_labels_seed`` permutes labels within each list (the deliberately bad model of the gate tests).
 
-    ``in_memory_batch_size``: read the batches once, keep them as tensors and cut batches of that size from them
-    every epoch, in TensorFlow's own threads (the streaming path parses Parquet in Python on every epoch and, on
-    a few cores, slows every training step; see BENCHMARKS.md). ``shuffle_seed`` then reshuffles the lists
-    each epoch. Falls back to streaming when the batches do not share one list size.
+    ``in_memory_batch_size``: read the batches once, preprocess them once into a few tensors and cut batches of
+    that size from them every epoch, in TensorFlow's own threads (the streaming path parses Parquet in Python and
+    preprocesses every batch on every epoch and, on a few cores, slows every training step; see BENCHMARKS.md).
+    ``shuffle_seed`` then reshuffles the lists each epoch. Falls back to streaming when the batches do not share
+    one list size.
     """
     import tensorflow as tf
 
@@ -205,10 +240,9 @@ def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: 
     feature_names = [*spec.names, MASK]
     signature = _signature(spec, ipw_eta > 0)
     if in_memory_batch_size:
-        names = [*feature_names, spec.label, *([position] if ipw_eta > 0 else [])]
-        arrays = load_arrays(batches, list(dict.fromkeys(names)))
-        if arrays is not None:
-            return _in_memory(arrays, spec, signature, in_memory_batch_size, shuffle_seed, ipw_eta, position,
+        loaded = load_packed(batches, spec, preprocessor, [spec.label, *([position] if ipw_eta > 0 else [])])
+        if loaded is not None:
+            return _in_memory(*loaded, spec, in_memory_batch_size, shuffle_seed, ipw_eta, position,
                               shuffle_labels_seed)
 
     def generate():
@@ -223,10 +257,44 @@ def make_dataset(batches, spec: FeatureSpec, *, ipw_eta: float = 0.0, position: 
                 yield features, batch[spec.label]
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    dataset = dataset.map(lambda features, *labels: (preprocessor(features), *labels))
     return _without_autotune(dataset.prefetch(PREFETCH_BATCHES))
 
 
-def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batch_size: int,
+def load_packed(batches, spec: FeatureSpec, preprocessor, columns: list[str]):
+    """Every batch of ``batches()`` preprocessed and joined: (packed features as tensors, ``columns`` and the mask
+    as NumPy). None when the batches' list sizes differ (each padded to its own longest list), which only
+    streaming can feed.
+
+    Batches are preprocessed one at a time (a string feature's distinct values looked up once per batch) and
+    only the packed result is joined: a few large tensors, not one per raw feature."""
+    import tensorflow as tf
+
+    packed: dict[str, list] = {}
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in dict.fromkeys([*columns, MASK])}
+    for batch in batches():
+        if kept[MASK] and batch[MASK].shape[1] != kept[MASK][0].shape[1]:
+            return None
+        raw = {MASK: batch[MASK]}
+        for feature in spec.features:
+            values = batch[feature.name]
+            if feature.dtype == STRING:
+                coded = values if isinstance(values, Coded) else Coded.of(np.asarray(values, dtype=object))
+                raw[feature.name] = coded.map(lambda distinct, name=feature.name: preprocessor.string_ids(
+                    name, tf.constant(distinct, tf.string)))
+            else:
+                raw[feature.name] = values
+        for name, tensor in preprocessor(raw).items():
+            packed.setdefault(name, []).append(tensor)
+        for name, values in kept.items():
+            values.append(batch[name])
+    if not kept[MASK]:
+        raise ValueError("no batches: is the split empty?")
+    return ({name: parts[0] if len(parts) == 1 else tf.concat(parts, axis=0) for name, parts in packed.items()},
+            {name: np.concatenate(parts) for name, parts in kept.items()})
+
+
+def _in_memory(tensors: dict, arrays: dict[str, np.ndarray], spec: FeatureSpec, batch_size: int,
                shuffle_seed: int | None, ipw_eta: float, position: str | None, shuffle_labels_seed: int | None):
     import tensorflow as tf
 
@@ -235,15 +303,6 @@ def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batc
     if shuffle_labels_seed is not None:
         rng = np.random.default_rng(shuffle_labels_seed)
         arrays[spec.label] = shuffle_within_lists(arrays[spec.label], arrays[MASK], rng)
-    feature_specs = signature[0]
-    tensors, vocabularies = {}, {}
-    for name, tensor_spec in feature_specs.items():
-        if tensor_spec.dtype == tf.string:  # as codes into the distinct values: ~50x less to convert and gather
-            codes, uniques = pd.factorize(arrays[name].ravel())
-            tensors[name] = tf.constant(codes.reshape(arrays[name].shape).astype(np.int32))
-            vocabularies[name] = tf.constant(uniques.astype(object), dtype=tf.string)
-        else:
-            tensors[name] = tf.constant(arrays[name], dtype=tensor_spec.dtype)
     label = tf.constant(arrays[spec.label], dtype=tf.float32)
     # Unscaled weights once; each batch scales its own to mean 1, as ipw_weights does, without the GIL.
     propensity = tf.constant(propensity_weights(arrays[position], ipw_eta, arrays[MASK])) if ipw_eta > 0 else None
@@ -252,8 +311,6 @@ def _in_memory(arrays: dict[str, np.ndarray], spec: FeatureSpec, signature, batc
 
     def take(index):
         features = {name: tf.gather(tensor, index) for name, tensor in tensors.items()}
-        for name, vocabulary in vocabularies.items():
-            features[name] = tf.gather(vocabulary, features[name])
         labels = tf.gather(label, index)
         if propensity is None:
             return features, labels

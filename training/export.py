@@ -3,7 +3,8 @@
 Layout: ``<base>/<model_name>/<version>/saved_model.pb`` with ``assets/feature_spec.json``. The signature takes
 dense batched tensors named after the feature spec (context ``[B]``, item ``[B, L]``, ``mask [B, L]`` bool) and
 returns ``{"scores": [B, L]}`` with padded slots at ``PAD_SCORE``, so TF Serving's REST API serves it with JSON
-``inputs`` and sorting the scores never promotes padding.
+``inputs`` and sorting the scores never promotes padding. The spec's preprocessing (``training.model.Preprocessor``)
+runs inside the signature, in front of the trained model.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def input_signature(spec: FeatureSpec) -> dict[str, tf.TensorSpec]:
 
 
 class _Servable(tf.Module):
+    """Raw named features -> the spec's preprocessing (vocabularies, normalisation) -> the trained model."""
+
     def __init__(self, model: tf.keras.Model, spec: FeatureSpec, spec_path: str):
+        from training.model import Preprocessor
+
         super().__init__()
+        self.preprocessor = Preprocessor(spec)
         self.model = model
         self.feature_spec = tf.saved_model.Asset(spec_path)
         self.serve = tf.function(self._serve, input_signature=[input_signature(spec)])
 
     def _serve(self, features):
-        scores = self.model(features, training=False)
+        scores = self.model(self.preprocessor(features), training=False)
         return {OUTPUT: tf.where(features[MASK], scores, tf.constant(PAD_SCORE, scores.dtype))}
 
 

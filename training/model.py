@@ -1,15 +1,23 @@
 """TF-Ranking Keras ranker built from the feature spec: preprocessing, scorer, loss and metrics.
 
-The model takes raw features (strings and unnormalised floats) so the exported SavedModel owns vocabularies and
-normalisation; serving sends what the feature store holds and nothing is computed twice.
+Two parts, as Keras recommends for preprocessing layers:
+
+* :class:`Preprocessor` turns raw named features (strings and unnormalised floats, what the feature store holds
+  and the exported signature takes) into a few packed tensors: normalised floats and vocabulary ids per scope. It
+  has no weights, only the spec's vocabularies and statistics. Training applies it in ``tf.data`` (once, at load,
+  for data held in memory), so a training step never hashes a string; the export puts it in front of the model.
+* :func:`build_model` is the trained part: packed tensors -> scores.
+
+The exported SavedModel owns both, so serving sends raw features and nothing is computed twice.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_ranking as tfr
 
-from training.feature_spec import MASK, STRING, Feature, FeatureSpec
+from training.feature_spec import CONTEXT, ITEM, MASK, STRING, Feature, FeatureSpec
 from training.hparams import HParams
 
 LOSSES = {
@@ -17,51 +25,108 @@ LOSSES = {
     "approx_ndcg": tfr.keras.losses.ApproxNDCGLoss,
     "pairwise_logistic": tfr.keras.losses.PairwiseLogisticLoss,
 }
+#: Normalised floats are clipped to +-CLIP standard deviations.
+CLIP = 8.0
 
 
-def _transform(x: tf.Tensor, feature: Feature) -> tf.Tensor:
-    if feature.transform == "log1p":
-        x = tf.sign(x) * tf.math.log1p(tf.abs(x))
-    mean = tf.constant(feature.mean if feature.mean is not None else 0.0, tf.float32)
-    std = tf.constant(feature.std if feature.std is not None else 1.0, tf.float32)
-    x = tf.clip_by_value((x - mean) / std, -8.0, 8.0)
-    return x if feature.shape else x[..., tf.newaxis]
+def _width(feature: Feature) -> int:
+    return int(np.prod(feature.shape)) if feature.shape else 1
 
 
-class _Encoder(tf.keras.layers.Layer):
-    """Raw feature -> dense vector: normalised floats, embedded strings (out-of-vocabulary bucket 0)."""
+def _vector(feature: Feature, value, default: float) -> np.ndarray:
+    return np.broadcast_to(np.asarray(default if value is None else value, np.float32), (_width(feature),))
 
-    def __init__(self, feature: Feature, embedding_dim: int, **kwargs):
-        super().__init__(name=f"encode_{feature.name}", **kwargs)
-        self.feature = feature
-        if feature.dtype == STRING:
-            self.lookup = tf.keras.layers.StringLookup(vocabulary=list(feature.vocabulary or ()), num_oov_indices=1)
-            self.embed = tf.keras.layers.Embedding(len(feature.vocabulary or ()) + 1, embedding_dim)
 
-    def call(self, x):
-        if self.feature.dtype == STRING:
-            return self.embed(self.lookup(x))
-        return _transform(tf.cast(x, tf.float32), self.feature)
+class Preprocessor(tf.keras.layers.Layer):
+    """Raw named features -> ``{<scope>_dense, <scope>_ids, mask}``.
+
+    Floats: ``sign(x) log1p(|x|)`` where the spec says ``log1p``, then ``(x - mean) / std`` clipped to +-CLIP, one
+    column per value (a feature of shape (d,) gives d). Strings: the index in the feature's vocabulary, 0 for
+    values outside it. A string feature may also arrive as integer ids already (data held in memory is
+    converted once, see :meth:`string_ids`).
+    """
+
+    def __init__(self, spec: FeatureSpec, **kwargs):
+        super().__init__(name="preprocess", trainable=False, **kwargs)
+        self.spec = spec
+        self.lookups = {f.name: tf.keras.layers.StringLookup(vocabulary=list(f.vocabulary or ()), num_oov_indices=1,
+                                                             name=f"lookup_{f.name}")
+                        for f in spec.features if f.dtype == STRING}
+        self.stats = {}
+        for scope, features in ((CONTEXT, spec.context), (ITEM, spec.item)):
+            floats = [f for f in features if f.dtype != STRING]
+            if floats:
+                self.stats[scope] = tuple(tf.constant(np.concatenate(v)) for v in (
+                    [np.full(_width(f), f.transform == "log1p") for f in floats],
+                    [_vector(f, f.mean, 0.0) for f in floats], [_vector(f, f.std, 1.0) for f in floats]))
+
+    def string_ids(self, name: str, values) -> tf.Tensor:
+        """Vocabulary ids (int32) of string feature ``name``'s ``values``."""
+        return tf.cast(self.lookups[name](values), tf.int32)
+
+    def call(self, features):
+        packed = {MASK: features[MASK]}
+        for scope, features_of_scope in ((CONTEXT, self.spec.context), (ITEM, self.spec.item)):
+            rank = 1 if scope == CONTEXT else 2  # [B] or [B, L] before the feature's own shape
+            floats = [f for f in features_of_scope if f.dtype != STRING]
+            if floats:
+                columns = []
+                for f in floats:
+                    x = tf.cast(features[f.name], tf.float32)
+                    columns.append(x[..., tf.newaxis] if not f.shape else
+                                   tf.reshape(x, tf.concat([tf.shape(x)[:rank], [_width(f)]], axis=0)))
+                x = tf.concat(columns, axis=-1)
+                log1p, mean, std = self.stats[scope]
+                x = tf.where(log1p, tf.sign(x) * tf.math.log1p(tf.abs(x)), x)
+                packed[f"{scope}_dense"] = tf.clip_by_value((x - mean) / std, -CLIP, CLIP)
+            strings = [f for f in features_of_scope if f.dtype == STRING]
+            if strings:
+                packed[f"{scope}_ids"] = tf.stack(
+                    [self.string_ids(f.name, features[f.name]) if features[f.name].dtype == tf.string
+                     else tf.cast(features[f.name], tf.int32) for f in strings], axis=-1)
+        return packed
+
+
+class _Embed(tf.keras.layers.Layer):
+    """``[..., S]`` vocabulary ids of S string features -> ``[..., S * dim]``: one table, each feature its own rows
+    (an offset per feature), so S embeddings are one gather."""
+
+    def __init__(self, features: list[Feature], dim: int, **kwargs):
+        super().__init__(**kwargs)
+        sizes = [len(f.vocabulary or ()) + 1 for f in features]  # + the out-of-vocabulary id 0
+        self.offsets = tf.constant(np.cumsum([0, *sizes[:-1]]), tf.int32)
+        self.embed = tf.keras.layers.Embedding(sum(sizes), dim)
+        self.width = len(features) * dim
+
+    def call(self, ids):
+        vectors = self.embed(ids + self.offsets)
+        return tf.reshape(vectors, tf.concat([tf.shape(ids)[:-1], [self.width]], axis=0))
 
 
 def build_model(spec: FeatureSpec, hparams: HParams) -> tf.keras.Model:
-    """Inputs: context [B], item [B, L], mask [B, L]; output: scores [B, L]."""
-    def dtype(f: Feature):
-        return tf.string if f.dtype == STRING else tf.float32
+    """Inputs: the :class:`Preprocessor`'s packed tensors (context ``[B, ...]``, item ``[B, L, ...]``, mask
+    ``[B, L]``); output: scores ``[B, L]``."""
+    inputs, parts = {}, {}
+    for scope, features in ((CONTEXT, spec.context), (ITEM, spec.item)):
+        lead = () if scope == CONTEXT else (None,)
+        floats = [f for f in features if f.dtype != STRING]
+        strings = [f for f in features if f.dtype == STRING]
+        parts[scope] = []
+        if floats:
+            name = f"{scope}_dense"
+            inputs[name] = tf.keras.Input(shape=(*lead, sum(map(_width, floats))), dtype=tf.float32, name=name)
+            parts[scope].append(inputs[name])
+        if strings:
+            name = f"{scope}_ids"
+            inputs[name] = tf.keras.Input(shape=(*lead, len(strings)), dtype=tf.int32, name=name)
+            parts[scope].append(_Embed(strings, hparams.embedding_dim, name=f"embed_{scope}")(inputs[name]))
+    inputs[MASK] = mask = tf.keras.Input(shape=(None,), dtype=tf.bool, name=MASK)
 
-    inputs = {f.name: tf.keras.Input(shape=f.shape, dtype=dtype(f), name=f.name) for f in spec.context}
-    inputs.update({f.name: tf.keras.Input(shape=(None, *f.shape), dtype=dtype(f), name=f.name) for f in spec.item})
-    inputs[MASK] = tf.keras.Input(shape=(None,), dtype=tf.bool, name=MASK)
-    mask = inputs[MASK]
-
-    item = tf.concat([_Encoder(f, hparams.embedding_dim)(inputs[f.name]) for f in spec.item], axis=-1)
-    if spec.context:
-        context = tf.concat([_Encoder(f, hparams.embedding_dim)(inputs[f.name]) for f in spec.context], axis=-1)
-        list_len = tf.shape(mask)[1]
-        context = tf.tile(context[:, tf.newaxis, :], tf.stack([1, list_len, 1]))
-        x = tf.concat([context, item], axis=-1)
-    else:
-        x = item
+    x = tf.concat(parts[ITEM], axis=-1) if len(parts[ITEM]) > 1 else parts[ITEM][0]
+    if parts[CONTEXT]:
+        context = tf.concat(parts[CONTEXT], axis=-1) if len(parts[CONTEXT]) > 1 else parts[CONTEXT][0]
+        context = tf.tile(context[:, tf.newaxis, :], tf.stack([1, tf.shape(mask)[1], 1]))
+        x = tf.concat([context, x], axis=-1)
     if hparams.scorer == "din":
         attention = tfr.keras.layers.DocumentInteractionAttention(
             num_heads=hparams.attention_heads, head_size=hparams.attention_head_size,

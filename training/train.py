@@ -153,9 +153,10 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     import tensorflow as tf
 
     from training import data, export
-    from training.model import build_model, compile_model
+    from training.model import Preprocessor, build_model, compile_model
 
     tf.keras.utils.set_random_seed(hparams.seed)
+    preprocessor = Preprocessor(spec)
     eta = resolve_ipw_eta(hparams, spec)
     extra = ("position",) if eta > 0 else ()
 
@@ -164,11 +165,11 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     def source(src, shuffle: bool):
         return batch_source(src, spec, hparams, shuffle=shuffle, columns_extra=extra, whole=bool(batch_size))
 
-    train_ds = data.make_dataset(source(train_source, True), spec, ipw_eta=eta, position="position",
+    train_ds = data.make_dataset(source(train_source, True), spec, preprocessor, ipw_eta=eta, position="position",
                                  shuffle_labels_seed=hparams.seed if hparams.shuffle_labels else None,
                                  in_memory_batch_size=batch_size, shuffle_seed=hparams.seed)
     # Validation is weighted like training, so early stopping follows the debiased metric, not raw clicks.
-    valid_ds = data.make_dataset(source(valid_source, False), spec, ipw_eta=eta, position="position",
+    valid_ds = data.make_dataset(source(valid_source, False), spec, preprocessor, ipw_eta=eta, position="position",
                                  in_memory_batch_size=batch_size)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
