@@ -140,10 +140,13 @@ def eval_label_callback(dataset: Dataset):
     import tensorflow as tf
 
     from training import metrics
+    from training.model import Preprocessor
 
     spec = dataset.spec
-    batches = [({n: tf.constant(b[n].astype(str) if b[n].dtype == object else b[n]) for n in [*spec.names, MASK]},
-                np.where(b[MASK], b[spec.eval_label], -1.0)) for b in dataset.batches("valid")()]
+    preprocess = Preprocessor(spec)  # the Keras model takes the packed inputs the training pipeline feeds it
+    batches = [(preprocess({n: tf.constant(b[n].astype(str) if b[n].dtype == object else b[n])
+                            for n in [*spec.names, MASK]}), np.where(b[MASK], b[spec.eval_label], -1.0))
+               for b in dataset.batches("valid")()]
 
     class EvalLabelNdcg(tf.keras.callbacks.Callback):
         seconds = 0.0

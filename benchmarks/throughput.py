@@ -81,10 +81,11 @@ def input_pipeline_ratio(dataset: Dataset, hparams: HParams, steps: int = 250, r
     ``step_ms`` is the fastest round's, for scale; ``round_seconds`` keeps every run; ``cached_spread`` is the
     cached runs' (max - min) / median, the machine's noise.
 
-    * ``streaming``: Parquet -> padded NumPy -> tensors on every epoch (data beyond ``hparams.data_cache_mb``).
-    * ``in_memory``: the split read once into tensors (``load_seconds``), then batches cut and reshuffled in
-      TensorFlow's threads every epoch. ``ratio_with_load`` spreads the load over ``epochs`` (the epochs the
-      training run took).
+    * ``streaming``: Parquet -> padded NumPy -> tensors -> preprocessed on every epoch (data beyond
+      ``hparams.data_cache_mb``).
+    * ``in_memory``: the split read and preprocessed once into packed tensors (``load_seconds``), then batches
+      cut and reshuffled in TensorFlow's threads every epoch. ``ratio_with_load`` spreads the load over
+      ``epochs`` (the epochs the training run took).
 
     ``ratio`` / ``met`` are those of the pipeline ``training.train`` picks for this data.
     """

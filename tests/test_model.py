@@ -102,3 +102,36 @@ def test_export_scores_raw_features_as_the_trained_model_does(tmp_path, scorer):
     np.testing.assert_allclose(scores[mask], expected[mask], rtol=1e-5, atol=1e-6)
     assert (scores[~mask] == export.PAD_SCORE).all()
     assert len(set(np.round(scores[mask], 5))) > 1  # a real model, not a constant
+
+
+def test_each_string_feature_has_its_own_embedding_rows():
+    import tensorflow as tf
+
+    from training.model import _Embed
+
+    features = [f for f in SPEC.item if f.dtype == STRING]  # brand (2 values + OOV), style (1 value + OOV)
+    embed = _Embed(features, 4)
+    vectors = embed(tf.constant([[[1, 1], [0, 0]]])).numpy()
+    assert vectors.shape == (1, 2, 8) and embed.embed.input_dim == 3 + 2
+    table = embed.embed.embeddings.numpy()
+    np.testing.assert_array_equal(vectors[0, 0], np.concatenate([table[1], table[3 + 1]]))
+    np.testing.assert_array_equal(vectors[0, 1], np.concatenate([table[0], table[3]]))
+
+
+@pytest.mark.parametrize("string_codes", [False, True])
+def test_missing_strings_in_the_data_read_as_empty(string_codes):
+    """A null string in the Parquet data is "" (out of vocabulary) on both paths, not None (which tf.data
+    cannot take)."""
+    import pyarrow as pa
+
+    from training.data import Coded, batch_to_arrays
+
+    spec = FeatureSpec(features=(Feature("surface", CONTEXT, STRING, vocabulary=("feed",)),
+                                 Feature("brand", ITEM, STRING, vocabulary=("acme",))), list_size=3)
+    table = pa.table({"surface": ["feed", None], "brand": [["acme", None], [None]], "label": [[1.0, 0.0], [0.0]]})
+    arrays = batch_to_arrays(table, spec, list_size=3, string_codes=string_codes)
+    brand = arrays["brand"].strings() if string_codes else arrays["brand"]
+    assert isinstance(arrays["brand"], Coded) == string_codes
+    np.testing.assert_array_equal(brand, [["acme", "", ""], ["", "", ""]])
+    np.testing.assert_array_equal(arrays["surface"], ["feed", ""])
+    np.testing.assert_array_equal(arrays[MASK], [[True, True, False], [True, False, False]])

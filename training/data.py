@@ -45,7 +45,7 @@ def _layout(offsets: np.ndarray, list_size: int) -> tuple[np.ndarray, np.ndarray
     return rows, cols, np.repeat(offsets[:-1], lengths) + cols
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Coded:
     """A padded string column as codes into its distinct ``values``; code ``len(values)`` is the padding (and a
     missing value): both read as ``""``. Held-in-memory data takes it instead of millions of Python strings."""
@@ -70,6 +70,9 @@ class Coded:
         """``convert`` (distinct strings -> array) applied once per distinct value, placed at every code."""
         return np.asarray(convert(np.append(self.values, "").astype(object)))[self.codes]
 
+    def strings(self) -> np.ndarray:
+        return self.map(lambda values: values)
+
 
 def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype,
          layouts: dict[bytes, tuple] | None = None) -> np.ndarray:
@@ -78,11 +81,9 @@ def _pad(column: pa.ChunkedArray | pa.Array, list_size: int, pad_value, dtype,
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     offsets = column.offsets.to_numpy()
-    if dtype is object and not column.values.null_count:  # distinct values once, then shared references
-        encoded = column.values.dictionary_encode()
+    if dtype is object:  # distinct values once, then shared references; a missing one is "" (out of vocabulary)
+        encoded = column.values.fill_null("").dictionary_encode()
         values = encoded.dictionary.to_numpy(zero_copy_only=False)[encoded.indices.to_numpy()]
-    elif dtype is object:
-        values = column.values.to_numpy(zero_copy_only=False)
     else:
         values = column.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     if layouts is None:
@@ -119,7 +120,8 @@ def available_columns(split_dir: str | Path) -> set[str]:
 
 
 def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
-                    extra_item_columns: tuple[str, ...] = (), string_codes: bool = False) -> dict[str, np.ndarray]:
+                    extra_item_columns: tuple[str, ...] = (),
+                    string_codes: bool = False) -> dict[str, np.ndarray | Coded]:
     """Padded model inputs (+ label and extra per-item columns) from a table of listwise rows.
 
     ``list_size=None`` pads to the longest list of the table instead of truncating (what evaluation needs).
@@ -130,8 +132,11 @@ def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
     out: dict[str, np.ndarray] = {}
     layouts: dict[bytes, tuple] = {}
     for feature in spec.context:
-        values = table.column(feature.name).to_numpy(zero_copy_only=False)
-        out[feature.name] = values.astype(object if feature.dtype == STRING else np.float32)
+        column = table.column(feature.name)
+        if feature.dtype == STRING:
+            out[feature.name] = column.fill_null("").to_numpy(zero_copy_only=False).astype(object)
+        else:
+            out[feature.name] = column.to_numpy(zero_copy_only=False).astype(np.float32)
     for feature in spec.item:
         if feature.dtype == STRING and string_codes:
             out[feature.name] = _pad_codes(table.column(feature.name), list_size, layouts)
@@ -151,7 +156,8 @@ def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
 
 def iter_batches(split_dir: str | Path, spec: FeatureSpec, batch_size: int, *, list_size: int | None,
                  shuffle: bool = False, seed: int = 0, columns_extra: tuple[str, ...] = (),
-                 keep_columns: tuple[str, ...] = (), string_codes: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                 keep_columns: tuple[str, ...] = (),
+                 string_codes: bool = False) -> Iterator[dict[str, np.ndarray | Coded]]:
     """Stream padded batches from the shards of one split (``list_size=None``: pad, never truncate).
 
     ``columns_extra`` adds per-item columns (e.g. ``position``); ``keep_columns`` adds per-list columns as-is
@@ -248,7 +254,7 @@ def make_dataset(batches, spec: FeatureSpec, preprocessor, *, ipw_eta: float = 0
     def generate():
         rng = np.random.default_rng(shuffle_labels_seed)
         for batch in batches():
-            features = {n: batch[n] for n in feature_names}
+            features = {n: batch[n].strings() if isinstance(batch[n], Coded) else batch[n] for n in feature_names}
             if shuffle_labels_seed is not None:
                 batch = {**batch, spec.label: shuffle_within_lists(batch[spec.label], batch[MASK], rng)}
             if ipw_eta > 0:
@@ -268,6 +274,13 @@ def load_packed(batches, spec: FeatureSpec, preprocessor, columns: list[str]):
 
     Batches are preprocessed one at a time (a string feature's distinct values looked up once per batch) and
     only the packed result is joined: a few large tensors, not one per raw feature."""
+    import tensorflow as tf
+
+    with tf.device("/CPU:0"):  # tf.data reads it on the host; on a GPU machine eager ops would land on the GPU
+        return _load_packed(batches, spec, preprocessor, columns)
+
+
+def _load_packed(batches, spec: FeatureSpec, preprocessor, columns: list[str]):
     import tensorflow as tf
 
     packed: dict[str, list] = {}
