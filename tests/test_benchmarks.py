@@ -92,13 +92,13 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
     assert size["time_to_quality"]["seconds"] in curve["seconds"]
     pipe = size["input_pipeline"]
     rounds = pipe["round_seconds"]
-    assert all(len(rounds[name]) == pipe["rounds"] == 9 for name in ("streaming", "in_memory", "cached"))
+    assert all(len(rounds[name]) == pipe["rounds"] == 15 for name in ("streaming", "in_memory", "cached"))
     assert pipe["cached_step_ms"] == pytest.approx(1000 * min(rounds["cached"]) / pipe["steps"])
     for name in ("streaming", "in_memory"):  # each round's time against the same round's cached time
         paired = [t / c for t, c in zip(rounds[name], rounds["cached"], strict=True)]
         assert pipe[name]["paired_ratios"] == pytest.approx(paired)
         assert pipe[name]["ratio"] == pytest.approx(statistics.median(paired))
-        assert pipe[name]["ratio_ci"] == pytest.approx(sorted(paired)[1:8:6])  # 2nd and 8th of 9: ~96%
+        assert pipe[name]["ratio_ci"] == pytest.approx(sorted(paired)[3:12:8])  # 4th and 12th of 15: ~96%
     memory = pipe["in_memory"]
     assert memory["epochs"] == epochs and memory["load_seconds"] > 0
     assert memory["epoch_steps"] == -(-tiny.train_lists // 64) >= pipe["steps"]
@@ -114,6 +114,7 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
 def test_median_interval_is_distribution_free():
     assert throughput.median_ci([5, 1, 4, 2, 3, 9, 8, 7, 6]) == (2, 8, pytest.approx(1 - 2 * 10 / 512))
     assert throughput.median_ci([3, 1, 2, 5, 4]) == (1, 5, pytest.approx(1 - 2 / 32))  # the widest there is
+    assert throughput.median_ci(list(range(15))) == (3, 11, pytest.approx(1 - 2 * 576 / 2 ** 15))  # 15 rounds
     assert throughput.median_ci([1.0]) == (1.0, 1.0, 0.0)
     with pytest.raises(ValueError):
         throughput.median_ci([])
@@ -121,7 +122,7 @@ def test_median_interval_is_distribution_free():
 
 def test_pipeline_verdict_says_when_the_interval_spans_the_goal():
     pipe = {"ratio": 1.08, "ratio_ci": [1.02, 1.15], "met": None}
-    assert report._pipeline_verdict(pipe) == "1.08x (1.02 to 1.15) **not resolved: the interval spans the goal**"
+    assert report._pipeline_verdict(pipe) == "1.08x (1.020 to 1.150) **not resolved: the interval spans the goal**"
     assert report._pipeline_verdict({**pipe, "ratio_ci": [1.12, 1.2], "met": False}).endswith("**NOT met**")
 
 
@@ -172,8 +173,8 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
         assert f"{ranker['overall']['ndcg@10']['value']:.4f}" in row
     for candidates in (50, 300, 1000):
         assert any(line.startswith(f"| {candidates} |") for line in text.splitlines())
-    assert "| `small` | 3,500 |" in text and "1.05x (0.98 to 1.08) **met**" in text
-    assert "1.50x (1.30 to 1.70) **NOT met**" in text
+    assert "| `small` | 3,500 |" in text and "1.05x (0.980 to 1.080) **met**" in text
+    assert "1.50x (1.300 to 1.700) **NOT met**" in text
     assert "the cached step time varied across rounds by `tiny` 30%, `small` 2% ((max - min) / median)" in text
     for plot in ("quality-tiny.png", "throughput_scaling.png", "time_to_quality.png"):
         assert f"/{plot})" in text and (results / plot).exists()
