@@ -174,7 +174,7 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
     for candidates in (50, 300, 1000):
         assert any(line.startswith(f"| {candidates} |") for line in text.splitlines())
     assert "| `small` | 3,500 |" in text and "1.05x (0.980 to 1.080) **met**" in text
-    assert "1.50x (1.300 to 1.700) **NOT met**" in text
+    assert "1.50x (1.300 to 1.700) **NOT met**" in text and "in each of 15 rounds" in text
     assert "the cached step time varied across rounds by `tiny` 30%, `small` 2% ((max - min) / median)" in text
     for plot in ("quality-tiny.png", "throughput_scaling.png", "time_to_quality.png"):
         assert f"/{plot})" in text and (results / plot).exists()
@@ -223,7 +223,7 @@ def _throughput() -> dict:
                 / seconds, "items_per_second": 240 * lists / seconds,
                 "curve": {"seconds": [seconds / 6 * i for i in range(1, 7)], "val_ndcg_10": [.5, .6, .7, .7, .7, .7]},
                 "time_to_quality": {"seconds": seconds / 2, "epoch": 3, "target": 0.693, "final": 0.7},
-                "input_pipeline": {"cached_step_ms": 20.0, "streaming": {"step_ms": 30.0, "ratio": 1.5},
+                "input_pipeline": {"cached_step_ms": 20.0, "rounds": 15, "streaming": {"step_ms": 30.0, "ratio": 1.5},
                                    "in_memory": {"step_ms": 20.0 * ratio, "ratio": ratio, "load_seconds": 0.5,
                                                  "epochs": 6, "ratio_with_load": ratio},
                                    "train_uses": "in_memory", "ratio": ratio, "ratio_ci": list(ci),
