@@ -360,8 +360,12 @@ class CaptureWriter:
     def __init__(self, capture_dir: Path, endpoint: str):
         self.root, self.endpoint, self.file = Path(capture_dir) / endpoint, endpoint, f"{uuid.uuid4()}.jsonl"
 
-    def write(self, variant: str, record: dict[str, Any], received: datetime) -> None:
-        path = self.root / variant / received.strftime("%Y/%m/%d/%H") / self.file
+    def write(self, variant: str, answered: Answered, response: bytes, latency_ms: float, model_name: str,
+              model_version: int | str) -> None:
+        """Capture one variant's response to ``answered``'s request."""
+        record = capture_record(answered.request, response, answered.inference_id, answered.received, latency_ms,
+                                model_name, model_version)
+        path = self.root / variant / answered.received.strftime("%Y/%m/%d/%H") / self.file
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("ab") as out:
@@ -517,10 +521,8 @@ def _sidecar_main(models_dir: str, capture_dir: str | None, endpoint: str, answe
             break
         try:
             if writer is not None:
-                writer.write(PRODUCTION, capture_record(answered.request, answered.response, answered.inference_id,
-                                                        answered.received, answered.latency_ms,
-                                                        answered.model_name, answered.model_version),
-                             answered.received)
+                writer.write(PRODUCTION, answered, answered.response, answered.latency_ms, answered.model_name,
+                             answered.model_version)
             if answered.shadow_model is not None:
                 shadow_work.put_nowait(answered)
         except queue.Full:
@@ -577,8 +579,7 @@ def _shadow_and_capture(answered: Answered, server: ModelServer, writer: Capture
                     answered.shadow_model, answered.inference_id, err)
         return
     if writer is not None:
-        writer.write(SHADOW, capture_record(answered.request, response, answered.inference_id, answered.received,
-                                            latency, servable.name, servable.version), answered.received)
+        writer.write(SHADOW, answered, response, latency, servable.name, servable.version)
 
 
 class Endpoint:

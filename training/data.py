@@ -185,16 +185,13 @@ def iter_batches(split_dir: str | Path, spec: FeatureSpec, batch_size: int, *, l
 
 
 def _signature(spec: FeatureSpec, weights: bool):
+    """The generator's (raw features, labels[, weights]): the features are the exported signature's inputs."""
     import tensorflow as tf
 
-    def dtype(feature):
-        return tf.string if feature.dtype == STRING else tf.float32
+    from training.export import input_signature
 
-    features = {f.name: tf.TensorSpec([None, *f.shape], dtype(f)) for f in spec.context}
-    features.update({f.name: tf.TensorSpec([None, None, *f.shape], dtype(f)) for f in spec.item})
-    features[MASK] = tf.TensorSpec([None, None], tf.bool)
     label = tf.TensorSpec([None, None], tf.float32)
-    return (features, label, label) if weights else (features, label)
+    return (input_signature(spec), label, label) if weights else (input_signature(spec), label)
 
 
 def shuffle_within_lists(labels: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
