@@ -85,9 +85,10 @@ ITEMS = {row[0]: dict(zip(ITEM_COLUMNS, row, strict=True)) for row in [
      T0 - 3 * DAY, 4.5, 12, "FR", 5, 2),
     ("iB", "acme boho top", "tops", "acme", "premium", "boho", "S", "good", 20.0, 2,
      T0 - DAY, 4.0, 3, "DE", 0, 0),
-    ("iC", "zeta vintage coat", "coats", "zeta", "budget", "vintage", "L", "new_with_tags", 40.0, 8,
+    # iC's style and iD's brand are spelt as a catalogue might: they are iA's style and iC's brand all the same
+    ("iC", "zeta vintage coat", "coats", "zeta", "budget", " Vintage", "L", "new_with_tags", 40.0, 8,
      T0 - 5 * DAY, 3.8, 40, "IT", 10, 1),
-    ("iD", "zeta classic trench coat", "coats", "zeta", "budget", "classic", "M", "satisfactory", 100.0, 1,
+    ("iD", "zeta classic trench coat", "coats", "ZETA", "budget", "classic", "M", "satisfactory", 100.0, 1,
      T0 - 2 * DAY, 4.9, 0, "FR", 3, 0),
     ("iE", "nova minimalist top", "tops", "nova", "mid", "minimalist", "M", "good", 30.0, 4,
      T0 - 9 * DAY, 4.2, 7, "ES", 0, 0),
@@ -163,6 +164,11 @@ def handmade_tables() -> dict[str, pd.DataFrame]:
             "interactions": interactions}
 
 
+def same(a: str, b: str) -> bool:
+    """One brand, style or category whatever the capitals and surrounding spaces (single-word names here)."""
+    return a.strip().lower() == b.strip().lower()
+
+
 def oracle_raw(ts: int, user_id: str, item_id: str, surface: str = "feed", query: str | None = None) -> dict:
     """RAW_COLUMNS of showing ``item_id`` to ``user_id`` at ``ts``, by brute force over the rows above (no Spark)."""
     users = {row[0]: row for row in USER_ROWS}
@@ -184,14 +190,14 @@ def oracle_raw(ts: int, user_id: str, item_id: str, surface: str = "feed", query
         "views": item["views"] + sum(item_id in SHOWN[r[0]] for r in REQUEST_ROWS if r[2] < ts),
         "likes": item["likes"] + sum(e[2] == item_id and e[4] == "like" for e in earlier),
         "bags": sum(e[2] == item_id and e[4] == "add_to_bag" for e in earlier),
-        "user_brand_clicks": sum(ITEMS[i]["brand"] == item["brand"] for i in clicks),
-        "user_style_clicks": sum(ITEMS[i]["style"] == item["style"] for i in clicks),
-        "user_category_clicks": sum(ITEMS[i]["category"] == item["category"] for i in clicks),
-        "user_brand_views": sum(ITEMS[i]["brand"] == item["brand"] for i in seen),
-        "user_style_views": sum(ITEMS[i]["style"] == item["style"] for i in seen),
+        "user_brand_clicks": sum(same(ITEMS[i]["brand"], item["brand"]) for i in clicks),
+        "user_style_clicks": sum(same(ITEMS[i]["style"], item["style"]) for i in clicks),
+        "user_category_clicks": sum(same(ITEMS[i]["category"], item["category"]) for i in clicks),
+        "user_brand_views": sum(same(ITEMS[i]["brand"], item["brand"]) for i in seen),
+        "user_style_views": sum(same(ITEMS[i]["style"], item["style"]) for i in seen),
         "user_searches": len(searches),
-        "user_brand_searches": sum(item["brand"] in terms for terms in searches),
-        "user_style_searches": sum(item["style"] in terms for terms in searches),
+        "user_brand_searches": sum(item["brand"].strip().lower() in terms for terms in searches),
+        "user_style_searches": sum(item["style"].strip().lower() in terms for terms in searches),
     }
 
 
@@ -427,6 +433,10 @@ HAND_COUNTED = {
     ("r06", "iC"): {"views": 13, "likes": 1, "bags": 0, "user_history": 4, "brand_affinity": 1 / 5,
                     "style_affinity": 3 / 5, "category_affinity": 3 / 5},
     ("r09", "iB"): {"views": 4, "likes": 1, "bags": 1, "user_history": 6, "brand_affinity": 4 / 7},
+    # spelling: "ZETA" (iD) is zeta, " Vintage" (iC) is vintage, for counters, favourites and queries alike
+    ("r07", "iD"): {"query_brand_match": 1.0, "query_title_overlap": 1.0},
+    ("r09", "iD"): {"brand_affinity": 2 / 7, "brand_ctr": 2 / 8, "brand_searched": 1 / 3},
+    ("r09", "iC"): {"style_affinity": 4 / 7, "fav_style": 1.0, "style_searched": 1 / 3},
     ("r10", "iA"): {"views": 14, "likes": 4, "bags": 1, "user_history": 0, "brand_affinity": 0.0,
                     "user_tenure_days": 0.0, "user_country": "unknown"},
 }

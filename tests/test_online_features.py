@@ -14,7 +14,15 @@ import pytest
 from marketrank import simulator
 from training.feature_job import online_state, point_in_time_rows, read_raw_tables, spark_session
 from training.feature_spec import STRING
-from training.features import FEATURES, assemble_features, online_raw_frame
+from training.features import (
+    FEATURES,
+    assemble_features,
+    catalogue_key,
+    index_keys,
+    named_keys,
+    online_raw_frame,
+    query_terms,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +86,34 @@ def test_cold_start_user_gets_neutral_features():
     assert features["age_days"] == pytest.approx(3.0)
     assert features["like_rate"] == pytest.approx(2 / 19)
     assert features["log_price_index"] == pytest.approx(0.0)
+
+
+def test_catalogue_names_match_whatever_their_spelling():
+    """A multi-word, capitalised brand: named by a query holding its words, found in the user's history maps
+    (keyed by catalogue_key, as the feature job writes them) and among the user's favourites."""
+    item = {"title": "Tommy Hilfiger denim jacket", "category": "Jackets", "brand": "Tommy  Hilfiger",
+            "brand_tier": "premium", "style": "Classic", "size": "M", "condition": "good", "price": 80.0,
+            "photos": 4, "category_median_price": 60.0, "listed_ms": 0, "seller_rating": 4.5, "seller_sales": 10,
+            "seller_country": "FR", "views": 9, "likes": 1, "bags": 0}
+    other = {**item, "brand": "Tommy", "style": "classic sport"}
+    user = {"user_clicks": 4, "user_searches": 3, "user_fav_brands": ["TOMMY HILFIGER"], "user_fav_styles": [],
+            "brand_clicks": {"tommy hilfiger": 3, "tommy": 1}, "brand_views": {"tommy hilfiger": 5},
+            "style_clicks": {"classic": 2}, "search_terms": {"tommy hilfiger": 2, "classic": 1}}
+    frame = online_raw_frame("search", "hilfiger TOMMY jackets", 86_400_000, user, [item, other])
+    named, unnamed = assemble_features(frame).to_dict("records")
+    assert (named["query_brand_match"], named["query_category_match"], named["query_style_match"]) == (1, 1, 0)
+    assert named["fav_brand"] == 1.0
+    assert named["brand_affinity"] == pytest.approx(3 / 5) and named["brand_ctr"] == pytest.approx(3 / 6)
+    assert named["brand_searched"] == pytest.approx(2 / 4) and named["style_searched"] == pytest.approx(1 / 4)
+    assert named["style_affinity"] == pytest.approx(2 / 5)
+    # "Tommy" is another brand, and "classic sport" a style the query does not name in full
+    assert (unnamed["query_brand_match"], unnamed["query_style_match"], unnamed["fav_brand"]) == (1, 0, 0)
+    assert unnamed["brand_affinity"] == pytest.approx(1 / 5) and unnamed["brand_searched"] == 0.0
+
+
+def test_named_keys_finds_every_catalogue_name_a_query_holds():
+    index = index_keys(["tommy hilfiger", "tommy", "classic", "boho chic", "zeta"])
+    assert named_keys(query_terms("Hilfiger tommy classic"), index) == ["classic", "tommy", "tommy hilfiger"]
+    assert named_keys(query_terms("chic dress"), index) == []
+    assert named_keys(query_terms(""), index) == []
+    assert catalogue_key("  Boho\u00a0CHIC ") == "boho chic" and catalogue_key(None) == ""

@@ -36,7 +36,10 @@ from training.features import (
     ITEM_STATE_COLUMNS,
     USER_STATE_COLUMNS,
     assemble_features,
+    catalogue_key,
     features_fingerprint,
+    index_keys,
+    named_keys,
     query_terms,
 )
 
@@ -167,6 +170,7 @@ def _to_ms(frame, column: str):
 def _event_stream(tables: dict):
     """Items with derived columns, requests with ``ts_ms``, and one time-ordered stream of impressions + events."""
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     items, requests = tables["items"], tables["requests"]
     impressions, interactions = tables["impressions"], tables["interactions"]
@@ -183,7 +187,18 @@ def _event_stream(tables: dict):
              .withColumn("listed_ms", _to_ms(items, "listed_ts"))
              .withColumn("lpi", F.log(F.greatest(F.col("price"), F.lit(0.01))
                                       / F.greatest(F.col("category_median_price"), F.lit(0.01)))))
-    item_keys = items.select("item_id", "brand", "style", "category", "lpi")
+
+    @F.pandas_udf(T.StringType())
+    def keys(values: pd.Series) -> pd.Series:  # a missing brand stays missing: it has no history
+        found = values.map(catalogue_key)
+        return found.where(found != "", None)
+
+    items = items.select("*", *(keys(name).alias(f"{name}_key") for name in ("brand", "style", "category")))
+    # The user-history counters are keyed by catalogue_key: "Zeta" and "zeta" are one brand, as queries see it.
+    item_keys = items.select("item_id", F.col("brand_key").alias("brand"), F.col("style_key").alias("style"),
+                             F.col("category_key").alias("category"), "lpi")
+    catalogue = items.select(F.col("brand_key").alias("key")).union(items.select("style_key")).distinct()
+    keys_by_word = index_keys(row.key for row in catalogue.collect() if row.key)
     requests = requests.withColumn("ts_ms", _to_ms(requests, "ts"))
 
     shown = (impressions.join(requests.select("request_id", "user_id", "ts_ms"), "request_id")
@@ -200,22 +215,27 @@ def _event_stream(tables: dict):
                       (F.col("event") == "add_to_bag").cast("int").alias("bag"),
                       F.when(F.col("event") == "click", F.col("lpi")).otherwise(0.0).alias("click_lpi"),
                       F.lit(False).alias("is_impression"), F.lit(0).alias("search"), F.lit(0).alias("named")))
-    return items, requests, shown.unionByName(events).unionByName(_search_stream(requests))
+    return items, requests, shown.unionByName(events).unionByName(_search_stream(requests, keys_by_word))
 
 
-def _search_stream(requests):
-    """Searches as stream rows: one per search (``search``: a query with at least one term), and one per term
-    (``named``) whose ``brand`` and ``style`` are the term, so the (user, brand) and (user, style) windows count
-    the searches that named an item's brand or style. Terms are ``training.features.query_terms``."""
+def _search_stream(requests, keys_by_word: dict[str, tuple[str, ...]]):
+    """Searches as stream rows: one per search (``search``: a query with at least one term), and one per brand or
+    style of the catalogue the query names (``named``, ``training.features.named_keys``: every word of the key is a
+    query term) whose ``brand`` and ``style`` are that key, so the (user, brand) and (user, style) windows count
+    the searches that named an item's brand or style."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     @F.pandas_udf(T.ArrayType(T.StringType()))
-    def terms(queries: pd.Series) -> pd.Series:
-        return queries.map(lambda query: sorted(query_terms(query)))
+    def named(queries: pd.Series) -> pd.Series:
+        return queries.map(lambda query: named_keys(query_terms(query), keys_by_word))
 
-    searches = requests.filter(F.col("query").isNotNull()).withColumn("terms", terms("query"))
-    searches = searches.filter(F.size("terms") > 0)
+    @F.pandas_udf(T.IntegerType())
+    def term_count(queries: pd.Series) -> pd.Series:
+        return queries.map(lambda query: len(query_terms(query))).astype("int32")
+
+    searches = requests.filter(F.col("query").isNotNull()).filter(term_count("query") > 0)
+    searches = searches.withColumn("terms", named("query"))
     none, zero = F.lit(None).cast("string"), F.lit(0)
     common = [none.alias("request_id"), "user_id", none.alias("item_id")]
     counters = [zero.alias("view"), zero.alias("click"), zero.alias("like"), zero.alias("bag"),
@@ -314,10 +334,9 @@ def online_state(tables: dict):
                   .join(stream.groupBy("user_id").agg(F.sum("click").alias("user_clicks"),
                                                       F.sum("click_lpi").alias("user_lpi_sum"),
                                                       F.sum("search").alias("user_searches")), "user_id", "left"))
-    # Per-key counters as maps: clicks and impressions by brand / style / category, and searches by query term
-    # (only terms that are a brand or a style of the catalogue: the only ones looked up).
-    catalogue_terms = items.select(F.col("brand").alias("term")).union(items.select("style")).distinct()
-    named = stream.filter(F.col("named") == 1).join(catalogue_terms, F.col("brand") == F.col("term"), "left_semi")
+    # Per-key counters as maps, keyed by catalogue_key: clicks and impressions by brand / style / category, and
+    # searches by the brand or style they named.
+    named = stream.filter(F.col("named") == 1)
     maps = {"brand_clicks": ("click", "brand"), "style_clicks": ("click", "style"),
             "category_clicks": ("click", "category"), "brand_views": ("view", "brand"),
             "style_views": ("view", "style"), "search_terms": ("named", "brand")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,7 +105,8 @@ ITEM_STATE_COLUMNS = ("title", "category", "brand", "brand_tier", "style", "size
 USER_STATE_COLUMNS = ("user_country", "user_size", "user_fav_brands", "user_fav_styles", "user_signup_ms",
                       "user_clicks", "user_lpi_sum", "brand_clicks", "style_clicks", "category_clicks",
                       "brand_views", "style_views", "user_searches", "search_terms")
-#: How the user state's per-key maps fill raw columns: (map, the item attribute looked up in it, raw column).
+#: How the user state's per-key maps fill raw columns: (map, the item attribute whose ``catalogue_key`` is looked
+#: up in it, raw column).
 USER_MAP_LOOKUPS = (("brand_clicks", "brand", "user_brand_clicks"), ("style_clicks", "style", "user_style_clicks"),
                     ("category_clicks", "category", "user_category_clicks"),
                     ("brand_views", "brand", "user_brand_views"), ("style_views", "style", "user_style_views"),
@@ -119,7 +120,7 @@ NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user
                                  "user_style_searches"})
 
 #: Bump when a feature's meaning changes but no name does: cached feature-job output is then rebuilt.
-FEATURE_LOGIC_VERSION = 2
+FEATURE_LOGIC_VERSION = 3
 
 
 def features_fingerprint() -> str:
@@ -151,8 +152,49 @@ def query_terms(text: object) -> frozenset[str]:
 _title_tokens = functools.lru_cache(maxsize=1 << 17)(query_terms)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a catalogue has few distinct names; the API keys 300 candidates a request
+def catalogue_key(value: object) -> str:
+    """A brand, style or category as queries name it and as the user-history counters key it: lower case, words
+    joined by one space (``"Tommy  Hilfiger"`` -> ``"tommy hilfiger"``); "" when missing. Queries are split the
+    same way (``query_terms``), so a catalogue's capitals or spacing never hide a match."""
+    return " ".join(str(value).lower().split()) if isinstance(value, str) else ""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _key_words(value: object) -> frozenset[str]:
+    return frozenset(catalogue_key(value).split())
+
+
+def named_by(query: frozenset[str], value: object) -> bool:
+    """Whether a query (``query_terms``) names a brand, style or category: every word of it is a query term."""
+    words = _key_words(value)
+    return bool(words) and words <= query
+
+
+def index_keys(keys: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Catalogue keys by each of their words, for ``named_keys``."""
+    by_word: dict[str, set[str]] = {}
+    for key in keys:
+        for word in key.split():
+            by_word.setdefault(word, set()).add(key)
+    return {word: tuple(sorted(found)) for word, found in by_word.items()}
+
+
+def named_keys(query: frozenset[str], keys_by_word: Mapping[str, Sequence[str]]) -> list[str]:
+    """The catalogue keys (``index_keys``) a query names, sorted: what the feature job counts as a user's
+    searches for a brand or a style."""
+    return sorted({key for word in query for key in keys_by_word.get(word, ()) if named_by(query, key)})
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _key_set(values: tuple) -> frozenset[str]:
+    return frozenset(map(catalogue_key, values))
+
+
 def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
-    member = [v in (ls if ls is not None else ()) for v, ls in zip(values, lists, strict=True)]
+    """1 where the row's value is in the row's list (a user's favourite brands or styles), compared as keys."""
+    member = [bool(key) and ls is not None and key in _key_set(tuple(ls))
+              for key, ls in zip(map(catalogue_key, values), lists, strict=True)]
     return np.array(member, dtype=np.float32)
 
 
@@ -221,9 +263,9 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         "style_searched": _num(col["user_style_searches"]) / searches,
         "fav_brand": _member(col["brand"], col["user_fav_brands"]),
         "fav_style": _member(col["style"], col["user_fav_styles"]),
-        "query_category_match": [c in q for c, q in zip(col["category"], query, strict=True)],
-        "query_brand_match": [b in q for b, q in zip(col["brand"], query, strict=True)],
-        "query_style_match": [s in q for s, q in zip(col["style"], query, strict=True)],
+        "query_category_match": [named_by(q, c) for c, q in zip(col["category"], query, strict=True)],
+        "query_brand_match": [named_by(q, b) for b, q in zip(col["brand"], query, strict=True)],
+        "query_style_match": [named_by(q, s) for s, q in zip(col["style"], query, strict=True)],
         "query_title_overlap": [len(q & _title_tokens(t)) / len(q) if q else 0.0
                                 for t, q in zip(col["title"], query, strict=True)],
     }
@@ -287,9 +329,10 @@ def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mappin
     columns.update({name: _state_column([value] * n, True) if name in NUMERIC_RAW_COLUMNS else _repeat(value, n)
                     for name, value in shared.items()})
     maps = {name: dict(user.get(name) or {}) for name, _, _ in USER_MAP_LOOKUPS}  # JSON objects or (key, value)s
+    keys = {key: [catalogue_key(value) for value in columns[key]] for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
     for name, key, column in USER_MAP_LOOKUPS:
         counts = maps[name]
-        columns[column] = np.array([counts.get(value, 0) for value in columns[key]], dtype=np.float64)
+        columns[column] = np.array([counts.get(value, 0) for value in keys[key]], dtype=np.float64)
     return {c: columns[c] for c in RAW_COLUMNS}
 
 
