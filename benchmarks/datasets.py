@@ -28,8 +28,8 @@ class Dataset:
     #: What ``training.train.train`` takes: split dirs (the real pipeline) or batch callables (LETOR).
     train_source: Any
     valid_source: Any
-    #: Split name -> batches padded per chunk: features, mask, logged label and position; valid and test also
-    #: carry the evaluation label and the oracle score (when the data has them).
+    #: Split name -> batches padded per chunk: features, mask, logged label, position and the evaluation label;
+    #: valid and test also carry the oracle score (when the data has them).
     batches: Callable[[str], Batches]
     #: Lists / items per split, and where the data came from.
     sizes: dict[str, Any]
@@ -67,6 +67,8 @@ def from_features(features: Path, name: str, simulator: dict[str, Any] | None = 
     spec = FeatureSpec.load(features / "train")
     stats = json.loads((features / "stats.json").read_text())
     extra = ("position",) if spec.position else ()
+    if spec.eval_label != spec.label and spec.eval_label in data.available_columns(features / "train"):
+        extra += (spec.eval_label,)  # the feature ceiling's training label
 
     def batches(split: str) -> Batches:
         if split == "train":

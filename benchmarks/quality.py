@@ -96,7 +96,7 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple[str, st
             progress=lambda epoch, logs, n=name: note(f"TF-Ranking {n}: epoch {epoch}, val ndcg@10 (logged) "
                                                       f"{logs.get('val_ndcg_10', float('nan')):.4f}"))
     if dataset.spec.oracle_score and dataset.spec.eval_label and dataset.spec.eval_label != dataset.spec.label:
-        note("feature ceiling: LambdaMART on the validation split's true relevance (a reference)")
+        note("feature ceiling: LambdaMART on the training split's true relevance (a reference)")
         scorers[CEILING], trained[CEILING] = rankers.train_feature_ceiling(dataset, lambdamart)
     if trained_out is not None:
         trained_out.update({name: (scorers[name], trained[name]) for name in trained if name.startswith("tfr-")})

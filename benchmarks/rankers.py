@@ -105,10 +105,10 @@ def train_lambdamart(dataset: Dataset, params: LambdaMartParams = LambdaMartPara
 
 
 def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMartParams(),
-                          holdout: float = 0.2, threads: int = 0) -> tuple[Scorer, dict[str, Any]]:
-    """A reference, not a contender: LambdaMART trained on the *evaluation label* (the simulator's true relevance)
-    of the validation split, early-stopped on a held-out fifth of it. No production model sees that label, so
-    its test NDCG@10 estimates how much of the oracle the features can carry at all, whatever the learner and
+                          threads: int = 0) -> tuple[Scorer, dict[str, Any]]:
+    """A reference, not a contender: LambdaMART trained on the training split's *evaluation label* (the
+    simulator's true relevance), early-stopped on the validation split's. No production model sees that label,
+    so its test NDCG@10 estimates how much of the oracle the features can carry at all, whatever the learner and
     however clean the clicks."""
     import lightgbm as lgb
 
@@ -116,20 +116,19 @@ def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMar
     if not spec.eval_label or spec.eval_label == spec.label:
         raise ValueError(f"{dataset.name}: the feature ceiling needs an evaluation label apart from the logged one")
     names, categorical = feature_columns(spec)
-    x, group, label, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label)
-    cut = max(1, int(len(group) * (1 - holdout)))
-    rows = int(group[:cut].sum())
-    train_set = lgb.Dataset(x[:rows], label[:rows], group=group[:cut], feature_name=names,
-                            categorical_feature=categorical, free_raw_data=True)
-    stop_set = lgb.Dataset(x[rows:], label[rows:], group=group[cut:], reference=train_set)
-    config = _lightgbm_config(params, threads, label.max())
+    x, group, label, _ = _matrices(dataset, "train", 0.0, label=spec.eval_label)
+    vx, vgroup, vlabel, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label)
+    train_set = lgb.Dataset(x, label, group=group, feature_name=names, categorical_feature=categorical,
+                            free_raw_data=True)
+    stop_set = lgb.Dataset(vx, vlabel, group=vgroup, reference=train_set)
+    config = _lightgbm_config(params, threads, max(label.max(), vlabel.max()))
     start = time.perf_counter()
     booster = lgb.train(config, train_set, num_boost_round=params.max_rounds, valid_sets=[stop_set],
-                        valid_names=["holdout"], callbacks=[lgb.early_stopping(params.early_stopping_rounds,
-                                                                               verbose=False)])
-    info = {"trained_on": f"valid split's {spec.eval_label} ({cut} lists; {len(group) - cut} held out for early "
-                          "stopping)", "best_iteration": booster.best_iteration,
-            "train_seconds": time.perf_counter() - start, "train_items": rows}
+                        valid_names=["valid"], callbacks=[lgb.early_stopping(params.early_stopping_rounds,
+                                                                             verbose=False)])
+    info = {"trained_on": f"train split's {spec.eval_label} ({len(group)} lists; early-stopped on the valid "
+                          f"split's)", "best_iteration": booster.best_iteration,
+            "train_seconds": time.perf_counter() - start, "train_items": int(label.size)}
     return _scorer(booster, spec), info
 
 

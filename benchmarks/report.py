@@ -87,9 +87,9 @@ def quality_section(name: str, result: dict[str, Any], out_dir: Path) -> list[st
                      f"{_yes(g['met'])}.")
     if best and "feature_ceiling" in goals:
         g = goals["feature_ceiling"]
-        lines.append(f"- Feature ceiling: `reference-ceiling` is LambdaMART trained on the validation split's "
-                     f"true relevance, which no production model sees (its valid NDCG@10 is on its own training "
-                     f"lists). On test it reaches {_f(g['value'])} = {g['oracle_share']:.1%} of the oracle: "
+        lines.append(f"- Feature ceiling: `reference-ceiling` is LambdaMART trained on the training split's "
+                     f"true relevance (early-stopped on the validation split's), which no production model sees. "
+                     f"On test it reaches {_f(g['value'])} = {g['oracle_share']:.1%} of the oracle: "
                      f"roughly what these features can carry with clean labels. `{best}`, learning from clicks, "
                      f"reaches {g['best_tf_ranking_share']:.1%} of that.")
     return [*lines, ""]

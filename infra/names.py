@@ -23,6 +23,8 @@ from pipelines.definition import PipelineConfig
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 #: Everything the pipeline reads and writes lives under this prefix of the artifacts bucket.
 PIPELINE_PREFIX = "marketrank"
+#: Shadow reports live under this prefix of the capture bucket, beside the capture they summarise.
+SHADOW_REPORT_PREFIX = "shadow-reports"
 #: The bucket kinds of the Data stack (``Names.bucket``).
 BUCKETS = ("raw", "features", "artifacts", "capture", "access-logs", "alb-logs")
 
@@ -94,6 +96,16 @@ class Names:
     @property
     def endpoint_arn(self) -> str:
         return self.arn("sagemaker", f"endpoint/{self.endpoint}")
+
+    @property
+    def shadow_report_key(self) -> str:
+        """Key in the capture bucket of the endpoint's shadow report (``marketrank shadow report --out``
+        publishes it; the ranking API's shadow-agreement gauges read it)."""
+        return f"{SHADOW_REPORT_PREFIX}/{self.endpoint}/latest.json"
+
+    @property
+    def shadow_report_uri(self) -> str:
+        return f"s3://{self.bucket('capture')}/{self.shadow_report_key}"
 
     @property
     def mlflow_server(self) -> str:

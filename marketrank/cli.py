@@ -287,16 +287,22 @@ def endpoint_describe(target: Target = "local", endpoint: EndpointName = "market
 def endpoint_promote(target: Target = "local", endpoint: EndpointName = "marketrank",
                      data_capture_uri: CaptureUri = None,
                      force: Annotated[bool, typer.Option(help="promote even if the shadow report disagrees")] = False,
+                     report: Annotated[str | None, typer.Option(
+                         help="the shadow report to act on: latest.json path or s3:// URI (default: the "
+                              "workspace's shadow/<endpoint>/latest.json)")] = None,
                      ) -> None:
     """Make the shadow challenger the production champion (the old champion is kept for rollback).
 
     Acts on the latest `marketrank shadow report` for the endpoint: refused unless it recommends promote."""
-    report_path = workspace.shadow_dir() / endpoint / "latest.json"
+    from serving.shadow_report import REPORT_FILE, load_report
+
+    report_path = report or str(workspace.shadow_dir() / endpoint / REPORT_FILE)
     if not force:
-        if not report_path.exists():
+        try:
+            shadow = load_report(report_path)
+        except FileNotFoundError as err:
             raise ValueError(f"no shadow report for endpoint {endpoint!r} ({report_path}): run "
-                             "`marketrank shadow report` first, or pass --force")
-        shadow = json.loads(report_path.read_text())
+                             "`marketrank shadow report` first, or pass --force") from err
         if shadow["recommendation"] != "promote":
             raise ValueError(f"the shadow report ({report_path}) recommends {shadow['recommendation']}: "
                              f"{'; '.join(shadow['reasons'])} (use --force to override)")
@@ -416,7 +422,8 @@ def shadow_report(
     min_pairs: Annotated[int, typer.Option(help="paired requests needed before recommending promote")] = 200,
     shadow_sampling: Annotated[float | None, typer.Option(
         help="% of requests copied to the shadow (default: the local endpoint's shadow weight, else 100)")] = None,
-    out: Annotated[Path | None, typer.Option(help="where report.json and shadow.png go")] = None,
+    out: Annotated[str | None, typer.Option(help="directory or s3:// prefix for latest.json and shadow.png "
+                                                 "(default: the workspace's shadow/<endpoint>)")] = None,
 ) -> None:
     """Compare champion and challenger responses from data capture; recommend promote / keep-watching / rollback."""
     import dataclasses
@@ -438,17 +445,14 @@ def shadow_report(
         share = shadow_sampling / 100
     analysis = shadow.analyse(production, challenger, k)
     report = shadow.build_report(production, challenger, k, thresholds, share, analysis)
-    out = out or workspace.shadow_dir() / endpoint
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(report, indent=2))
-    chart = shadow.plot(report, analysis, out / "shadow.png")
+    saved = shadow.save_report(report, analysis, out or workspace.shadow_dir() / endpoint)
     agreement, latency = report["agreement"], report["latency_ms"]
     ui.console.print(f"{report['pairs']} paired requests; top-{k} overlap {agreement['overlap']['mean']:.3f}, "
                      f"Spearman {agreement['spearman']['mean']:.3f}, drift {agreement['drift']['mean']:.3f}; "
                      f"p95 latency champion {latency['champion']['p95']} ms, challenger "
                      f"{latency['challenger']['p95']} ms")
     ui.console.print(f"recommendation: [bold]{report['recommendation']}[/bold] ({'; '.join(report['reasons'])})")
-    ui.console.print(f"report {out / 'latest.json'}, chart {chart}")
+    ui.console.print(f"report {saved}, chart {saved.rsplit('/', 1)[0]}/{shadow.CHART_FILE}")
 
 
 Store = Annotated[str, typer.Option(help="feature store: embedded (a file in the workspace) or redis://host:port/0")]
@@ -492,6 +496,7 @@ def serve(
     from serving import app as api
     from serving import local_endpoint
     from serving.feature_store import DEFAULT_STORE_FILE, open_store
+    from serving.shadow_report import REPORT_FILE
 
     manifest = workspace.endpoints_dir() / f"{endpoint}.json"
     if not manifest.exists():
@@ -509,7 +514,7 @@ def serve(
         ui.console.print(f"local endpoint {endpoint} on {model_url} (capture: {workspace.capture_dir()})")
         settings = api.Settings(feature_store=store, store_path=str(store_path), model_url=model_url,
                                 model_name=endpoint, budget_ms=budget_ms,
-                                shadow_report=str(workspace.shadow_dir() / endpoint / "latest.json"))
+                                shadow_report=str(workspace.shadow_dir() / endpoint / REPORT_FILE))
         api.configure_logging(settings.log_level)
         # Both servers in threads, this one waiting: Ctrl-C or SIGTERM then stops them in order, without the
         # traceback uvicorn prints when it re-raises the signal into a main-thread server's lifespan.

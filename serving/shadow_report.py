@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,12 @@ class ShadowThresholds:
 AGREEMENT_MEASURES = ("overlap", "spearman")
 
 
-def agreement_summary(location: str | Path) -> dict[str, float]:
-    """Mean agreement measures of a saved report (``latest.json``; local path or s3:// URI); {} without pairs."""
+#: What ``save_report`` writes: the report (JSON) and its chart (PNG).
+REPORT_FILE, CHART_FILE = "latest.json", "shadow.png"
+
+
+def load_report(location: str | Path) -> dict[str, Any]:
+    """A saved report: a ``latest.json`` path or s3:// URI (short timeouts, one attempt: the API calls this)."""
     from training import storage
 
     if storage.is_s3(location):
@@ -60,10 +65,35 @@ def agreement_summary(location: str | Path) -> dict[str, float]:
 
         bucket, key = storage.split_s3(str(location))
         client = boto3.client("s3", config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
-        text = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            text = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey as err:
+            raise FileNotFoundError(f"no shadow report at {location}") from err
     else:
         text = Path(location).read_text()
-    agreement = json.loads(text).get("agreement") or {}
+    return json.loads(text)
+
+
+def save_report(report: dict[str, Any], analysis: Analysis, out: str | Path) -> str:
+    """Write ``latest.json`` and ``shadow.png`` under ``out``, a directory or an s3:// prefix (where the ranking
+    API on ECS reads the agreement from, ``MARKETRANK_SHADOW_REPORT``); returns the report's location."""
+    from training import storage
+
+    if storage.is_s3(out):
+        with tempfile.TemporaryDirectory(prefix="shadow-report-") as tmp:
+            save_report(report, analysis, tmp)
+            storage.stage_out(tmp, str(out))
+        return f"{str(out).rstrip('/')}/{REPORT_FILE}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    plot(report, analysis, out / CHART_FILE)
+    return str(out / REPORT_FILE)
+
+
+def agreement_summary(location: str | Path) -> dict[str, float]:
+    """Mean agreement measures of a saved report (``load_report``); {} without pairs."""
+    agreement = load_report(location).get("agreement") or {}
     return {m: float(agreement[m]["mean"]) for m in AGREEMENT_MEASURES
             if (agreement.get(m) or {}).get("mean") is not None}
 

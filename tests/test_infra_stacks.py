@@ -368,12 +368,18 @@ def test_api_task_role_container_env_logs_and_alb(raw, templates):
     template = raw["RankingService"]
     task = one(template, "AWS::ECS::TaskDefinition")["Properties"]
     role_id = task["TaskRoleArn"]["Fn::GetAtt"][0]
-    assert role_statements(template, role_id) == [
+    statements = role_statements(template, role_id)
+    assert statements[:2] == [
         {"Action": ["sagemaker:InvokeEndpoint", "sagemaker:DescribeEndpoint"], "Effect": "Allow",
-         "Resource": NAMES.endpoint_arn}]  # DescribeEndpoint: the API's readiness probe
+         "Resource": NAMES.endpoint_arn},  # DescribeEndpoint: the API's readiness probe
+        {"Action": "s3:GetObject", "Effect": "Allow",  # the shadow report, one object
+         "Resource": f"arn:aws:s3:::{NAMES.bucket('capture')}/shadow-reports/{NAMES.endpoint}/latest.json"}]
+    assert len(statements) == 3 and statements[2]["Action"] == "kms:Decrypt"  # the stage key, imported
     container = task["ContainerDefinitions"][0]
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert env["MARKETRANK_MODEL_BACKEND"] == "sagemaker" and env["MARKETRANK_ENDPOINT_NAME"] == NAMES.endpoint
+    assert env["MARKETRANK_SHADOW_REPORT"] == (
+        f"s3://{NAMES.bucket('capture')}/shadow-reports/{NAMES.endpoint}/latest.json")
     assert env["MARKETRANK_FEATURE_STORE"]["Fn::Join"][1][0].startswith("rediss://")
     assert container["PortMappings"][0]["ContainerPort"] == 8080
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"

@@ -7,10 +7,12 @@ import json
 import shutil
 import time
 
+import boto3
 import httpx
 import numpy as np
 import pytest
 import tensorflow as tf
+from moto import mock_aws
 from typer.testing import CliRunner
 
 from marketrank.cli import app
@@ -85,7 +87,8 @@ def _wait_for_capture(capture, n: int) -> None:
 
 
 @pytest.mark.parametrize("challenger,expected", [("same", "promote"), ("reversed", "rollback")])
-def test_shadow_report_recommends_and_promote_follows(tmp_path, tiny_run, monkeypatch, challenger, expected):
+def test_shadow_report_recommends_and_promote_follows(tmp_path, tiny_run, monkeypatch, aws_env, challenger,
+                                                      expected):
     monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
     models = _workspace(tmp_path, tiny_run, challenger)
     capture = tmp_path / "data-capture"
@@ -107,7 +110,22 @@ def test_shadow_report_recommends_and_promote_follows(tmp_path, tiny_run, monkey
     png = tmp_path / "shadow" / ENDPOINT / "shadow.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    promoted = runner.invoke(app, ["endpoint", "promote"])
+    # Published where the ranking API on ECS reads it (MARKETRANK_SHADOW_REPORT), and acted on from there.
+    uri = f"s3://capture/shadow-reports/{ENDPOINT}/{shadow_report.REPORT_FILE}"
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="eu-west-1")
+        s3.create_bucket(Bucket="capture", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        published = runner.invoke(app, ["shadow", "report", "--min-pairs", "20", "--out", uri.rsplit("/", 1)[0]],
+                                  catch_exceptions=False)
+        assert published.exit_code == 0 and uri in published.output, published.output
+        assert shadow_report.load_report(uri) == report  # the same capture, the same report
+        assert shadow_report.agreement_summary(uri)["overlap"] == pytest.approx(overlap)
+        chart = s3.get_object(Bucket="capture", Key=f"shadow-reports/{ENDPOINT}/{shadow_report.CHART_FILE}")
+        assert chart["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
+        missing = runner.invoke(app, ["endpoint", "promote", "--report", f"{uri}.missing"])
+        assert missing.exit_code == 1 and "no shadow report" in missing.output
+        # the S3 report decides one case, the workspace's (the default) the other: both say the same
+        promoted = runner.invoke(app, ["endpoint", "promote", *(["--report", uri] if challenger == "same" else [])])
     state = deploy.LocalBackend(tmp_path / "endpoints", ENDPOINT).current()
     if expected == "promote":
         assert promoted.exit_code == 0, promoted.output

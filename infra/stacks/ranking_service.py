@@ -3,8 +3,8 @@ feature store (ElastiCache), autoscaling, alarms and logs.
 
 The image is built from the repository root with a tight context (only what the Dockerfile copies). Where Docker is
 missing (the emulator deploy tests, these machines) the ``marketrank:api_image`` context names a pushed image
-instead. The task role may only invoke this stage's endpoint; Redis is reachable only from the service's security
-group, over TLS, encrypted at rest with the stage key.
+instead. The task role may only invoke this stage's endpoint and read its shadow report; Redis is reachable only
+from the service's security group, over TLS, encrypted at rest with the stage key.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from constructs import Construct
 
 from infra.config import StageConfig
 from infra.nag import acknowledge
-from infra.names import Names
+from infra.names import Names, partition
 from infra.stacks import retention
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +74,10 @@ class RankingServiceStack(cdk.Stack):
         # DescribeEndpoint: the API's readiness probe (serving.backends.SageMakerBackend.probe).
         task_role.add_to_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint", "sagemaker:DescribeEndpoint"],
                                                     resources=[names.endpoint_arn]))
+        # The shadow report (one object, KMS-encrypted like its bucket): the API's shadow-agreement gauges.
+        task_role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"], resources=[
+            f"arn:{partition(stage.region)}:s3:::{names.bucket('capture')}/{names.shadow_report_key}"]))
+        key.grant_decrypt(task_role)
         task = ecs.FargateTaskDefinition(self, "Task", cpu=stage.api_cpu, memory_limit_mib=stage.api_memory_mib,
                                          task_role=task_role)
         self.api_logs = logs.LogGroup(self, "ApiLogs", retention=log_retention,
@@ -100,7 +104,8 @@ class RankingServiceStack(cdk.Stack):
             "Api", image=api_image(image_uri), port_mappings=[ecs.PortMapping(container_port=API_PORT)],
             logging=ecs.LogDrivers.aws_logs(stream_prefix="api", log_group=self.api_logs),
             environment={"MARKETRANK_FEATURE_STORE": feature_store, "MARKETRANK_MODEL_BACKEND": "sagemaker",
-                         "MARKETRANK_ENDPOINT_NAME": names.endpoint, "AWS_REGION": stage.region,
+                         "MARKETRANK_ENDPOINT_NAME": names.endpoint,
+                         "MARKETRANK_SHADOW_REPORT": names.shadow_report_uri, "AWS_REGION": stage.region,
                          "AWS_DEFAULT_REGION": stage.region})
         acknowledge(task.obtain_execution_role(), "ecr:GetAuthorizationToken has no resource-level permissions; "
                     "image pulls are scoped to the API's repository.", "AwsSolutions-IAM5[Resource::*]")
