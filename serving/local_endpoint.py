@@ -24,7 +24,7 @@ format of ``serving.wire``:
   the production answer is computed, the request/response pair is queued for it (``MAX_PENDING_SHADOW``
   waiting at most, plus what the pipe holds; beyond that, pairs are dropped, counted, and logged once per
   ``DROP_LOG_SECONDS``). The response never waits: a slow, stalled, crashed or failing sidecar cannot delay or
-  fail production. A sidecar that dies is logged and not restarted.
+  fail production. A sidecar that dies is logged and restarted (at most once per ``SIDECAR_RESTART_SECONDS``).
 * **Shadow**: with probability = the shadow variant's weight, the sidecar runs the request on the shadow
   variant's model (loaded there, latest version, hot-reloaded like the server's), in a thread of its own
   with its own queue: the production capture is written first, so a slow shadow drops shadow copies, not
@@ -96,6 +96,7 @@ MAX_PENDING_SHADOW = 64  # answers queued for the sidecar; beyond that they are 
 #: SCHED_IDLE runs it only on CPU time nothing else wants; the nice value is the fallback elsewhere.
 SIDECAR_NICE = 19
 SIDECAR_READY_SECONDS = 30.0  # start-up waits this long at most for the sidecar to load the shadow model
+SIDECAR_RESTART_SECONDS = 10.0  # a sidecar that died is started again at most once per this interval
 DROP_LOG_SECONDS = 10.0  # dropped hand-offs are logged at most once per this interval, with their count
 SERVE_TAG = "serve"
 
@@ -392,105 +393,168 @@ class _Dropped:
             self._unlogged, self._logged = 0, time.monotonic()
 
 
+@dataclasses.dataclass
+class _Child:
+    """One sidecar process and the endpoint's ends of its pipes, with the queue and thread that feed it."""
+
+    process: Any
+    pipe: Any
+    ready: Any
+    pending: queue.Queue
+    sender: threading.Thread | None = None
+
+
 class Sidecar:
     """What SageMaker does away from the production variant's instances: the shadow variant (on its own
     instances there) and data capture. Here a child process at the lowest CPU priority, fed through a bounded
     queue and a pipe: the production path only enqueues, so a slow, stalled, crashed or failing shadow can
     neither delay nor fail an answer, and the shadow's Python work never holds the production process's GIL
     (run in a thread of the endpoint process, it added ~6 ms to the serving benchmark's p99 at 300 candidates).
-    A sidecar that dies is not restarted: its loss is logged and the endpoint goes on answering."""
+    A sidecar that dies is logged and started again in a thread of its own, at most once per
+    ``SIDECAR_RESTART_SECONDS`` (a crash loop waits); answers meanwhile are dropped and counted."""
 
     def __init__(self, models_dir: Path, capture_dir: Path | None, endpoint: str, poll_seconds: float,
                  shadow_models: tuple[str, ...] = ()):
-        context = multiprocessing.get_context("spawn")  # a fork of a process running TensorFlow is not safe
+        self._context = multiprocessing.get_context("spawn")  # a fork of a process running TensorFlow is not safe
+        self._args = (str(models_dir), str(capture_dir) if capture_dir else None, endpoint)
+        self._poll_seconds = poll_seconds
         self.endpoint = endpoint
         self.dropped = _Dropped("were neither captured nor copied to the shadow")
-        self._pending: queue.Queue = queue.Queue(MAX_PENDING_SHADOW)
-        answers, self._pipe = context.Pipe(duplex=False)
-        self._ready, ready = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_sidecar_main, name=f"{endpoint}-sidecar", daemon=True,
-            args=(str(models_dir), str(capture_dir) if capture_dir else None, endpoint, answers, ready,
-                  shadow_models, poll_seconds, logging.getLogger().getEffectiveLevel()))
-        self._process.start()
+        self.restarts = 0
+        self._shadow_models = shadow_models  # the latest shadow model, preloaded by a restarted sidecar
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._reviver: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._child = self._spawn()
+
+    def _spawn(self) -> _Child:
+        answers, pipe = self._context.Pipe(duplex=False)
+        ready_end, ready = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_sidecar_main, name=f"{self.endpoint}-sidecar", daemon=True,
+            args=(*self._args, answers, ready, self._shadow_models, self._poll_seconds,
+                  logging.getLogger().getEffectiveLevel()))
+        process.start()
         answers.close()  # the child's ends: once it is gone, sends fail instead of blocking
         ready.close()
-        self._sender = threading.Thread(target=self._send_all, name=f"{endpoint}-sidecar-sender", daemon=True)
-        self._sender.start()
-        self._gone_logged = False
+        child = _Child(process, pipe, ready_end, queue.Queue(MAX_PENDING_SHADOW))
+        child.sender = threading.Thread(target=_send_all, args=(child,), name=f"{self.endpoint}-sidecar-sender",
+                                        daemon=True)
+        child.sender.start()
+        return child
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._child.process.pid
 
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._child.process.is_alive()
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the sidecar has loaded the shadow models it was started with (False: not within the time)."""
-        deadline = time.monotonic() + timeout_s
+        child, deadline = self._child, time.monotonic() + timeout_s
         with contextlib.suppress(EOFError, OSError):
-            while self._process.is_alive() and time.monotonic() < deadline:
-                if self._ready.poll(0.2):
-                    return self._ready.recv()
-        self._process.join(0.5)  # an EOF above: the child is exiting
-        if self._process.is_alive():
+            while child.process.is_alive() and time.monotonic() < deadline:
+                if child.ready.poll(0.2):
+                    return child.ready.recv()
+        child.process.join(0.5)  # an EOF above: the child is exiting
+        if child.process.is_alive():
             log.warning("endpoint %s: the sidecar is not ready after %.0f s; serving meanwhile (answers wait in its "
                         "queue, %d at most)", self.endpoint, timeout_s, MAX_PENDING_SHADOW)
         else:
-            self._log_gone()
+            self._revive(child)
         return False
 
     def hand_off(self, answered: Answered) -> None:
         """Queue ``answered`` without waiting; dropped (and counted) when the sidecar is gone or too far behind."""
-        if not self._process.is_alive():
-            self._log_gone()
+        if answered.shadow_model is not None and self._shadow_models != (answered.shadow_model,):
+            self._shadow_models = (answered.shadow_model,)
+        child = self._child
+        if not child.process.is_alive():
+            self._revive(child)
+            self.dropped.add(self.endpoint, "the sidecar is restarting", answered.inference_id)
             return
         try:
-            self._pending.put_nowait(answered)
+            child.pending.put_nowait(answered)
         except queue.Full:
             self.dropped.add(self.endpoint, f"{MAX_PENDING_SHADOW} already pending in the sidecar",
                              answered.inference_id)
 
-    def _send_all(self) -> None:
-        """The sender thread: pipe each queued answer to the child (blocking writes release the GIL)."""
-        while (answered := self._pending.get()) is not None:
-            try:
-                self._pipe.send(answered)
-            except (OSError, ValueError):  # the child is gone (EPIPE), or close() closed the pipe
-                break
-
-    def _log_gone(self) -> None:
-        if not self._gone_logged:
-            self._gone_logged = True
+    def _revive(self, dead: _Child) -> None:
+        """Start a thread that replaces the ``dead`` child (once per death; never on the event loop)."""
+        with self._lock:
+            if self._closing.is_set() or self._child is not dead or self._reviver is not None:
+                return
+            wait = max(0.0, SIDECAR_RESTART_SECONDS - (time.monotonic() - self._started))
             log.error("endpoint %s: the sidecar process exited (code %s): no shadow copies or data capture until "
-                      "the endpoint restarts", self.endpoint, self._process.exitcode)
+                      "it is restarted, in %.0f s", self.endpoint, dead.process.exitcode, wait)
+            self._reviver = threading.Thread(target=self._restart, args=(dead, wait), daemon=True,
+                                             name=f"{self.endpoint}-sidecar-restart")
+            self._reviver.start()
+
+    def _restart(self, dead: _Child, wait: float) -> None:
+        self._closing.wait(wait)
+        _release(dead)
+        with self._lock:
+            self._reviver = None
+            if self._closing.is_set():
+                return
+            try:
+                self._child = self._spawn()
+            except Exception:  # noqa: BLE001 - the next hand-off tries again
+                log.exception("endpoint %s: the sidecar did not restart", self.endpoint)
+                return
+            finally:
+                self._started = time.monotonic()
+            self.restarts += 1
+        log.warning("endpoint %s: sidecar restarted (pid %s, restart %d)", self.endpoint, self.pid, self.restarts)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Let the sidecar finish what is queued (up to ``timeout_s``), then stop it."""
-        if self._sender is None:
-            return
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+            reviver = self._reviver
+        if reviver is not None:
+            reviver.join(5)
+        child = self._child
         with contextlib.suppress(queue.Full):
-            self._pending.put(None, timeout=1.0)  # after everything queued
-        self._sender.join(timeout_s)
-        if not self._sender.is_alive():
-            self._pipe.close()  # EOF: the child captures what it has read, then exits
-            self._process.join(timeout_s)
-        if self._process.is_alive():
-            self._process.terminate()
-            with contextlib.suppress(OSError):  # a stopped child (SIGSTOP, a debugger) acts on SIGTERM only now
-                os.kill(self._process.pid, signal.SIGCONT)
-            self._process.join(5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
-        with contextlib.suppress(queue.Full):
-            self._pending.put_nowait(None)  # a sender still waiting for work
-        self._sender.join(5)  # a send blocked on the child failed (EPIPE) once it was gone
-        self._pipe.close()
-        self._ready.close()
-        self._sender = None
+            child.pending.put(None, timeout=1.0)  # after everything queued
+        child.sender.join(timeout_s)
+        if not child.sender.is_alive():
+            child.pipe.close()  # EOF: the child captures what it has read, then exits
+            child.process.join(timeout_s)
+        _release(child)
         self.dropped.flush(self.endpoint, "since the last warning, at shutdown")
+
+
+def _send_all(child: _Child) -> None:
+    """A sender thread: pipe each queued answer to the child (blocking writes release the GIL)."""
+    while (answered := child.pending.get()) is not None:
+        try:
+            child.pipe.send(answered)
+        except (OSError, ValueError):  # the child is gone (EPIPE), or the pipe was closed
+            break
+
+
+def _release(child: _Child) -> None:
+    """Stop ``child`` (terminate, then kill), its sender thread and pipes; safe on one that is already gone."""
+    process = child.process
+    if process.is_alive():
+        process.terminate()
+        with contextlib.suppress(OSError):  # a stopped child (SIGSTOP, a debugger) acts on SIGTERM only now
+            os.kill(process.pid, signal.SIGCONT)
+        process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+    with contextlib.suppress(queue.Full):
+        child.pending.put_nowait(None)  # a sender still waiting for work
+    child.sender.join(5)  # a send blocked on the child failed (EPIPE) once it was gone
+    child.pipe.close()
+    child.ready.close()
 
 
 def _sidecar_main(models_dir: str, capture_dir: str | None, endpoint: str, answers, ready,
