@@ -186,16 +186,34 @@ def named_keys(query: frozenset[str], keys_by_word: Mapping[str, Sequence[str]])
     return sorted({key for word in query for key in keys_by_word.get(word, ()) if named_by(query, key)})
 
 
-@functools.lru_cache(maxsize=1 << 12)
-def _key_set(values: tuple) -> frozenset[str]:
-    return frozenset(map(catalogue_key, values))
+def _keys(values: np.ndarray) -> list[str]:
+    """``catalogue_key`` of every value, computed once per distinct value (candidates repeat a few names)."""
+    distinct = {value: catalogue_key(value) for value in set(values)}
+    return [distinct[value] for value in values]
+
+
+def _named(values: np.ndarray, queries: list[frozenset[str]]) -> list[bool]:
+    """``named_by`` per row, once per distinct value when every row has the same query (online: one request)."""
+    first = queries[0] if queries else frozenset()
+    if all(query is first for query in queries):
+        distinct = {value: named_by(first, value) for value in set(values)}
+        return [distinct[value] for value in values]
+    return [named_by(query, value) for value, query in zip(values, queries, strict=True)]
+
+
+def _favourite_keys(names: Any) -> frozenset[str]:
+    return frozenset(map(catalogue_key, names if names is not None else ())) - {""}
 
 
 def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
     """1 where the row's value is in the row's list (a user's favourite brands or styles), compared as keys."""
-    member = [bool(key) and ls is not None and key in _key_set(tuple(ls))
-              for key, ls in zip(map(catalogue_key, values), lists, strict=True)]
-    return np.array(member, dtype=np.float32)
+    keys = _keys(values)
+    first = lists[0] if len(lists) else None
+    if all(names is first for names in lists):  # online: one user's list object in every row, keyed once
+        favourites = _favourite_keys(first)
+        return np.array([key in favourites for key in keys], dtype=np.float32)
+    return np.array([key in _favourite_keys(names) for key, names in zip(keys, lists, strict=True)],
+                    dtype=np.float32)
 
 
 def _num(column: np.ndarray) -> np.ndarray:
@@ -263,9 +281,9 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         "style_searched": _num(col["user_style_searches"]) / searches,
         "fav_brand": _member(col["brand"], col["user_fav_brands"]),
         "fav_style": _member(col["style"], col["user_fav_styles"]),
-        "query_category_match": [named_by(q, c) for c, q in zip(col["category"], query, strict=True)],
-        "query_brand_match": [named_by(q, b) for b, q in zip(col["brand"], query, strict=True)],
-        "query_style_match": [named_by(q, s) for s, q in zip(col["style"], query, strict=True)],
+        "query_category_match": _named(col["category"], query),
+        "query_brand_match": _named(col["brand"], query),
+        "query_style_match": _named(col["style"], query),
         "query_title_overlap": [len(q & _title_tokens(t)) / len(q) if q else 0.0
                                 for t, q in zip(col["title"], query, strict=True)],
     }
@@ -329,7 +347,7 @@ def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mappin
     columns.update({name: _state_column([value] * n, True) if name in NUMERIC_RAW_COLUMNS else _repeat(value, n)
                     for name, value in shared.items()})
     maps = {name: dict(user.get(name) or {}) for name, _, _ in USER_MAP_LOOKUPS}  # JSON objects or (key, value)s
-    keys = {key: [catalogue_key(value) for value in columns[key]] for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
+    keys = {key: _keys(columns[key]) for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
     for name, key, column in USER_MAP_LOOKUPS:
         counts = maps[name]
         columns[column] = np.array([counts.get(value, 0) for value in keys[key]], dtype=np.float64)
