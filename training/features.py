@@ -186,9 +186,12 @@ def named_keys(query: frozenset[str], keys_by_word: Mapping[str, Sequence[str]])
     return sorted({key for word in query for key in keys_by_word.get(word, ()) if named_by(query, key)})
 
 
-def _keys(values: np.ndarray) -> list[str]:
-    """``catalogue_key`` of every value, computed once per distinct value (candidates repeat a few names)."""
+def _keys(values: np.ndarray) -> Sequence[str]:
+    """``catalogue_key`` of every value, computed once per distinct value (candidates repeat a few names); the
+    values themselves when they are keys already (a catalogue in lower case: no pass over the rows)."""
     distinct = {value: catalogue_key(value) for value in set(values)}
+    if all(key == value for value, key in distinct.items()):
+        return values
     return [distinct[value] for value in values]
 
 
