@@ -34,6 +34,7 @@ from training.feature_spec import FLOAT, STRING, Feature, FeatureSpec
 from training.features import (
     FEATURES,
     ITEM_STATE_COLUMNS,
+    USER_KEY_COUNTERS,
     USER_STATE_COLUMNS,
     assemble_features,
     catalogue_key,
@@ -271,25 +272,16 @@ def point_in_time_rows(tables: dict):
     def per_user(counter: str, key: str):  # an item without this attribute has no history with it (online: 0)
         return F.when(F.col(key).isNotNull(), F.sum(counter).over(before("user_id", key)))
 
-    counted = (stream
-               .withColumn("views_before", F.sum("view").over(before("item_id")))
-               .withColumn("likes_before", F.sum("like").over(before("item_id")))
-               .withColumn("bags", F.sum("bag").over(before("item_id")))
-               .withColumn("user_clicks", F.sum("click").over(before("user_id")))
-               .withColumn("user_lpi_sum", F.sum("click_lpi").over(before("user_id")))
-               .withColumn("user_brand_clicks", per_user("click", "brand"))
-               .withColumn("user_style_clicks", per_user("click", "style"))
-               .withColumn("user_category_clicks", per_user("click", "category"))
-               .withColumn("user_brand_views", per_user("view", "brand"))
-               .withColumn("user_style_views", per_user("view", "style"))
-               .withColumn("user_searches", F.sum("search").over(before("user_id")))
-               .withColumn("user_brand_searches", per_user("named", "brand"))
-               .withColumn("user_style_searches", per_user("named", "style"))
+    counters = {"views_before": F.sum("view").over(before("item_id")),
+                "likes_before": F.sum("like").over(before("item_id")),
+                "bags": F.sum("bag").over(before("item_id")),
+                "user_clicks": F.sum("click").over(before("user_id")),
+                "user_lpi_sum": F.sum("click_lpi").over(before("user_id")),
+                "user_searches": F.sum("search").over(before("user_id")),
+                **{column: per_user(counter, key) for column, counter, key, _ in USER_KEY_COUNTERS}}
+    counted = (stream.withColumns(counters)
                .filter("is_impression")
-               .select("request_id", "item_id", *(F.coalesce(F.col(c), F.lit(0)).alias(c) for c in (
-                   "views_before", "likes_before", "bags", "user_clicks", "user_lpi_sum", "user_brand_clicks",
-                   "user_style_clicks", "user_category_clicks", "user_brand_views", "user_style_views",
-                   "user_searches", "user_brand_searches", "user_style_searches")))
+               .select("request_id", "item_id", *(F.coalesce(F.col(c), F.lit(0)).alias(c) for c in counters))
                .dropDuplicates(["request_id", "item_id"]))  # an item shown twice in a request: same counters
 
     grade = F.create_map(*[x for e, g in EVENT_GRADES.items() for x in (F.lit(e), F.lit(g))])
@@ -334,15 +326,14 @@ def online_state(tables: dict):
                   .join(stream.groupBy("user_id").agg(F.sum("click").alias("user_clicks"),
                                                       F.sum("click_lpi").alias("user_lpi_sum"),
                                                       F.sum("search").alias("user_searches")), "user_id", "left"))
-    # Per-key counters as maps, keyed by catalogue_key: clicks and impressions by brand / style / category, and
-    # searches by the brand or style they named.
-    named = stream.filter(F.col("named") == 1)
-    maps = {"brand_clicks": ("click", "brand"), "style_clicks": ("click", "style"),
-            "category_clicks": ("click", "category"), "brand_views": ("view", "brand"),
-            "style_views": ("view", "style"), "search_terms": ("named", "brand")}
+    # Per-key counters as maps, keyed by catalogue_key (USER_KEY_COUNTERS): clicks and impressions by brand /
+    # style / category, and searches by the brand or style they named (a search's row carries that key as both
+    # its brand and its style, so one map serves both lookups).
+    maps: dict[str, tuple[str, str]] = {}
+    for _, counter, key, state_map in USER_KEY_COUNTERS:
+        maps.setdefault(state_map, (counter, key))
     for name, (counter, key) in maps.items():
-        rows = named if name == "search_terms" else stream.filter(F.col(counter) == 1)
-        per_key = (rows.filter(F.col(key).isNotNull()).groupBy("user_id", key).count()
+        per_key = (stream.filter((F.col(counter) == 1) & F.col(key).isNotNull()).groupBy("user_id", key).count()
                    .groupBy("user_id").agg(F.map_from_entries(F.collect_list(F.struct(key, "count"))).alias(name)))
         user_state = user_state.join(per_key, "user_id", "left")
     user_state = (user_state.fillna(0, subset=["user_clicks", "user_searches"])

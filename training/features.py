@@ -105,12 +105,18 @@ ITEM_STATE_COLUMNS = ("title", "category", "brand", "brand_tier", "style", "size
 USER_STATE_COLUMNS = ("user_country", "user_size", "user_fav_brands", "user_fav_styles", "user_signup_ms",
                       "user_clicks", "user_lpi_sum", "brand_clicks", "style_clicks", "category_clicks",
                       "brand_views", "style_views", "user_searches", "search_terms")
-#: How the user state's per-key maps fill raw columns: (map, the item attribute whose ``catalogue_key`` is looked
-#: up in it, raw column).
-USER_MAP_LOOKUPS = (("brand_clicks", "brand", "user_brand_clicks"), ("style_clicks", "style", "user_style_clicks"),
-                    ("category_clicks", "category", "user_category_clicks"),
-                    ("brand_views", "brand", "user_brand_views"), ("style_views", "style", "user_style_views"),
-                    ("search_terms", "brand", "user_brand_searches"), ("search_terms", "style", "user_style_searches"))
+#: The per-(user, key) history counters, in one table: raw column, the feature job's event counter (``click``,
+#: ``view``, or ``named``: a search naming the key), the item attribute whose ``catalogue_key`` it is counted and
+#: looked up by, and the user-state map that holds it online ({key: count}).
+USER_KEY_COUNTERS = (("user_brand_clicks", "click", "brand", "brand_clicks"),
+                     ("user_style_clicks", "click", "style", "style_clicks"),
+                     ("user_category_clicks", "click", "category", "category_clicks"),
+                     ("user_brand_views", "view", "brand", "brand_views"),
+                     ("user_style_views", "view", "style", "style_views"),
+                     ("user_brand_searches", "named", "brand", "search_terms"),
+                     ("user_style_searches", "named", "style", "search_terms"))
+#: How the user state's per-key maps fill raw columns online: (map, item attribute, raw column).
+USER_MAP_LOOKUPS = tuple((state_map, key, column) for column, _, key, state_map in USER_KEY_COUNTERS)
 
 #: Raw columns that are numbers (the rest are text, lists or maps): the online path builds them as float64.
 NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user_lpi_sum", "price", "photos",
