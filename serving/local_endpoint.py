@@ -500,13 +500,12 @@ class Sidecar:
             self._reviver = None
             if self._closing.is_set():
                 return
+            self._started = time.monotonic()  # the next restart waits from this attempt, failed or not
             try:
                 self._child = self._spawn()
             except Exception:  # noqa: BLE001 - the next hand-off tries again
                 log.exception("endpoint %s: the sidecar did not restart", self.endpoint)
                 return
-            finally:
-                self._started = time.monotonic()
             self.restarts += 1
         log.warning("endpoint %s: sidecar restarted (pid %s, restart %d)", self.endpoint, self.pid, self.restarts)
 
