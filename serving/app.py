@@ -12,16 +12,19 @@
 Contract:
 
 * Validation errors are 400 ``{"error": {"code": "bad_request", "field": "<name>", "message"}}`` (unknown
-  fields too); nothing else is a 4xx. A dependency outage is never an error status: the answer is a ranking.
+  fields too), a body over ``MAX_BODY_BYTES`` is 413 (``payload_too_large``); nothing else is a 4xx. A
+  dependency outage is never an error status: the answer is a ranking.
 * Items are sorted by ``score`` (descending), ``rank`` is 1..k. An unknown user is a cold start (no personal
   features), not an error. Unknown item ids (no feature-store state) cannot be scored: they come after every
-  known item, in request order, with ``score: null``, and are listed in ``unknown_items``.
+  known item, in request order, with ``score: null``, and are listed in ``unknown_items``. So are ids whose
+  stored state is corrupt (not a JSON object), which are also logged and counted
+  (``marketrank_corrupt_states_total``): one bad value costs its own id, not the request's ranking.
 * ``fallback: true`` means the model did not rank: ``reason`` is ``timeout`` (budget spent), ``model_unavailable``
   (refused, reset, 5xx, AWS errors, after retries), ``bad_response`` (not the wire contract, wrong shape, NaN),
-  ``breaker_open`` (no call made), ``no_spec`` (nothing materialised), ``features_error``, ``no_known_items``:
-  the items are then ranked by popularity + recency from the store (``feature_store.fallback_scores``; model
-  ``fallback:popularity_recency``); or ``feature_store_unavailable``: request order, ``score: null``
-  (model ``fallback:request_order``).
+  ``breaker_open`` (no call made), ``no_spec`` (nothing materialised), ``features_error``: the items are then
+  ranked by popularity + recency from the store (``feature_store.fallback_scores``; model
+  ``fallback:popularity_recency``); or ``feature_store_unavailable`` and ``no_known_items`` (nothing to score):
+  request order, ``score: null`` (model ``fallback:request_order``).
 * Budget: ``MARKETRANK_BUDGET_MS`` from the request's arrival. The model call gets what the feature stage left,
   minus ``MARKETRANK_RANK_RESERVE_MS`` for ranking; retries (connection failures only) happen only while time
   remains. The answer comes within the budget plus the fallback's few milliseconds.
@@ -70,7 +73,16 @@ from serving.backends import (
     TFServingBackend,
     score_within_budget,
 )
-from serving.errors import ApiError, BadRequest, ModelError, NotReady, ServingError, StoreUnavailable, error_response
+from serving.errors import (
+    ApiError,
+    BadRequest,
+    ModelError,
+    NotReady,
+    PayloadTooLarge,
+    ServingError,
+    StoreUnavailable,
+    error_response,
+)
 from serving.feature_store import (
     DEFAULT_STORE_FILE,
     FeatureStore,
@@ -87,6 +99,9 @@ SURFACES = ("search", "feed")
 REQUEST_FIELDS = ("request_id", "user_id", "surface", "query", "candidates", "k")
 MAX_ID_CHARS, MAX_QUERY_CHARS = 128, 512
 MAX_REQUEST_ID_CHARS = 64  # SageMaker's InferenceId limit
+#: A valid request is at most ~0.8 MB (1000 ids of 128 characters, each \u-escaped); beyond this the body is
+#: refused before it is read whole.
+MAX_BODY_BYTES = 4 << 20
 FALLBACK_MODEL = {"name": "fallback:popularity_recency", "version": None, "variant": None}
 ORDER_MODEL = {"name": "fallback:request_order", "version": None, "variant": None}
 STAGES = ("features", "model", "rank", "total")
@@ -263,6 +278,7 @@ class Metrics:
     * ``marketrank_requests_total{status}``: /v1/rank answers by HTTP status.
     * ``marketrank_model_calls_total{outcome}``: requests that reached the model: ok, or the failure reason.
     * ``marketrank_unknown_items_total``: candidates without feature-store state.
+    * ``marketrank_corrupt_states_total``: stored states that are not a JSON object, read as unknown.
     * ``marketrank_breaker_state``: 0 closed, 1 half-open, 2 open (read at scrape time).
     * ``marketrank_ready``: 1 when the last /readyz passed.
     * ``marketrank_shadow_agreement{measure}``: the challenger's agreement with the champion (mean top-k
@@ -284,6 +300,8 @@ class Metrics:
                                    ["outcome"], registry=r)
         self.unknown_items = Counter("marketrank_unknown_items", "Candidates without feature-store state",
                                      registry=r)
+        self.corrupt_states = Counter("marketrank_corrupt_states", "Stored states that are not a JSON object, "
+                                      "read as unknown", registry=r)
         self.breaker = Gauge("marketrank_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                              registry=r)
         self.breaker.set_function(breaker.gauge)
@@ -310,6 +328,20 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return _json_line(line)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass ``limit`` bytes: no unbounded buffering."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"body of {int(length)} bytes is over the {limit} bytes allowed")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the {limit} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _json_line(fields: Mapping[str, Any]) -> str:
@@ -376,7 +408,12 @@ class Ranker:
         self.spec = await self.store_call(self.store.get_spec, timeout_s)
         meta = await self.store_call(self.store.meta, timeout_s) or {}
         if meta.get("as_of_ms") and meta.get("materialized_ms"):
-            self.clock_offset_ms = int(meta["as_of_ms"]) - int(meta["materialized_ms"])
+            try:
+                self.clock_offset_ms = int(meta["as_of_ms"]) - int(meta["materialized_ms"])
+            except (TypeError, ValueError) as err:
+                raise StoreUnavailable(f"{self.store.describe()} metadata: as_of_ms / materialized_ms must be "
+                                       f"epoch milliseconds, got {meta['as_of_ms']!r} / "
+                                       f"{meta['materialized_ms']!r}") from err
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
@@ -395,6 +432,10 @@ class Ranker:
         except StoreUnavailable as err:
             reason = err.reason
             log.warning("feature store unavailable for request %s: %s", request.request_id, err)
+        if fetched is not None and fetched.corrupt:
+            self.metrics.corrupt_states.inc(len(fetched.corrupt))
+            log.warning("request %s: %d corrupt stored states read as unknown: %s", request.request_id,
+                        len(fetched.corrupt), "; ".join(fetched.corrupt[:5]))
         known = [(i, s) for i, s in zip(request.candidates, fetched.items, strict=True) if s is not None] \
             if fetched is not None else []
         unknown = [i for i, s in zip(request.candidates, fetched.items, strict=True) if s is None] \
@@ -554,8 +595,9 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
     async def rank(request: Request) -> Response:
         started = time.monotonic()
         ranker: Ranker = request.app.state.runtime
+        body = None
         try:
-            raw = await request.body()
+            raw = await _read_body(request, MAX_BODY_BYTES)
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as err:
@@ -563,8 +605,10 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
             parsed = parse_rank_request(body, max_candidates=settings.max_candidates, ts_ms=ranker.now_ms())
         except ApiError as err:
             ranker.metrics.requests.labels(status=str(err.status)).inc()
+            request_id = body.get("request_id") if isinstance(body, dict) else None
             log.info(_json_line({"event": "rank", "status": err.status, "error": err.message,
-                                 "field": getattr(err, "field", None)}))
+                                 "field": getattr(err, "field", None),
+                                 "request_id": request_id if isinstance(request_id, str) else None}))
             return error_response(err)
         response, fields = await ranker.rank(parsed, started)
         ranker.metrics.requests.labels(status="200").inc()

@@ -361,6 +361,11 @@ async def score_within_budget(backend: ModelBackend, breaker: CircuitBreaker, in
             breaker.record_failure()
         err.attempts = attempts
         raise
+    except Exception as err:  # a backend bug is a failed call too: the breaker must see it, or it never opens
+        breaker.record_failure()
+        failure = ModelBadResponse(f"{backend.describe()} raised {type(err).__name__}: {err}")
+        failure.attempts = attempts
+        raise failure from err
     except BaseException:  # cancelled (client went away): neither success nor failure
         breaker.release()
         raise

@@ -3,7 +3,8 @@
 Two families:
 
 * ``ApiError``: the caller's problem or the service's state, answered as ``{"error": {"code", "message",
-  "field"?}}`` with the status on the class (``BadRequest`` 400 names the offending field; ``NotReady`` 503).
+  "field"?}}`` with the status on the class (``BadRequest`` 400 names the offending field, ``PayloadTooLarge``
+  413; ``NotReady`` 503).
 * ``DependencyError``: a backend failed (feature store, model). ``/v1/rank`` never lets these reach the client:
   each has a ``reason`` that becomes the response's fallback reason and the fallback counter's label. Should one
   escape a handler anyway it maps to 503, never to an opaque 500.
@@ -44,6 +45,16 @@ class BadRequest(ApiError):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+
+class PayloadTooLarge(BadRequest):
+    """The body is over the size any valid request can have (413)."""
+
+    status = 413
+    code = "payload_too_large"
+
+    def __init__(self, message: str):
+        super().__init__("body", message)
 
 
 class NotReady(ApiError):

@@ -84,6 +84,9 @@ class Fetched:
     #: The known items' states as columns (``item_state_columns`` of the non-None ``items``, in order), where the
     #: store keeps them that way; None otherwise.
     known_columns: dict[str, np.ndarray] | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: Keys whose stored value is corrupt ("key: why"): read as unknown (a cold-start user, an unscorable item),
+    #: so one bad value costs its own id only, never the request's model ranking.
+    corrupt: list[str] = dataclasses.field(default_factory=list)
 
     def known_items(self) -> Sequence[Mapping[str, Any]] | Mapping[str, np.ndarray]:
         """What ``build_inputs`` takes for the known items: the columns if there are, else the states."""
@@ -122,15 +125,19 @@ def encode_state(state: Mapping[str, Any]) -> str:
     return json.dumps(state, separators=(",", ":"), allow_nan=False)
 
 
+class CorruptState(ValueError):
+    """A stored value that is not a JSON object (strict JSON: no NaN or Infinity)."""
+
+
 def decode_state(raw: bytes | str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
-        raise StoreUnavailable(f"feature store holds a value that is not JSON: {err}") from err
+        raise CorruptState(f"not JSON: {err}") from err
     if not isinstance(value, dict):
-        raise StoreUnavailable("feature store holds a value that is not a JSON object")
+        raise CorruptState(f"not a JSON object but {type(value).__name__}")
     return value
 
 
@@ -287,7 +294,17 @@ class RedisStore(FeatureStore):
     def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched:
         keys = [USER_PREFIX + user_id, *(ITEM_PREFIX + i for i in item_ids)]
         values = self._call("MGET", self.client.mget, keys)
-        return Fetched(decode_state(values[0]), [decode_state(v) for v in values[1:]])
+        corrupt: list[str] = []
+
+        def state(key: str, raw: bytes | None) -> dict[str, Any] | None:
+            try:
+                return decode_state(raw)
+            except CorruptState as err:
+                corrupt.append(f"{key}: {err}")
+                return None
+
+        user = state(keys[0], values[0])
+        return Fetched(user, [state(k, v) for k, v in zip(keys[1:], values[1:], strict=True)], corrupt=corrupt)
 
     def write(self, kind: str, records: Iterable[tuple[str, Mapping[str, Any]]], batch_size: int = WRITE_BATCH
               ) -> int:
@@ -317,7 +334,12 @@ class RedisStore(FeatureStore):
 
     def meta(self) -> dict[str, Any] | None:
         raw = self._call("GET meta", self.client.get, META_KEY)
-        return json.loads(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return decode_state(raw)
+        except CorruptState as err:
+            raise StoreUnavailable(f"{META_KEY} in {self.describe()} is {err}") from err
 
     def ping(self) -> None:
         self._call("PING", self.client.ping)
@@ -437,10 +459,12 @@ def fallback_scores(item_states: Sequence[Mapping[str, Any]], now_ms: int) -> np
 
     def number(state: Mapping[str, Any], key: str) -> float:
         value = state.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else 0.0
 
     views = np.array([number(s, "views") for s in item_states], dtype=np.float64)
     likes = np.array([number(s, "likes") for s in item_states], dtype=np.float64)
     bags = np.array([number(s, "bags") for s in item_states], dtype=np.float64)
-    listed = np.array([number(s, "listed_ms") or now_ms for s in item_states], dtype=np.float64)
+    # An item with no listing time gets no recency boost (as the model sees it: listed at 0, very old).
+    listed = np.array([number(s, "listed_ms") for s in item_states], dtype=np.float64)
     return popularity_recency(views, likes, bags, np.maximum(now_ms - listed, 0.0) / DAY_MS)

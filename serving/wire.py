@@ -116,8 +116,13 @@ def parse_scores(body: Mapping[str, Any], output: str = OUTPUT) -> np.ndarray:
             raise WireError(f"response has no output {output!r} (has {sorted(value)})")
         value = value[output]
     if isinstance(value, list) and value and isinstance(value[0], dict):  # row format, several outputs
+        if not all(isinstance(row, dict) and output in row for row in value):
+            raise WireError(f"response rows lack output {output!r} (first row has {sorted(value[0])})")
         value = [row[output] for row in value]
-    scores = np.asarray(value, dtype=np.float64)
+    numbers = np.asarray(value)
+    if numbers.dtype.kind not in "iuf":  # text or booleans are not scores, even where float() would take them
+        raise WireError(f"scores must be numbers, got {numbers.dtype.name} values")
+    scores = numbers.astype(np.float64)
     if scores.ndim != 2:
         raise WireError(f"scores must be [batch, list] shaped, got {scores.shape}")
     if not np.isfinite(scores).all():

@@ -80,7 +80,8 @@ def serving(app):
 
 class ModelServer:
     """TF Serving's REST predict/status API (and /ping, /invocations) over the real SavedModel, with switchable
-    failure modes: ``ok``, ``slow`` (sleeps ``delay`` first), ``not_json``, ``nan``, ``wrong_shape``, ``error``."""
+    failure modes: ``ok``, ``slow`` (sleeps ``delay`` first), ``not_json``, ``nan``, ``wrong_shape``,
+    ``rows_without_scores``, ``text_scores``, ``error``."""
 
     def __init__(self, signature, version: str):
         self.signature, self.version = signature, version
@@ -110,6 +111,10 @@ class ModelServer:
             answer = {"outputs": [[math.nan for _ in row] for row in answer["outputs"]]}
         if self.mode == "wrong_shape":
             answer = {"outputs": [row[:1] for row in answer["outputs"]]}
+        if self.mode == "rows_without_scores":  # row format whose rows lack the signature's output
+            answer = {"predictions": [{"other": row} for row in answer["outputs"]]}
+        if self.mode == "text_scores":  # numbers as text: float() would take them, the wire contract does not
+            answer = {"outputs": [[str(x) for x in row] for row in answer["outputs"]]}
         headers = {"X-Amzn-Invoked-Production-Variant": self.variant} if self.variant else None
         return Response(json.dumps(answer).encode(), 200, headers, media_type="application/json")
 
@@ -331,13 +336,24 @@ def test_slow_model_times_out_within_the_budget(store_url, model_server, catalog
     assert sample(samples, "marketrank_fallback_total", reason="timeout") == 2
 
 
-@pytest.mark.parametrize("mode", ["not_json", "nan", "wrong_shape"])
+@pytest.mark.parametrize("mode", ["not_json", "nan", "wrong_shape", "rows_without_scores", "text_scores"])
 def test_garbage_from_the_model_falls_back(store_url, model_server, catalogue, mode):
     model_server.mode = mode
     with api(store_url, model_server.url) as client:
         body = rank(client, user_id=catalogue["users"][0], surface="feed", candidates=catalogue["items"][:12])
     assert body["fallback"] is True and body["reason"] == "bad_response"
     assert model_server.calls == 1  # a bad answer is not retried
+
+
+@pytest.mark.parametrize("mode", ["not_json", "rows_without_scores"])
+def test_breaker_opens_on_any_unusable_answer(store_url, model_server, catalogue, mode):
+    model_server.mode = mode
+    request = {"user_id": catalogue["users"][0], "surface": "feed", "candidates": catalogue["items"][:10]}
+    with api(store_url, model_server.url, breaker_failures=2, breaker_reset_s=60) as client:
+        reasons = [rank(client, **request)["reason"] for _ in range(4)]
+        samples = metric_samples(client)
+    assert reasons == ["bad_response"] * 2 + ["breaker_open"] * 2 and model_server.calls == 2
+    assert sample(samples, "marketrank_model_calls_total", outcome="bad_response") == 2
 
 
 def test_server_errors_are_retried_within_the_budget(store_url, model_server, catalogue):
@@ -387,6 +403,58 @@ def test_readiness_follows_the_feature_store(redis_factory, tiny_run, spec, mode
         assert [i["item_id"] for i in body["items"]] == candidates[:4]  # request order, no scores
         assert [i["score"] for i in body["items"]] == [None] * 4 and body["model"]["name"] == "fallback:request_order"
         assert sample(metric_samples(client), "marketrank_ready") == 0
+
+
+def test_corrupt_stored_values_cost_their_own_ids_only(redis_factory, tiny_run, spec, model_server, catalogue,  # noqa: F811
+                                                     caplog):
+    server = redis_factory()
+    store = RedisStore(server.url)
+    materialize(tiny_run["features"], store, spec)
+    bad = {"mr:item:" + catalogue["items"][1]: "null", "mr:item:" + catalogue["items"][2]: "[1]",
+           "mr:item:" + catalogue["items"][3]: '{"views": Infinity}', "mr:user:" + catalogue["users"][0]: "{oops"}
+    store.client.mset(bad)
+    candidates = catalogue["items"][:8]
+    with api(server.url, model_server.url) as client:
+        body = rank(client, request_id="corrupt-1", user_id=catalogue["users"][0], surface="feed",
+                    candidates=candidates)
+        ready = client.get("/readyz")
+        samples = metric_samples(client)
+    assert body["fallback"] is False and body["reason"] is None  # the model still ranks the healthy ids
+    assert body["unknown_items"] == candidates[1:4]
+    assert [i["item_id"] for i in body["items"][-3:]] == candidates[1:4]
+    assert all(isinstance(i["score"], float) for i in body["items"][:5])
+    assert sample(samples, "marketrank_corrupt_states_total") == 4 and ready.status_code == 200
+    warning = next(r.getMessage() for r in caplog.records if "corrupt stored states" in r.getMessage())
+    assert "corrupt-1" in warning and "mr:item:" + candidates[1] in warning and "mr:user:" in warning
+
+    # Corrupt materialisation metadata: the API still starts; /readyz says which check fails, as JSON.
+    for meta in ("not json", json.dumps({"as_of_ms": "2024-01-01", "materialized_ms": 1})):
+        store.client.set("mr:meta", meta)
+        with api(server.url, model_server.url) as client:
+            ready = client.get("/readyz")
+            assert rank(client, user_id="u1", surface="feed", candidates=candidates[4:6])["fallback"] is False
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["checks"]["feature_store"]["ok"] is False
+        assert "mr:meta" in ready.json()["checks"]["feature_store"]["error"] or "as_of_ms" in ready.text
+    store.close()
+
+
+def test_oversized_body_is_refused_before_it_is_read(store_url, model_server, caplog):
+    caplog.set_level(logging.INFO, logger="marketrank.serving")
+    huge = b'{"user_id": "u1", "surface": "feed", "candidates": ["' + b"a" * (5 << 20) + b'"]}'
+    with api(store_url, model_server.url) as client:
+        response = client.post("/v1/rank", content=huge, headers={"Content-Type": "application/json"})
+        chunked = client.post("/v1/rank", content=iter([huge[:1 << 20]] * 5),
+                              headers={"Content-Type": "application/json"})  # no Content-Length
+        refused = client.post("/v1/rank", json={"request_id": "bad-1", "user_id": "u1", "surface": "home",
+                                                "candidates": ["a"]})
+    for answer in (response, chunked):
+        assert answer.status_code == 413, answer.text
+        assert answer.json()["error"]["code"] == "payload_too_large" and answer.json()["error"]["field"] == "body"
+    assert refused.status_code == 400
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "marketrank.serving" and r.getMessage().startswith("{")]
+    assert any(x.get("request_id") == "bad-1" and x["status"] == 400 and x["field"] == "surface" for x in lines)
 
 
 def test_shadow_agreement_gauges_follow_the_latest_shadow_report(store_url, model_server, tmp_path, caplog):
@@ -551,6 +619,12 @@ def test_retries_only_connection_failures_and_only_within_the_budget():
     with pytest.raises(ModelBadResponse):
         run(backend, CircuitBreaker(), deadline=1.0)
     assert len(backend.timeouts) == 1  # garbage is not retried
+
+    clock.now = 0.0
+    breaker = CircuitBreaker(failure_threshold=1)
+    with pytest.raises(ModelBadResponse, match="KeyError") as raised:  # a backend bug counts as a failed call
+        run(ScriptedBackend([KeyError("scores")], clock), breaker, deadline=1.0)
+    assert raised.value.attempts == 1 and breaker.state == "open"
 
     clock.now = 0.0
     breaker = CircuitBreaker(failure_threshold=1)

@@ -6,6 +6,7 @@ the features the Spark job wrote offline.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +203,12 @@ def test_fallback_scores_are_popularity_plus_recency():
     states = [{"views": 10, "likes": 0, "bags": 0, "listed_ms": now},
               {"views": 10, "likes": 2, "bags": 1, "listed_ms": now},  # more engagement
               {"views": 10, "likes": 0, "bags": 0, "listed_ms": now - 28 * DAY_MS},  # four weeks older
-              {"views": None, "likes": None, "bags": None, "listed_ms": None}]
+              {"views": None, "likes": None, "bags": None, "listed_ms": None},  # nothing known: no boost at all
+              {"views": math.inf, "likes": math.nan, "bags": 1, "listed_ms": now}]  # a hand-edited store file
     scores = fallback_scores(states, now)
-    np.testing.assert_allclose(scores, [np.log1p(10), np.log1p(10 + 6 + 5), np.log1p(10) - 2.0, 0.0])
-    assert list(np.argsort(-scores)) == [1, 0, 2, 3]
+    np.testing.assert_allclose(scores, [np.log1p(10), np.log1p(10 + 6 + 5), np.log1p(10) - 2.0, -100 / 14,
+                                        np.log1p(5)])
+    assert list(np.argsort(-scores)) == [1, 0, 4, 2, 3]
 
 
 def test_redis_store_that_cannot_be_reached_fails_fast():
