@@ -540,30 +540,6 @@ def _wait_for_stop() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-@bench_app.command("serve")
-@_one_line_errors
-def bench_serve(
-    candidates: Annotated[str, typer.Option(help="comma-separated candidate counts per request")] = "50,300,1000",
-    rate: Annotated[float, typer.Option(help="offered load, requests per second")] = 100.0,
-    seconds: Annotated[float, typer.Option(help="measured seconds per candidate count")] = 20.0,
-    model_server: Annotated[str, typer.Option(help="local endpoint in a 'thread' (as `serve`) or a 'process'")] = (
-        "process"),
-    out: Annotated[Path | None, typer.Option(help="where serving.json and serving_latency.png go")] = None,
-    endpoint: EndpointName = "marketrank",
-) -> None:
-    """Load-test the ranking API on loopback (after `make run`): p50/p95/p99, throughput, errors, raw-model floor."""
-    _quiet_logs(False)
-    from serving import bench
-
-    out = out or workspace.home() / "bench"
-    with ui.step("serving benchmark") as s:
-        report = bench.run_serving_benchmark(workspace.home(), candidates=[int(c) for c in candidates.split(",")],
-                                             rate=rate, seconds=seconds, endpoint=endpoint, out=out,
-                                             model_server=model_server, progress=s.note)
-    ui.console.print(bench.format_table(report))
-    ui.console.print(f"results {out / 'serving.json'}, plot {out / 'serving_latency.png'}")
-
-
 Results = Annotated[Path | None, typer.Option("--out", help="results dir: JSON + PNG (default benchmarks/results)")]
 Cache = Annotated[Path | None, typer.Option(help="data cache: <cache>/<size>-seed<seed> (default: the workspace's)")]
 Models = Annotated[str, typer.Option(help="TF-Ranking models: 'all' or scorer/loss,... (e.g. dnn/softmax)")]
@@ -573,6 +549,31 @@ def _results(out: Path | None) -> Path:
     from benchmarks.common import RESULTS_DIR
 
     return out or RESULTS_DIR
+
+
+@bench_app.command("serve")
+@_one_line_errors
+def bench_serve(
+    candidates: Annotated[str, typer.Option(help="comma-separated candidate counts per request")] = "50,300,1000",
+    rate: Annotated[float, typer.Option(help="offered load, requests per second")] = 100.0,
+    seconds: Annotated[float, typer.Option(help="measured seconds per candidate count")] = 60.0,
+    model_server: Annotated[str, typer.Option(help="local endpoint in a 'thread' (as `serve`) or a 'process'")] = (
+        "process"),
+    out: Results = None,
+    endpoint: EndpointName = "marketrank",
+) -> None:
+    """Load-test the ranking API on loopback (after `make run`): p50/p95/p99, throughput, errors, raw-model floor."""
+    _quiet_logs(False)
+    from serving import bench
+
+    out = _results(out)
+    with ui.step("serving benchmark") as s:
+        report = bench.run_serving_benchmark(workspace.home(), candidates=[int(c) for c in candidates.split(",")],
+                                             rate=rate, seconds=seconds, endpoint=endpoint, out=out,
+                                             model_server=model_server, progress=s.note)
+    ui.console.print(bench.format_table(report))
+    ui.console.print(f"results {out / 'serving.json'}, plot {out / 'serving_latency.png'}")
+
 
 
 def _bench_quality(size: str, letor: Path | None, models: str, epochs: int, seed: int, cache: Path | None,
@@ -660,7 +661,7 @@ def bench_all(
     sizes: Annotated[str, typer.Option(help="data sizes of the throughput benchmark")] = "tiny,small,default",
     letor: Annotated[Path | None, typer.Option(help="also benchmark quality on this LETOR dir")] = None,
     serve: Annotated[bool, typer.Option(help="run the serving benchmark (needs the local run: made if absent)")] = True,
-    candidates: str = "50,300,1000", rate: float = 100.0, seconds: float = 20.0,
+    candidates: str = "50,300,1000", rate: float = 100.0, seconds: float = 60.0,
     seed: int = 7, cache: Cache = None, out: Results = None, verbose: bool = False,
 ) -> None:
     """Every benchmark (quality, unbiased, train, serve), then BENCHMARKS.md and the plots."""
