@@ -258,13 +258,15 @@ def _user_profile(users):
         _to_ms(users, "signup_ts").alias("user_signup_ms"))
 
 
-def point_in_time_rows(tables: dict):
-    """One row per impression with the raw columns of ``RAW_COLUMNS``: counters use only earlier events."""
+def point_in_time_rows(tables: dict, events: tuple | None = None):
+    """One row per impression with the raw columns of ``RAW_COLUMNS``: counters use only earlier events.
+
+    ``events``: ``_event_stream(tables)`` when the caller already has it (the job persists it for both uses)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     impressions, interactions = tables["impressions"], tables["interactions"]
-    items, requests, stream = _event_stream(tables)
+    items, requests, stream = events or _event_stream(tables)
 
     def before(*keys):  # strictly earlier events only: this is what keeps the counters leak-free
         return Window.partitionBy(*keys).orderBy("ts_ms").rangeBetween(Window.unboundedPreceding, -1)
@@ -303,7 +305,7 @@ def point_in_time_rows(tables: dict):
             .drop("views0", "likes0", "views_before", "likes_before"))
 
 
-def online_state(tables: dict):
+def online_state(tables: dict, events: tuple | None = None):
     """The feature store's content: every counter as of the end of the logs (what serving looks up now).
 
     Returns ``(items, users)`` DataFrames whose columns are ``training.features.ITEM_STATE_COLUMNS`` and
@@ -311,7 +313,7 @@ def online_state(tables: dict):
     """
     from pyspark.sql import functions as F
 
-    items, _, stream = _event_stream(tables)
+    items, _, stream = events or _event_stream(tables)
     totals = stream.groupBy("item_id").agg(F.sum("view").alias("views_n"), F.sum("like").alias("likes_n"),
                                            F.sum("bag").alias("bags_n"))
     item_state = (items.join(totals, "item_id", "left")
@@ -450,7 +452,10 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
         tables = read_raw_tables(spark, raw_dir)
         truth = [c for c in OPTIONAL_TRUTH if c in tables["impressions"].columns]
         say("computing point-in-time counters")
-        raw = point_in_time_rows(tables)
+        items, requests, stream = _event_stream(tables)
+        # Both the point-in-time windows and the online state read the stream: build it (joins, UDFs) once.
+        events = (items, requests, stream.persist())
+        raw = point_in_time_rows(tables, events)
         schema = _feature_schema(truth)
         keep = [field.name for field in schema.fields]
 
@@ -477,7 +482,7 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
         (lists.repartition(4, "split").sortWithinPartitions("ts_ms")
          .write.partitionBy("split").mode("overwrite").parquet(_uri(tmp)))
         say("writing the online feature state")
-        item_state, user_state = online_state(tables)
+        item_state, user_state = online_state(tables, events)
         item_state.coalesce(1).write.parquet(_uri(tmp / ONLINE_DIR / "items"))
         user_state.coalesce(1).write.parquet(_uri(tmp / ONLINE_DIR / "users"))
         say("estimating position bias and the feature spec")
@@ -507,6 +512,7 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         rows.unpersist()
         lists.unpersist()
+        events[2].unpersist()
         if local_out.exists():
             shutil.rmtree(local_out)
         tmp.rename(local_out)
