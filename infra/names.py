@@ -128,7 +128,8 @@ class Names:
                               deploy_lambda_arn=self.deploy_function_arn, endpoint_name=self.endpoint,
                               processing_instance_type=self.stage.processing_instance_type,
                               training_instance_type=self.stage.training_instance_type,
-                              shadow_sampling_percentage=self.stage.shadow_sampling_percentage)
+                              shadow_sampling_percentage=self.stage.shadow_sampling_percentage,
+                              endpoint_instance_type=self.stage.endpoint_instance_type)
 
     @property
     def champion_object_uri(self) -> str:

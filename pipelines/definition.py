@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import training
 from pipelines import gate
 from training import report
+from training import train as train_script
 from training.hparams import LOSS_NAMES, SCORERS, HParams
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class PipelineConfig:
     processing_instance_type: str = "ml.m5.xlarge"
     training_instance_type: str = "ml.m5.xlarge"
     shadow_sampling_percentage: float = 20.0
+    #: The endpoint's instance type (the stage's): registered with each model package as a supported type.
+    endpoint_instance_type: str = "ml.m5.large"
 
     #: Environment variable of each field for ``from_env``.
     ENV = {"name": "MARKETRANK_PIPELINE_NAME", "region": "MARKETRANK_REGION", "role_arn": "MARKETRANK_ROLE_ARN",
@@ -96,7 +99,8 @@ class PipelineConfig:
            "deploy_lambda_arn": "MARKETRANK_DEPLOY_LAMBDA_ARN", "endpoint_name": "MARKETRANK_ENDPOINT_NAME",
            "processing_instance_type": "MARKETRANK_PROCESSING_INSTANCE_TYPE",
            "training_instance_type": "MARKETRANK_TRAINING_INSTANCE_TYPE",
-           "shadow_sampling_percentage": "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE"}
+           "shadow_sampling_percentage": "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE",
+           "endpoint_instance_type": "MARKETRANK_ENDPOINT_INSTANCE_TYPE"}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
@@ -312,7 +316,8 @@ def build_pipeline(config: PipelineConfig, session: PipelineSession) -> Pipeline
         hyperparameters=hyperparameters,
         output_data_config=sdk.OutputDataConfig(s3_output_path=f"{config.base_uri}/models"),
         stopping_condition=sdk.StoppingCondition(max_runtime_in_seconds=6 * 3600),
-    )
+    ).with_metric_definitions([sdk.MetricDefinition(name=f"train:{key}", regex=regex)
+                               for key, regex in train_script.metric_patterns().items()])
     train = sdk.TrainingStep(name="Train", step_args=trainer.train(input_data_config=[
         sdk.InputData(channel_name="train", data_source=split("train")),
         sdk.InputData(channel_name="validation", data_source=split("valid")),
@@ -344,11 +349,12 @@ def build_pipeline(config: PipelineConfig, session: PipelineSession) -> Pipeline
     evaluation_json = sdk.Join(on="/", values=[
         evaluate.properties.ProcessingOutputConfig.Outputs["evaluation"].S3Output.S3Uri, report.EVALUATION_FILE])
     builder = sdk.ModelBuilder(image_uri=tf_inference_image, s3_model_data_url=model_artifact, role_arn=role,
-                               sagemaker_session=session, instance_type="ml.m5.large")
+                               sagemaker_session=session, instance_type=config.endpoint_instance_type)
     register = sdk.ModelStep(name="RegisterModel", step_args=builder.register(
         model_package_group_name=config.model_package_group,
         content_types=["application/json"], response_types=["application/json"],
-        inference_instances=["ml.m5.large", "ml.m5.xlarge"], transform_instances=["ml.m5.xlarge"],
+        inference_instances=list(dict.fromkeys([config.endpoint_instance_type, "ml.m5.large", "ml.m5.xlarge"])),
+        transform_instances=["ml.m5.xlarge"],
         approval_status=params["ModelApprovalStatus"],
         model_metrics=sdk.ModelMetrics(model_statistics=sdk.MetricsSource(
             content_type="application/json", s3_uri=evaluation_json)),

@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 PREVIOUS_TAG = "marketrank:previous-production"
+#: SageMaker's tag values: letters, numbers, white space and ``_.:/=+-@``, at most 256 characters (no JSON).
+TAG_VALUE = re.compile(r"[\w .:/=+\-@]{0,256}")
+#: On UpdateEndpoint the live instance counts stay (Application Auto Scaling owns them: a promotion at peak must
+#: not drop the champion to its minimum), while the new config's weights and data capture apply.
+RETAIN_VARIANT_PROPERTIES = {"RetainAllVariantProperties": True, "ExcludeRetainedVariantProperties": [
+    {"VariantPropertyType": "DesiredWeight"}, {"VariantPropertyType": "DataCaptureConfig"}]}
 #: Endpoint statuses during which its described config may be stale and no update is accepted.
 BUSY_STATUSES = ("Creating", "Updating", "SystemUpdating", "RollingBack")
 PRODUCTION, SHADOW = "champion", "challenger"  # variant names
@@ -43,6 +49,24 @@ class Variant:
     instance_count: int = 1
     #: Production: 1.0. Shadow: the share of production requests copied to it (0.2 = 20%).
     weight: float = 1.0
+
+
+def variant_tag(variant: Variant) -> str:
+    """A Variant as a tag value: ``model_name=m-v3 instance_type=ml.m5.large instance_count=1 weight=1.0``."""
+    value = " ".join(f"{key}={value}" for key, value in dataclasses.asdict(variant).items())
+    if not TAG_VALUE.fullmatch(value):
+        raise DeployError(f"variant {variant} does not fit a SageMaker tag value: {value!r}")
+    return value
+
+
+def variant_from_tag(value: str) -> Variant:
+    """The Variant ``variant_tag`` wrote (DeployError naming the value if it is not one)."""
+    try:
+        fields = dict(item.split("=", 1) for item in value.split())
+        return Variant(model_name=fields["model_name"], instance_type=fields["instance_type"],
+                       instance_count=int(fields["instance_count"]), weight=float(fields["weight"]))
+    except (KeyError, ValueError) as err:
+        raise DeployError(f"tag {PREVIOUS_TAG} holds {value!r}, not a variant ({type(err).__name__}: {err})") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +217,7 @@ class SageMakerBackend:
                            weight=float(raw.get("InitialVariantWeight", 1.0)))
 
         tags = {t["Key"]: t["Value"] for t in self.sm.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]}
-        previous = Variant(**json.loads(tags[PREVIOUS_TAG])) if tags.get(PREVIOUS_TAG) else None
+        previous = variant_from_tag(tags[PREVIOUS_TAG]) if tags.get(PREVIOUS_TAG) else None
         return EndpointState(production=variant((config.get("ProductionVariants") or [None])[0]),
                              shadow=variant((config.get("ShadowProductionVariants") or [None])[0]),
                              previous=previous)
@@ -241,7 +265,7 @@ class SageMakerBackend:
         name = f"{self.endpoint_name}-{state.config_suffix()}"
         tags = [{"Key": "marketrank:managed-by", "Value": "pipelines.deploy"}]
         if state.previous is not None:
-            tags.append({"Key": PREVIOUS_TAG, "Value": json.dumps(dataclasses.asdict(state.previous))})
+            tags.append({"Key": PREVIOUS_TAG, "Value": variant_tag(state.previous)})
         try:
             try:
                 self.sm.describe_endpoint_config(EndpointConfigName=name)
@@ -250,7 +274,8 @@ class SageMakerBackend:
             if endpoint is None:
                 self.sm.create_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name)
             elif endpoint["EndpointConfigName"] != name:
-                self.sm.update_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name)
+                self.sm.update_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name,
+                                        **RETAIN_VARIANT_PROPERTIES)
         except ClientError as err:
             raise self._error(err, f"applying endpoint config {name}") from err
         return name

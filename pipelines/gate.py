@@ -21,7 +21,7 @@ from training import report
 @dataclasses.dataclass(frozen=True)
 class Check:
     metric: str  # human name, used in messages
-    path: str  # JMESPath in evaluation.json
+    path: str  # JsonPath in evaluation.json, as SageMaker's JsonGet reads it (training.report)
     threshold: str  # key in GateThresholds (and the pipeline parameter it maps to)
 
 

@@ -50,7 +50,13 @@ with _import_region():
     from sagemaker.core.lambda_helper import Lambda
     from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
     from sagemaker.core.processing import FrameworkProcessor
-    from sagemaker.core.shapes import ProcessingInput, ProcessingOutput, ProcessingS3Input, ProcessingS3Output
+    from sagemaker.core.shapes import (
+        MetricDefinition,
+        ProcessingInput,
+        ProcessingOutput,
+        ProcessingS3Input,
+        ProcessingS3Output,
+    )
     from sagemaker.core.spark.processing import PySparkProcessor
     from sagemaker.core.training.configs import Compute, InputData, OutputDataConfig, SourceCode, StoppingCondition
     from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo
@@ -76,7 +82,8 @@ with _import_region():
 __all__ = [
     "Compute", "ConditionGreaterThanOrEqualTo", "ConditionStep", "ExecutionVariables", "FailStep",
     "FrameworkProcessor", "InputData", "Join", "JsonGet", "Lambda", "LambdaOutput", "LambdaOutputTypeEnum",
-    "LambdaStep", "MetricsSource", "ModelBuilder", "ModelMetrics", "ModelStep", "ModelTrainer", "OutputDataConfig",
+    "LambdaStep", "MetricDefinition", "MetricsSource", "ModelBuilder", "ModelMetrics", "ModelStep", "ModelTrainer",
+    "OutputDataConfig",
     "ParameterFloat", "ParameterInteger", "ParameterString", "Pipeline", "PipelineSession", "ProcessingInput",
     "ProcessingOutput", "ProcessingS3Input", "ProcessingS3Output", "ProcessingStep", "PropertyFile",
     "PySparkProcessor", "RoleValidationError", "SourceCode", "StoppingCondition", "TrainingStep", "content_hash",

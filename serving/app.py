@@ -2,7 +2,7 @@
 
 ``POST /v1/rank``::
 
-    {"request_id"?: str (1..64 printable), "user_id": str, "surface": "search" | "feed",
+    {"request_id"?: str (1..64 printable ASCII), "user_id": str, "surface": "search" | "feed",
      "query"?: str (required on search, may be empty; ignored on the feed), "candidates": [item_id, ...] (1..1000,
      distinct), "k"?: int >= 1 (default: all candidates)}
     -> 200 {"request_id", "items": [{"item_id", "score", "rank"}], "model": {"name", "version", "variant"},
@@ -227,8 +227,9 @@ def parse_rank_request(body: Any, *, max_candidates: int = 1000, ts_ms: int | No
     if unknown:
         raise BadRequest(unknown[0], f"unknown field (expected {', '.join(REQUEST_FIELDS)})")
     request_id = _string(body, "request_id", MAX_REQUEST_ID_CHARS, required=False)
-    if request_id is not None and (not request_id.isprintable() or request_id[0].isspace()):
-        raise BadRequest("request_id", "must be printable and not start with a space")
+    # It travels as SageMaker's InferenceId: printable ASCII (Java's \p{Print}), not starting with a space.
+    if request_id is not None and not (request_id.isascii() and request_id.isprintable() and request_id[0] != " "):
+        raise BadRequest("request_id", "must be printable ASCII and not start with a space")
     user_id = _string(body, "user_id", MAX_ID_CHARS)
     surface = _string(body, "surface", 16)
     if surface not in SURFACES:

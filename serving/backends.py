@@ -179,6 +179,13 @@ class TFServingBackend(ModelBackend):
         return f"tfserving:{self.predict_url}"
 
 
+#: InvokeEndpoint errors that reject the request itself (its body, or the model container's 4xx answer to it):
+#: a bad response, not retried; throttling, 5xx and ModelNotReady stay ``ModelUnavailable`` (retried in budget).
+REJECTED_CODES = ("ValidationError", "ValidationException", "ModelError")
+#: Endpoint statuses in which it still answers with its current config (AWS patching, a failed update's rollback).
+SERVING_STATUSES = ("InService", "Updating", "SystemUpdating", "UpdateRollbackFailed")
+
+
 class SageMakerBackend(ModelBackend):
     """A SageMaker real-time endpoint (TF Serving container) via boto3, off the event loop."""
 
@@ -207,6 +214,7 @@ class SageMakerBackend(ModelBackend):
 
         self._timeouts = (exceptions.ReadTimeoutError, exceptions.ConnectTimeoutError)
         self._unavailable = (exceptions.BotoCoreError, exceptions.ClientError)
+        self._client_error = exceptions.ClientError
 
     def _invoke(self, body: bytes, request_id: str, deadline: float) -> tuple[bytes, str | None]:
         if time.monotonic() >= deadline:  # queued behind busy threads past the budget: do not call at all
@@ -220,6 +228,11 @@ class SageMakerBackend(ModelBackend):
             return response["Body"].read(), response.get("InvokedProductionVariant")
         except self._timeouts as err:
             raise ModelTimeout(f"{self.describe()}: {err}") from err
+        except self._client_error as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in REJECTED_CODES:  # the endpoint answered "no" to this request: a retry gets the same
+                raise ModelBadResponse(f"{self.describe()}: {code}: {err}") from err
+            raise ModelUnavailable(f"{self.describe()}: {code or type(err).__name__}: {err}") from err
         except self._unavailable as err:
             raise ModelUnavailable(f"{self.describe()}: {type(err).__name__}: {err}") from err
 
@@ -251,7 +264,7 @@ class SageMakerBackend(ModelBackend):
     async def probe(self, timeout_s: float) -> dict[str, Any]:
         described = await self._in_thread(self._describe_endpoint, timeout_s)
         status = described.get("EndpointStatus")
-        if status not in ("InService", "Updating"):  # Updating still serves the current config
+        if status not in SERVING_STATUSES:
             raise ModelUnavailable(f"{self.describe()}: endpoint status {status}")
         variants = [v.get("VariantName") for v in described.get("ProductionVariants") or []]
         return {"endpoint": self.endpoint_name, "status": status, "variants": variants,

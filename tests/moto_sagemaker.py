@@ -28,6 +28,10 @@ is creating or updating with a new endpoint configuration") implies -- ``Describ
 that is not ``InService`` is rejected as SageMaker does: ``ValidationException: Cannot update in-progress
 endpoint "<arn>".``
 
+``CreateEndpointConfig`` checks its tags as the service does (botocore's ``TagKey`` / ``TagValue`` pattern and
+lengths: letters, numbers, white space and ``_.:/=+-@``), where moto accepts anything: a JSON tag value passed
+here and failed every promotion on AWS.
+
 Not modelled: DeploymentConfig (blue/green, rolling), RetainAllVariantProperties / ExcludeRetainedVariantProperties
 (accepted, ignored), failures and rollbacks (``Failed`` / ``RollingBack``), ``DeleteEndpoint`` while in progress.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import unicodedata
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +53,24 @@ from moto.sagemaker import responses as sm_responses
 from moto.sagemaker.exceptions import ValidationError
 
 TRANSITIONAL = ("Creating", "Updating")
+
+#: SageMaker's TagKey / TagValue pattern (Java regex) and what ``tag_text_ok`` implements of it.
+TAG_PATTERN = "([\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]*)"
+
+
+def tag_text_ok(text: str) -> bool:
+    """``TAG_PATTERN``: each character a letter (L*), a separator (Z*), a number (N*) or one of ``_.:/=+-@``."""
+    return all(unicodedata.category(c)[0] in "LZN" or c in "_.:/=+-@" for c in text)
+
+
+def check_tags(tags: list[dict[str, str]] | None) -> None:
+    for tag in tags or []:
+        key, value = tag.get("Key", ""), tag.get("Value", "")
+        if not (1 <= len(key) <= 128 and tag_text_ok(key) and len(value) <= 256 and tag_text_ok(value)):
+            raise ValidationError(message=f"1 validation error detected: Value '{value}' at 'tags' failed to "
+                                          f"satisfy constraint: Member must satisfy regular expression pattern: "
+                                          f"{TAG_PATTERN} (key {key!r})")
+
 
 #: Every (shape, member) this extension reads from a request or writes into a response.
 SHAPE_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -194,6 +217,7 @@ def _patches(ext: SageMakerExtension) -> dict[tuple[type, str], Any]:
         if name in self.endpoint_configs:
             raise ValidationError(message=f'Cannot create already existing endpoint configuration '
                                           f'"{_arn("endpoint-config", name, self)}".')
+        check_tags(kwargs.get("tags"))
         shadow = shadow_production_variants or None
         if shadow:
             self.validate_production_variants(shadow)  # the shadow's models exist

@@ -274,6 +274,7 @@ INVALID = [
     ({"user_id": "u1", "surface": "search", "candidates": ["a"]}, "query"),
     ({"user_id": "u1", "surface": "search", "query": 3, "candidates": ["a"]}, "query"),
     ({"user_id": "u1", "surface": "feed", "candidates": ["a"], "request_id": "x" * 65}, "request_id"),
+    ({"user_id": "u1", "surface": "feed", "candidates": ["a"], "request_id": "über-1"}, "request_id"),  # InferenceId
     ({"user_id": "u1", "surface": "feed", "candidates": ["a"], "limit": 3}, "limit"),
     ([1, 2], "body"),
 ]
@@ -692,19 +693,46 @@ def test_sagemaker_backend_request_parameters_and_errors(aws_env):
                            "InvokedProductionVariant": "challenger"},
                           {"EndpointName": "ep", "ContentType": "application/json", "Accept": "application/json",
                            "Body": body, "InferenceId": "req-42"})
-        stub.add_client_error("invoke_endpoint", service_error_code="ModelError", http_status_code=424)
+        # The container's 4xx (ModelError, 424) and a refused request (ValidationError) reject this request: a
+        # bad response, not retried; throttling and 5xx are worth a retry within the budget.
+        errors = [("ModelError", 424, ModelBadResponse), ("ValidationError", 400, ModelBadResponse),
+                  ("ThrottlingException", 400, ModelUnavailable), ("ServiceUnavailable", 503, ModelUnavailable),
+                  ("ModelNotReadyException", 429, ModelUnavailable)]
+        for code, status, _ in errors:
+            stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=status)
         backend = SageMakerBackend("ep", runtime_client=runtime, sagemaker_client=sagemaker)
 
         async def go():
             ok = await backend.score(inputs, "req-42", 1.0)
-            with pytest.raises(ModelUnavailable, match="ModelError"):
-                await backend.score(inputs, "req-43", 1.0)
+            for code, _, error in errors:
+                with pytest.raises(error, match=code):
+                    await backend.score(inputs, "req-43", 1.0)
             await backend.aclose()
             return ok
 
         ok = asyncio.run(go())
         stub.assert_no_pending_responses()
     assert ok.variant == "challenger" and ok.scores.tolist() == [1.0, 2.0]
+
+    # Ready while the endpoint still answers: AWS patching it (SystemUpdating), or a failed update rolled back.
+    for status, ready in [("InService", True), ("SystemUpdating", True), ("UpdateRollbackFailed", True),
+                          ("Updating", True), ("Creating", False), ("Failed", False), ("OutOfService", False)]:
+        with Stubber(sagemaker) as stub:
+            stub.add_response("describe_endpoint", {
+                "EndpointName": "ep", "EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/ep",
+                "EndpointConfigName": "c", "EndpointStatus": status, "CreationTime": 0, "LastModifiedTime": 0})
+            async def probe(backend: SageMakerBackend) -> str:
+                try:
+                    return (await backend.probe(1.0))["status"]
+                finally:
+                    await backend.aclose()
+
+            backend = SageMakerBackend("ep", runtime_client=runtime, sagemaker_client=sagemaker)
+            if ready:
+                assert asyncio.run(probe(backend)) == status
+            else:
+                with pytest.raises(ModelUnavailable, match=status):
+                    asyncio.run(probe(backend))
 
 
 def test_tfserving_backend_timeout_and_refused():

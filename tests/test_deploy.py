@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 from moto.sagemaker import models as sm_models
 from moto.sagemaker import responses as sm_responses
-from moto_sagemaker import SHAPE_MEMBERS, check_service_model, sagemaker_extension
+from moto_sagemaker import SHAPE_MEMBERS, TAG_PATTERN, check_service_model, sagemaker_extension, tag_text_ok
 
 from pipelines import deploy, deploy_lambda, gate
 from pipelines.deploy import DeployError, EndpointBusy, EndpointState, Variant
@@ -319,8 +319,8 @@ def test_lambda_promote_swaps_and_keeps_the_previous_champion(world):
     config = endpoint_config(world.sm)
     assert models(config["ProductionVariants"]) == [(M2, 1.0)]
     assert "ShadowProductionVariants" not in config
-    previous = json.loads(tags(world.sm, config)[deploy.PREVIOUS_TAG])
-    assert previous["model_name"] == M1 and previous["weight"] == 1.0
+    previous = deploy.variant_from_tag(tags(world.sm, config)[deploy.PREVIOUS_TAG])
+    assert previous.model_name == M1 and previous.weight == 1.0
     assert out["champion_model_data_url"] == world.urls[1]
     assert champion(world) == (world.urls[1], world.bodies[1])
 
@@ -558,6 +558,28 @@ def test_local_backend_with_nothing_deployed(tmp_path):
 # ============================================================================================ the extension itself
 
 
+def test_previous_champion_tag_is_a_tag_value_sagemaker_accepts():
+    """The tag holding the rollback target must pass the service's TagValue pattern (moto itself accepts any)."""
+    model = botocore.session.get_session().get_service_model("sagemaker").shape_for("TagValue").metadata
+    assert model["pattern"] == TAG_PATTERN and model["max"] == 256
+    longest = deploy.Variant(model_name="m" * 63, instance_type="ml.p4de.24xlarge", instance_count=100,
+                             weight=0.123456789)
+    for variant in (deploy.Variant("marketrank-v12"), longest):
+        value = deploy.variant_tag(variant)
+        assert tag_text_ok(value) and len(value) <= 256, value
+        assert deploy.variant_from_tag(value) == variant
+    assert not tag_text_ok(json.dumps({"model_name": "m"}))  # what was stored before: braces, quotes, commas
+    with pytest.raises(deploy.DeployError, match="not a variant"):
+        deploy.variant_from_tag("model_name=m weight=1.0")
+    with mock_aws(), sagemaker_extension():  # the extension refuses such a tag as AWS does
+        sm = boto3.client("sagemaker", region_name=REGION)
+        make_models(sm, "arn:aws:iam::123456789012:role/r", "m1")
+        with pytest.raises(ClientError, match="regular expression pattern"):
+            sm.create_endpoint_config(EndpointConfigName="c", Tags=[{"Key": "k", "Value": '{"a": 1}'}],
+                                      ProductionVariants=[{"VariantName": "p", "ModelName": "m1",
+                                                           "InstanceType": "ml.m5.large", "InitialInstanceCount": 1}])
+
+
 def test_extension_matches_botocore_service_model():
     check_service_model()
     model = botocore.session.get_session().get_service_model("sagemaker")
@@ -579,7 +601,12 @@ def test_extension_update_endpoint_wire_format(world):
     invoke(world, "deploy_shadow", 1)
     invoke(world, "deploy_shadow", 2)
     (_, request), (_, response) = calls
-    assert set(request) == {"EndpointName", "EndpointConfigName"} <= set(model.input_shape.members)
+    assert set(request) == {"EndpointName", "EndpointConfigName", *deploy.RETAIN_VARIANT_PROPERTIES}
+    assert set(request) <= set(model.input_shape.members)
+    # Application Auto Scaling's instance count stays; the new config's weights and data capture apply.
+    assert request["RetainAllVariantProperties"] is True
+    assert {p["VariantPropertyType"] for p in request["ExcludeRetainedVariantProperties"]} == {
+        "DesiredWeight", "DataCaptureConfig"}
     assert set(response) - {"ResponseMetadata"} == {"EndpointArn"}
     assert response["EndpointArn"] == world.sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointArn"]
     assert response["EndpointArn"] == f"arn:aws:sagemaker:{REGION}:123456789012:endpoint/{ENDPOINT}"

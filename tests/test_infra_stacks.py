@@ -241,6 +241,8 @@ def test_every_stage_sets_its_pipeline_defaults():
             == (stage.training_instance_type, stage.processing_instance_type, stage.shadow_sampling_percentage)
         env = Names(stage).pipeline_env()
         assert env["MARKETRANK_TRAINING_INSTANCE_TYPE"] == stage.training_instance_type
+        assert config.endpoint_instance_type == stage.endpoint_instance_type
+        assert env["MARKETRANK_ENDPOINT_INSTANCE_TYPE"] == stage.endpoint_instance_type
 
 
 def test_deploy_lambda_environment_and_role(raw, outdir):
@@ -264,6 +266,8 @@ def test_deploy_lambda_environment_and_role(raw, outdir):
     stmts = {s["Sid"]: s for s in role_statements(template, role_id) if "Sid" in s}
     assert stmts["Endpoint"]["Resource"] == NAMES.endpoint_arn
     assert stmts["EndpointConfigs"]["Resource"].endswith(f":endpoint-config/{NAMES.endpoint}-*")
+    assert stmts["UpdateToOwnConfigs"]["Resource"] == stmts["EndpointConfigs"]["Resource"]
+    assert stmts["UpdateToOwnConfigs"]["Action"] == "sagemaker:UpdateEndpoint"
     assert "sagemaker:CreateEndpoint" not in stmts["Endpoint"]["Action"]
     # the Serving stack's config (a name CloudFormation generates) is readable: the Lambda starts by describing it
     assert stmts["ReadLiveConfig"]["Resource"] == NAMES.arn("sagemaker", "endpoint-config/*")
@@ -320,6 +324,12 @@ def test_endpoint_config_champion_shadow_capture_and_kms(raw):
     endpoint = one(template, "AWS::SageMaker::Endpoint")
     assert endpoint["Properties"]["EndpointName"] == NAMES.pipeline_config().endpoint_name
     assert endpoint["Condition"] == "HasChampion"
+    # A config change keeps autoscaling's instance count, takes the new weights and capture (as the Lambda's).
+    from pipelines.deploy import RETAIN_VARIANT_PROPERTIES
+
+    assert endpoint["Properties"]["RetainAllVariantProperties"] is True
+    assert endpoint["Properties"]["ExcludeRetainedVariantProperties"] == \
+        RETAIN_VARIANT_PROPERTIES["ExcludeRetainedVariantProperties"]
     assert template["Conditions"]["HasChampion"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": champion_ref}, "none"]}]}
 
 

@@ -153,6 +153,8 @@ def test_register_model_and_deploy_shadow(steps):
     statistics = register["ModelMetrics"]["ModelQuality"]["Statistics"]
     evaluation_uri = {"Get": "Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"}
     assert statistics == {"ContentType": "application/json", "S3Uri": join(evaluation_uri, report.EVALUATION_FILE)}
+    spec = register["InferenceSpecification"]
+    assert spec["SupportedRealtimeInferenceInstanceTypes"][0] == CONFIG.endpoint_instance_type  # what it runs on
 
     deploy = steps["DeployShadow"]
     assert deploy["FunctionArn"] == CONFIG.deploy_lambda_arn
@@ -253,6 +255,23 @@ def test_images(steps):
     assert container["Image"].endswith("/tensorflow-inference:2.14.1-cpu")
 
 
+def test_training_metrics_match_the_lines_train_py_logs(steps):
+    """Studio shows the Train step's curves only when a MetricDefinition's regex matches the job's log."""
+    import re
+
+    from training.train import LOGGED_METRICS, epoch_line
+
+    definitions = steps["Train"]["Arguments"]["AlgorithmSpecification"]["MetricDefinitions"]
+    assert [d["Name"] for d in definitions] == [f"train:{key}" for key in LOGGED_METRICS]
+    logs = {"loss": 0.5, "mrr": 0.9, "ndcg_10": 0.8123, "ndcg_5": 0.7, "val_loss": 0.61, "val_mrr": 0.95,
+            "val_ndcg_10": 0.7766, "val_ndcg_5": 0.72}
+    line = "2026-11-26 07:00:00 INFO marketrank.train " + epoch_line(4, logs)
+    for definition in definitions:
+        key = definition["Name"].removeprefix("train:")
+        assert float(re.search(definition["Regex"], line).group(1)) == pytest.approx(logs[key], abs=1e-4), key
+    assert re.search(definitions[0]["Regex"], "exported /opt/ml/model (best epoch 3, 12.0s)") is None
+
+
 def test_entry_points_in_the_definition(steps):
     spark = steps["PrepareFeatures"]["Arguments"]["AppSpecification"]["ContainerEntrypoint"]
     assert spark[0] == "smspark-submit"
@@ -295,7 +314,8 @@ def test_renders_without_credentials_or_network(monkeypatch, rendered):
 def test_config_reaches_the_definition():
     config = PipelineConfig.from_env({"MARKETRANK_BUCKET": "other-bucket", "MARKETRANK_PREFIX": "/mr/",
                                       "MARKETRANK_TRAINING_INSTANCE_TYPE": "ml.c5.2xlarge",
-                                      "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "12.5"},
+                                      "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "12.5",
+                                      "MARKETRANK_ENDPOINT_INSTANCE_TYPE": "ml.c5.xlarge"},
                                      region="us-east-1", endpoint_name="ranker", deploy_lambda_arn=None)
     assert (config.bucket, config.prefix, config.region, config.deploy_lambda_arn) == (
         "other-bucket", "mr", "us-east-1", CONFIG.deploy_lambda_arn)
@@ -311,6 +331,8 @@ def test_config_reaches_the_definition():
     assert ".us-east-1." in by_name["Train"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
     [deploy] = [s for s in by_name["QualityGate"]["Arguments"]["IfSteps"] if s["Name"] == "DeployShadow"]
     assert deploy["Arguments"]["endpoint_name"] == "ranker"
+    [register] = [s for s in by_name["QualityGate"]["Arguments"]["IfSteps"] if s["Name"] == "RegisterModel"]
+    assert "ml.c5.xlarge" in register["Arguments"]["InferenceSpecification"]["SupportedRealtimeInferenceInstanceTypes"]
     assert all(uri.startswith("s3://other-bucket/mr/")
                for uri in _strings(definition) if uri.startswith("s3://"))
     with pytest.raises(ValueError, match="name"):

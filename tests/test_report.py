@@ -40,12 +40,36 @@ def make_report(with_champion: bool) -> dict:
                         comparison=comparison, info={"model": "m-1", "lists": 3})
 
 
-def test_metric_path_quotes_non_identifier_keys() -> None:
-    assert metric_path("ndcg@10") == 'ranking_metrics."ndcg@10".value'
-    assert metric_path() == 'ranking_metrics."ndcg@10".value'
+def test_metric_path_brackets_non_identifier_keys() -> None:
+    assert metric_path("ndcg@10") == "ranking_metrics['ndcg@10'].value"
+    assert metric_path() == "ranking_metrics['ndcg@10'].value"
     assert metric_path("mrr") == "ranking_metrics.mrr.value"
     assert metric_path("ndcg_10") == "ranking_metrics.ndcg_10.value"
     assert LIFT_LOWER_BOUND_PATH == "comparison.ci_low"
+
+
+@pytest.mark.parametrize("with_champion", [False, True])
+def test_paths_resolve_as_sagemaker_json_get_resolves_them(with_champion) -> None:
+    """The SDK's local pipeline runner evaluates JsonGet with ``get_using_dot_notation`` (the service's JsonPath
+    reading): every gate path must give the same value there as in the local gate. A JMESPath-quoted key
+    (``"ndcg@10"``) resolved locally but not there, so every pipeline run failed at the QualityGate step."""
+    from sagemaker.core.local.utils import get_using_dot_notation
+
+    from pipelines import gate
+
+    rep = json.loads(json.dumps(make_report(with_champion), allow_nan=True))
+    for check in gate.CHECKS:
+        assert get_using_dot_notation(rep, check.path) == get_path(rep, check.path), check.path
+    with pytest.raises(ValueError):
+        get_using_dot_notation(rep, 'ranking_metrics."ndcg@10".value')  # the old spelling
+
+
+def test_get_path_refuses_what_json_get_would_not_read() -> None:
+    rep = make_report(with_champion=False)
+    for bad in ('ranking_metrics."ndcg@10".value', ".ranking_metrics", "ranking_metrics..mrr", "['ranking_metrics']",
+                "ranking_metrics['ndcg@10'", ""):
+        with pytest.raises(ValueError, match="not a path"):
+            get_path(rep, bad)
 
 
 def test_build_report_without_champion() -> None:
@@ -57,8 +81,8 @@ def test_build_report_without_champion() -> None:
     assert rep["comparison"]["mean_diff"] is None
     assert rep["champion"] is None
     assert rep["model"] == "m-1" and rep["lists"] == 3
-    assert get_path(rep, 'per_segment.search."ndcg@5".value') == pytest.approx(0.6)
-    assert get_path(rep, 'baselines.legacy."ndcg@10".value') == 0.4
+    assert get_path(rep, "per_segment.search['ndcg@5'].value") == pytest.approx(0.6)
+    assert get_path(rep, "baselines.legacy['ndcg@10'].value") == 0.4
 
 
 def test_build_report_with_champion() -> None:
@@ -69,7 +93,7 @@ def test_build_report_with_champion() -> None:
     assert ci_low == rep["comparison"]["ci_low"]
     assert ci_low != NO_CHAMPION_LIFT
     assert 0.0 <= ci_low <= 0.15
-    assert get_path(rep, 'champion."ndcg@10".value') == pytest.approx(0.55)
+    assert get_path(rep, "champion['ndcg@10'].value") == pytest.approx(0.55)
 
 
 def test_get_path_missing_key() -> None:
@@ -98,21 +122,6 @@ def test_write_report_nan_becomes_null(tmp_path) -> None:
     assert get_path(back, LIFT_LOWER_BOUND_PATH) == NO_CHAMPION_LIFT
     # The in-memory report is left untouched.
     assert math.isnan(rep["ranking_metrics"]["map"]["value"])
-
-
-@pytest.mark.parametrize("with_champion", [False, True])
-def test_jmespath_agrees_with_get_path(with_champion: bool, tmp_path) -> None:
-    jmespath = pytest.importorskip("jmespath")
-    rep = read_report(write_report(make_report(with_champion), tmp_path))
-    paths = [metric_path(m) for m in ("ndcg@5", "ndcg@10", "mrr")] + [LIFT_LOWER_BOUND_PATH]
-    for path in paths:
-        expected = get_path(rep, path)
-        assert expected is not None
-        assert jmespath.search(path, rep) == expected, path
-    # The unquoted form would not select the key: the quoting is what makes JsonGet work.
-    assert jmespath.search("ranking_metrics.mrr.value", rep) == pytest.approx(0.75)
-    with pytest.raises(jmespath.exceptions.ParseError):
-        jmespath.search("ranking_metrics.ndcg@10.value", rep)
 
 
 def test_primary_metric_is_reported() -> None:

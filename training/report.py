@@ -18,19 +18,22 @@ PRIMARY_METRIC = "ndcg@10"
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: One step of a path: ``.name``, or ``['key']`` for keys that are not plain identifiers.
+_STEP = re.compile(r"\.(?P<name>[A-Za-z_][A-Za-z0-9_]*)|\['(?P<key>[^'\]]+)'\]")
 
 
-def _quote(key: str) -> str:
-    """A JMESPath identifier, quoted unless it is a bare identifier (``ndcg@10`` -> ``"ndcg@10"``)."""
-    return key if _IDENTIFIER.fullmatch(key) else json.dumps(key)
+def _step(key: str) -> str:
+    """One key as a JsonPath step: ``.name``, or ``['ndcg@10']`` (a bare ``ndcg@10`` means nothing certain)."""
+    return f".{key}" if _IDENTIFIER.fullmatch(key) else f"['{key}']"
 
 
 def metric_path(metric: str = PRIMARY_METRIC) -> str:
-    """JMESPath (what SageMaker's JsonGet takes) of the challenger's overall value of ``metric``."""
-    return f"ranking_metrics.{_quote(metric)}.value"
+    """JsonPath (what SageMaker's JsonGet takes) of the challenger's overall value of ``metric``:
+    ``ranking_metrics['ndcg@10'].value``."""
+    return f"ranking_metrics{_step(metric)}.value"
 
 
-#: JMESPath of the lower bound of the bootstrap CI of (challenger - champion) on the primary metric.
+#: JsonPath of the lower bound of the bootstrap CI of (challenger - champion) on the primary metric.
 LIFT_LOWER_BOUND_PATH = "comparison.ci_low"
 #: Value written at LIFT_LOWER_BOUND_PATH when there is no champion yet (the first model always passes lift).
 NO_CHAMPION_LIFT = 1.0
@@ -47,7 +50,7 @@ def build_report(challenger: dict[str, Any], per_segment: dict[str, Any], baseli
 
 
 def get_path(report: dict[str, Any], path: str) -> Any:
-    """Resolve one of this module's dotted JMESPath expressions (quoted keys allowed) without jmespath."""
+    """Resolve one of this module's paths (dotted names, ``['key']`` for other keys) as SageMaker's JsonGet does."""
     value: Any = report
     for part in _split(path):
         if not isinstance(value, dict) or part not in value:
@@ -57,16 +60,17 @@ def get_path(report: dict[str, Any], path: str) -> Any:
 
 
 def _split(path: str) -> list[str]:
-    parts, current, quoted = [], "", False
-    for char in path:
-        if char == '"':
-            quoted = not quoted
-        elif char == "." and not quoted:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current]
+    first = _IDENTIFIER.match(path)
+    parts, at = ([first.group()], first.end()) if first else ([], 0)
+    while first and at < len(path):
+        step = _STEP.match(path, at)
+        if step is None:
+            break
+        parts.append(step["name"] or step["key"])
+        at = step.end()
+    if not first or at < len(path):
+        raise ValueError(f"{path!r}: not a path of dotted names and ['key'] steps (at {path[at:]!r})")
+    return parts
 
 
 def _clean(value: Any) -> Any:

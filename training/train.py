@@ -35,6 +35,20 @@ LETOR_FEATURE = "features"
 EARLY_STOPPING = {"val_loss": ("val_loss", "min"), "val_ndcg_10": ("val_ndcg_10", "max")}
 #: Lists longer than this are sampled down for LETOR training (evaluation always uses whole lists).
 LETOR_TRAIN_LIST_SIZE = 200
+#: What a SageMaker training job reads from this script's log (its MetricDefinitions): the Keras log key of
+#: each metric shown in Studio and Experiments, per epoch. ``epoch_line`` writes the lines they match.
+LOGGED_METRICS = ("loss", "ndcg_10", "mrr", "val_loss", "val_ndcg_10", "val_mrr")
+
+
+def epoch_line(epoch: int, logs: dict[str, float]) -> str:
+    """The per-epoch log line: ``epoch 3 loss=0.1234 ... val_ndcg_10=0.8123`` (keys sorted, 4 decimals)."""
+    return f"epoch {epoch} " + " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()))
+
+
+def metric_patterns() -> dict[str, str]:
+    """``LOGGED_METRICS`` as SageMaker metric regexes over ``epoch_line``: a key is preceded by a space, so
+    ``ndcg_10`` does not match inside ``val_ndcg_10``."""
+    return {key: rf"epoch \d+ (?:.* )?{key}=(-?[0-9]+\.[0-9]+)" for key in LOGGED_METRICS}
 
 
 @dataclasses.dataclass
@@ -102,7 +116,7 @@ class _EpochLogger:
         class Callback(tf.keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 logs = {k: float(v) for k, v in (logs or {}).items()}
-                log.info("epoch %d %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items())))
+                log.info("%s", epoch_line(epoch + 1, logs))
                 if outer.tracker is not None:
                     outer.tracker.metrics(logs, step=epoch + 1)
                 if outer.progress is not None:

@@ -179,6 +179,10 @@ class MlPlatformStack(cdk.Stack):
         deploy_role.add_to_policy(iam.PolicyStatement(
             sid="Endpoint", resources=[names.endpoint_arn],
             actions=["sagemaker:DescribeEndpoint", "sagemaker:UpdateEndpoint", "sagemaker:AddTags"]))
+        # UpdateEndpoint is also authorised on the config it switches to (AWS CDK's own SageMakerUpdateEndpoint
+        # task grants both): only this handler's configs.
+        deploy_role.add_to_policy(iam.PolicyStatement(
+            sid="UpdateToOwnConfigs", resources=[endpoint_configs], actions=["sagemaker:UpdateEndpoint"]))
         deploy_role.add_to_policy(iam.PolicyStatement(
             sid="EndpointConfigs", resources=[endpoint_configs],
             actions=["sagemaker:DescribeEndpointConfig", "sagemaker:CreateEndpointConfig", "sagemaker:ListTags",

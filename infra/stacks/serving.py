@@ -79,8 +79,15 @@ class ServingStack(cdk.Stack):
                 capture_content_type_header=sagemaker.CfnEndpointConfig.CaptureContentTypeHeaderProperty(
                     json_content_types=["application/json"])))
         self.endpoint_config.cfn_options.condition = has_champion
-        self.endpoint = sagemaker.CfnEndpoint(self, "Endpoint", endpoint_name=names.endpoint,
-                                              endpoint_config_name=self.endpoint_config.attr_endpoint_config_name)
+        # As pipelines.deploy's updates: autoscaling's live instance count survives a new config (a deploy at peak
+        # must not drop the champion to its minimum); the config's weights and data capture apply.
+        self.endpoint = sagemaker.CfnEndpoint(
+            self, "Endpoint", endpoint_name=names.endpoint,
+            endpoint_config_name=self.endpoint_config.attr_endpoint_config_name,
+            retain_all_variant_properties=True,
+            exclude_retained_variant_properties=[
+                sagemaker.CfnEndpoint.VariantPropertyProperty(variant_property_type=kind)
+                for kind in ("DesiredWeight", "DataCaptureConfig")])
         self.endpoint.cfn_options.condition = has_champion
 
         # Autoscaling of the production variant on invocations per instance. L1 without a RoleARN: Application Auto
