@@ -112,6 +112,10 @@ class Names:
         return f"{self.base}-mlflow"
 
     @property
+    def mlflow_server_arn(self) -> str:
+        return self.arn("sagemaker", f"mlflow-tracking-server/{self.mlflow_server}")
+
+    @property
     def champion_parameter(self) -> str:
         """SSM parameter the deploy Lambda keeps at the live champion's model data URL (``none`` before one)."""
         return f"/marketrank/{self.stage.name}/champion-model-data-url"
@@ -129,7 +133,8 @@ class Names:
                               processing_instance_type=self.stage.processing_instance_type,
                               training_instance_type=self.stage.training_instance_type,
                               shadow_sampling_percentage=self.stage.shadow_sampling_percentage,
-                              endpoint_instance_type=self.stage.endpoint_instance_type)
+                              endpoint_instance_type=self.stage.endpoint_instance_type,
+                              mlflow_tracking_server_arn=self.mlflow_server_arn)
 
     @property
     def champion_object_uri(self) -> str:

@@ -71,6 +71,10 @@ class PipelineError(RuntimeError):
     """An AWS call about the pipeline failed; the message is one line naming the pipeline or execution."""
 
 
+#: PipelineConfig fields that may be empty (no prefix, no MLflow tracking, SageMaker's own Spark image).
+OPTIONAL_FIELDS = ("prefix", "mlflow_tracking_server_arn", "spark_image_uri")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Where the pipeline lives and what it talks to. Pure data: no AWS calls, no clock."""
@@ -91,6 +95,13 @@ class PipelineConfig:
     shadow_sampling_percentage: float = 20.0
     #: The endpoint's instance type (the stage's): registered with each model package as a supported type.
     endpoint_instance_type: str = "ml.m5.large"
+    #: The stage's MLflow tracking server (the MlPlatform stack's): the Train step logs there unless an execution
+    #: overrides it ("" = no tracking).
+    mlflow_tracking_server_arn: str = ""
+    #: The PrepareFeatures image ("" = SageMaker's Spark processing image, which lacks pyarrow: the job then
+    #: pip-installs ``training.spark_runtime.REQUIREMENTS`` at start, so it needs egress to PyPI; an image with
+    #: them already, for a VPC without it).
+    spark_image_uri: str = ""
 
     #: Environment variable of each field for ``from_env``.
     ENV = {"name": "MARKETRANK_PIPELINE_NAME", "region": "MARKETRANK_REGION", "role_arn": "MARKETRANK_ROLE_ARN",
@@ -100,7 +111,9 @@ class PipelineConfig:
            "processing_instance_type": "MARKETRANK_PROCESSING_INSTANCE_TYPE",
            "training_instance_type": "MARKETRANK_TRAINING_INSTANCE_TYPE",
            "shadow_sampling_percentage": "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE",
-           "endpoint_instance_type": "MARKETRANK_ENDPOINT_INSTANCE_TYPE"}
+           "endpoint_instance_type": "MARKETRANK_ENDPOINT_INSTANCE_TYPE",
+           "mlflow_tracking_server_arn": "MARKETRANK_MLFLOW_TRACKING_SERVER_ARN",
+           "spark_image_uri": "MARKETRANK_SPARK_IMAGE_URI"}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
@@ -113,7 +126,7 @@ class PipelineConfig:
                              f"got {self.shadow_sampling_percentage!r}")
         object.__setattr__(self, "shadow_sampling_percentage", sampling)
         for field in dataclasses.fields(self):
-            if not getattr(self, field.name) and field.name != "prefix":
+            if not getattr(self, field.name) and field.name not in OPTIONAL_FIELDS:
                 raise ValueError(f"pipeline config: {field.name} must not be empty")
         if not all(c.isalnum() or c == "-" for c in self.name) or self.name.startswith("-"):
             raise ValueError(f"pipeline config: name {self.name!r} must be letters, digits and hyphens")
@@ -148,10 +161,7 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
     return {
         "InputDataUri": f"{config.base_uri}/raw",
         "ProcessingInstanceType": config.processing_instance_type,
-        # The feature job runs Spark in local mode on node-local paths: more than one instance does not help it.
-        "ProcessingInstanceCount": 1,
         "TrainingInstanceType": config.training_instance_type,
-        "TrainingInstanceCount": 1,
         "Scorer": hparams.scorer,
         "Loss": hparams.loss,
         "Epochs": hparams.epochs,
@@ -166,7 +176,7 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
         # (copied traffic, no user impact) and promotion stays a separate, explicit action. With
         # PendingManualApproval the package is registered but DeployShadow fails until someone approves it.
         "ModelApprovalStatus": "Approved",
-        "MlflowTrackingServerArn": "",
+        "MlflowTrackingServerArn": config.mlflow_tracking_server_arn,
         "ShadowSamplingPercentage": config.shadow_sampling_percentage,
         "ChampionModelUri": config.champion_uri,
     }
@@ -284,11 +294,13 @@ def build_pipeline(config: PipelineConfig, session: PipelineSession) -> Pipeline
 
     # PrepareFeatures: raw logs -> features/{train,valid,test}/ + feature_spec.json. feature_job.py imports the
     # training package, shipped as a zip on the Python path (--py-files).
-    spark_image = sdk.image_uri("spark", config.region, SPARK_VERSION, "processing", py_version=SPARK_PY_VERSION,
-                                container_version=SPARK_CONTAINER_VERSION, instance_type=IMAGE_INSTANCE_TYPE)
+    spark_image = config.spark_image_uri or sdk.image_uri(
+        "spark", config.region, SPARK_VERSION, "processing", py_version=SPARK_PY_VERSION,
+        container_version=SPARK_CONTAINER_VERSION, instance_type=IMAGE_INSTANCE_TYPE)
     spark = sdk.PySparkProcessor(
         role=role, framework_version=SPARK_VERSION, image_uri=spark_image,
-        instance_type=params["ProcessingInstanceType"], instance_count=params["ProcessingInstanceCount"],
+        # One instance: the feature job runs Spark in local mode on node-local paths (a second one would idle).
+        instance_type=params["ProcessingInstanceType"], instance_count=1,
         base_job_name=f"{config.name}-features",
         sagemaker_session=session, max_runtime_in_seconds=4 * 3600)
     prepare = sdk.ProcessingStep(name="PrepareFeatures", step_args=spark.run(
@@ -312,7 +324,8 @@ def build_pipeline(config: PipelineConfig, session: PipelineSession) -> Pipeline
         source_code=sdk.SourceCode(source_dir=str(bundle.source_dir), entry_script=TRAIN_SCRIPT,
                                    requirements=REQUIREMENTS),
         compute=sdk.Compute(instance_type=params["TrainingInstanceType"],
-                            instance_count=params["TrainingInstanceCount"], volume_size_in_gb=30),
+                            # One instance: SageMaker sets no TF_CONFIG, so more hosts would each train a copy.
+                            instance_count=1, volume_size_in_gb=30),
         hyperparameters=hyperparameters,
         output_data_config=sdk.OutputDataConfig(s3_output_path=f"{config.base_uri}/models"),
         stopping_condition=sdk.StoppingCondition(max_runtime_in_seconds=6 * 3600),

@@ -669,3 +669,45 @@ def test_s3_missing_input_prefix(spark, aws, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="s3://bucket/raw"):
         run("s3://bucket/raw", "s3://bucket/features", spark)
     assert "Contents" not in aws.list_objects_v2(Bucket="bucket", Prefix="features/")
+
+
+def test_spark_runtime_installs_what_the_sagemaker_spark_image_lacks(monkeypatch):
+    """The SageMaker Spark image has pandas 3 and no pyarrow: the job installs the pins before pandas loads;
+    here (pyarrow, pandas 2) nothing is missing and nothing runs."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from training import spark_runtime
+
+    calls = []
+    assert spark_runtime.missing() == [] and spark_runtime.ensure(run=calls.append) == [] and calls == []
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(spark_runtime.importlib.metadata, "version", lambda name: "3.0.1")
+    assert spark_runtime.missing() == ["pyarrow", "pandas<3"]
+    assert spark_runtime.ensure(run=calls.append) == ["pyarrow", "pandas<3"]
+    [command] = calls
+    assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-2:] == list(spark_runtime.REQUIREMENTS)
+
+    def no_egress(command):
+        raise subprocess.CalledProcessError(1, command)
+
+    with pytest.raises(spark_runtime.MissingPackages, match="egress to PyPI.*spark_image_uri"):
+        spark_runtime.ensure(run=no_egress)
+
+
+def test_feature_job_script_starts_with_the_runtime_check():
+    """As spark-submit runs it: the check comes before pandas is imported (the job's first statement)."""
+    import subprocess
+    import sys
+
+    probe = ("import runpy, sys; sys.argv = ['feature_job.py', '--help']; "
+             "import training.spark_runtime as r; r.ensure = lambda: print('ENSURE', 'pandas' in sys.modules); "
+             "runpy.run_path('training/feature_job.py', run_name='__main__')")
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ENSURE False"), out.stdout

@@ -243,6 +243,8 @@ def test_every_stage_sets_its_pipeline_defaults():
         assert env["MARKETRANK_TRAINING_INSTANCE_TYPE"] == stage.training_instance_type
         assert config.endpoint_instance_type == stage.endpoint_instance_type
         assert env["MARKETRANK_ENDPOINT_INSTANCE_TYPE"] == stage.endpoint_instance_type
+        # the Train step logs to the stage's own tracking server by default
+        assert config.mlflow_tracking_server_arn.endswith(f":mlflow-tracking-server/{Names(stage).mlflow_server}")
 
 
 def test_deploy_lambda_environment_and_role(raw, outdir):

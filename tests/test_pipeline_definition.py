@@ -197,9 +197,7 @@ def test_parameters_and_defaults(definition):
     assert declared == {
         "InputDataUri": ("String", f"s3://{CONFIG.bucket}/{CONFIG.prefix}/raw"),
         "ProcessingInstanceType": ("String", "ml.m5.xlarge"),
-        "ProcessingInstanceCount": ("Integer", 1),
         "TrainingInstanceType": ("String", "ml.m5.xlarge"),
-        "TrainingInstanceCount": ("Integer", 1),
         "Scorer": ("String", hparams.scorer),
         "Loss": ("String", hparams.loss),
         "Epochs": ("Integer", hparams.epochs),
@@ -315,7 +313,8 @@ def test_config_reaches_the_definition():
     config = PipelineConfig.from_env({"MARKETRANK_BUCKET": "other-bucket", "MARKETRANK_PREFIX": "/mr/",
                                       "MARKETRANK_TRAINING_INSTANCE_TYPE": "ml.c5.2xlarge",
                                       "MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "12.5",
-                                      "MARKETRANK_ENDPOINT_INSTANCE_TYPE": "ml.c5.xlarge"},
+                                      "MARKETRANK_ENDPOINT_INSTANCE_TYPE": "ml.c5.xlarge",
+                                      "MARKETRANK_SPARK_IMAGE_URI": "123.dkr.ecr.us-east-1.amazonaws.com/spark:arrow"},
                                      region="us-east-1", endpoint_name="ranker", deploy_lambda_arn=None)
     assert (config.bucket, config.prefix, config.region, config.deploy_lambda_arn) == (
         "other-bucket", "mr", "us-east-1", CONFIG.deploy_lambda_arn)
@@ -329,6 +328,8 @@ def test_config_reaches_the_definition():
         PipelineConfig.from_env({"MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "0"})
     by_name = {s["Name"]: s for s in definition["Steps"]}
     assert ".us-east-1." in by_name["Train"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
+    prepare = by_name["PrepareFeatures"]["Arguments"]["AppSpecification"]["ImageUri"]
+    assert prepare == "123.dkr.ecr.us-east-1.amazonaws.com/spark:arrow"  # an image with pyarrow, for no egress
     [deploy] = [s for s in by_name["QualityGate"]["Arguments"]["IfSteps"] if s["Name"] == "DeployShadow"]
     assert deploy["Arguments"]["endpoint_name"] == "ranker"
     [register] = [s for s in by_name["QualityGate"]["Arguments"]["IfSteps"] if s["Name"] == "RegisterModel"]

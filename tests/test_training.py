@@ -159,7 +159,17 @@ def test_several_hosts_without_tf_config_fail_fast(monkeypatch):
 
     monkeypatch.setenv("SM_HOSTS", '["algo-1", "algo-2"]')
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(RuntimeError, match="2 hosts.*TrainingInstanceCount=1"):
+    with pytest.raises(RuntimeError, match="2 hosts.*one instance"):
         choose_strategy()
     monkeypatch.setenv("SM_HOSTS", '["algo-1"]')
     assert choose_strategy() is not None  # one host: the default strategy
+
+
+def test_unreachable_tracking_server_leaves_training_untracked(caplog, monkeypatch):
+    """A stopped SageMaker MLflow server (the pipeline's default) must not fail the training job."""
+    from training.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's backoff would wait ~4 minutes
+    with caplog.at_level("WARNING", logger="marketrank.tracking"):
+        assert Tracker.start("http://127.0.0.1:9", "marketrank") is None  # nothing listens on port 9
+    assert "training continues untracked" in caplog.text and "127.0.0.1:9" in caplog.text

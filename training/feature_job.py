@@ -24,10 +24,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
-
 if __package__ in (None, ""):  # run as a script (spark-submit / SageMaker): make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from training import spark_runtime
+
+    spark_runtime.ensure()  # before pandas loads: the SageMaker Spark image has pandas 3 and no pyarrow
+
+import pandas as pd
 
 from training import propensity, storage
 from training.feature_spec import FLOAT, STRING, Feature, FeatureSpec

@@ -33,11 +33,16 @@ class Tracker:
             return None
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifact_location)
-        return cls(client, client.create_run(experiment_id, run_name=run_name).info.run_id)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(
+                experiment, artifact_location=artifact_location)
+            return cls(client, client.create_run(experiment_id, run_name=run_name).info.run_id)
+        except Exception as err:  # noqa: BLE001 - a stopped or unreachable tracking server must not cost the model
+            log.warning("MLflow tracking at %s unavailable, training continues untracked: %s: %s", uri,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return None
 
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -71,8 +71,8 @@ def choose_strategy():
     if len(hosts) > 1:
         if not os.environ.get("TF_CONFIG"):
             raise RuntimeError(f"SM_HOSTS lists {len(hosts)} hosts but TF_CONFIG is not set, so each host would "
-                               "train its own copy: run the training job on one instance "
-                               "(pipeline parameter TrainingInstanceCount=1) or launch it with a TF_CONFIG")
+                               "train its own copy: run the training job on one instance (as the pipeline's Train "
+                               "step does) or launch it with a TF_CONFIG")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()

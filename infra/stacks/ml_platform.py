@@ -105,7 +105,7 @@ class MlPlatformStack(cdk.Stack):
         role.add_to_policy(iam.PolicyStatement(
             sid="PassSelfToJobs", actions=["iam:PassRole"], resources=[names.sagemaker_role_arn],
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}))
-        mlflow_arn = names.arn("sagemaker", f"mlflow-tracking-server/{names.mlflow_server}")
+        mlflow_arn = names.mlflow_server_arn
         role.add_to_policy(iam.PolicyStatement(
             sid="TrackExperiments", resources=[mlflow_arn],
             actions=["sagemaker-mlflow:*", "sagemaker:DescribeMlflowTrackingServer",
