@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -565,6 +566,33 @@ def test_failed_job_keeps_previous_output(spark, tmp_path) -> None:
         run(raw, out, spark)
     assert (out / "previous.txt").read_text() == "from an earlier run"
     assert leftovers(out) == [out]
+
+
+def test_existing_output_dir_is_refilled_in_place(spark, tmp_path, handmade_raw, monkeypatch) -> None:
+    """SageMaker mounts /opt/ml/processing/output/<name>: the job must fill that directory, not replace it."""
+    out = tmp_path / "features"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    (out / "train").mkdir()
+    inode = out.stat().st_ino
+    real_rename, real_rmtree = Path.rename, shutil.rmtree
+
+    def rename(self, target):  # a mount point cannot be the target of a rename, nor removed
+        if Path(target) == out:
+            raise OSError(16, "Device or resource busy", str(out))
+        return real_rename(self, target)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path) == out:
+            raise OSError(16, "Device or resource busy", str(out))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    run(handmade_raw, out, spark)
+    assert out.stat().st_ino == inode and not (out / "stale.txt").exists()
+    assert {p.name for p in out.iterdir()} >= {"train", "valid", "test", "online", "feature_spec.json", "stats.json"}
+    assert read_split(out / "train").shape[0] > 0 and leftovers(out) == [out]
 
 
 def test_too_few_distinct_times_fails_without_output(spark, tmp_path) -> None:

@@ -516,13 +516,28 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
         rows.unpersist()
         lists.unpersist()
         events[2].unpersist()
-        if local_out.exists():
-            shutil.rmtree(local_out)
-        tmp.rename(local_out)
+        _publish(tmp, local_out)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return stats
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the finished output in place: one rename when ``out`` is new. An existing ``out`` keeps its directory
+    and gets the new contents instead, because SageMaker mounts a processing job's output directories, and a
+    mount point can be neither removed nor renamed onto ("Device or resource busy")."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for child in tmp.iterdir():
+        shutil.move(str(child), str(out / child.name))  # across file systems too: the mount is another one
+    tmp.rmdir()
 
 
 def main(argv: list[str] | None = None) -> None:
