@@ -55,9 +55,11 @@ def build_app(app: cdk.App | None = None) -> cdk.App:
                                pipeline_definition=pipeline_definition(stage), **props("ml-platform"))
     platform.add_stack_dependency(data, "the pipeline's, Lambda's and MLflow's buckets are named, not referenced")
     serving = ServingStack(app, "Serving", stage=stage, key=data.key, inference_image=sagemaker_images.tf_inference,
-                           data_capture_uri=platform.data_capture_uri, **props("serving"))
+                           data_capture_uri=platform.data_capture_uri, alarm_topic=data.alarm_topic,
+                           **props("serving"))
     serving.add_stack_dependency(platform, "the champion parameters and the model execution role")
     RankingServiceStack(app, "RankingService", stage=stage, key=data.key, alb_logs=data.alb_logs,
+                        alarm_topic=data.alarm_topic,
                         image_uri=app.node.try_get_context(API_IMAGE_KEY) or None, **props("ranking-service"))
     CiStack(app, "Ci", stage=stage, key=data.key, **props("ci"))
 

@@ -41,7 +41,8 @@ class StageConfig:
     api_max_count: int
     api_cpu: int
     api_memory_mib: int
-    api_requests_per_target: int  # ALBRequestCountPerTarget target
+    #: Scale out above this many requests per second per task (ALBRequestCountPerTarget, a per-minute sum, x 60).
+    api_requests_per_task_per_second: int
     api_latency_p99_ms: int
     redis_node_type: str
     redis_nodes: int  # primary + replicas; >= 2 for Multi-AZ failover
@@ -50,6 +51,9 @@ class StageConfig:
     nat_gateways: int
     log_retention_days: int
     mlflow_server_size: str  # Small | Medium | Large
+    #: Who the alarms notify (e-mail subscriptions to the stage's alarm topic; other subscribers, such as a
+    #: paging tool, subscribe to the topic themselves).
+    alarm_emails: list[str]
     # CI/CD: GitHub OIDC trust and the CDK bootstrap the deploy role may use
     github_repo: str  # owner/name
     deploy_branch: str
@@ -81,6 +85,9 @@ class StageConfig:
             fail(f"github_repo must be owner/name, got {self.github_repo!r}")
         if not re.fullmatch(r"\d+\.\d+\.\d+\.\d+/(1[6-9]|2[0-4])", self.vpc_cidr):
             fail(f"vpc_cidr must be an IPv4 /16../24 block, got {self.vpc_cidr!r}")
+        bad = [e for e in self.alarm_emails if not isinstance(e, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+\.\w+", e)]
+        if not isinstance(self.alarm_emails, (list, tuple)) or bad:
+            fail(f"alarm_emails must be a list of e-mail addresses, got {bad or self.alarm_emails!r}")
         if self.nat_gateways < 1:
             fail("nat_gateways must be >= 1 (the private subnets reach SageMaker and ECR through it)")
 

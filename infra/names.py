@@ -58,6 +58,10 @@ class Names:
         return f"alias/{self.base}"
 
     @property
+    def alarm_topic(self) -> str:
+        return f"{self.base}-alarms"
+
+    @property
     def sagemaker_role(self) -> str:
         return f"{self.base}-sagemaker"
 

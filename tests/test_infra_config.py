@@ -47,6 +47,8 @@ def test_bad_values_are_rejected():
     ("endpoint_max_instance_count", 0, "endpoint_max_instance_count must be >="),
     ("github_repo", "marketrank", "github_repo must be owner/name"),
     ("vpc_cidr", "10.0.0.0/8", "vpc_cidr must be"),
+    ("alarm_emails", ["oncall"], "alarm_emails must be a list of e-mail addresses"),
+    ("alarm_emails", "oncall@example.com", "alarm_emails must be a list"),
 ])
 def test_infra_settings_are_validated(setting, value, message):
     bad = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], setting: value}}, STAGE_KEY: "dev"}

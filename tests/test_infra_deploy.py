@@ -260,7 +260,7 @@ def test_moto_ci_deploy_role_exists(moto: Deployment):
     (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
     assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
     assert trust["Condition"]["StringEquals"]["token.actions.githubusercontent.com:sub"] == (
-        f"repo:{STAGE.github_repo}:ref:refs/heads/{STAGE.deploy_branch}")
+        f"repo:{STAGE.github_repo}:environment:{STAGE.name}")  # the deploy job's GitHub environment
 
 
 # -- LocalStack -----------------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_localstack_github_deploy_role_trust_and_scoped_policy(localstack: Deplo
     assert trust["Action"] == "sts:AssumeRoleWithWebIdentity"
     assert trust["Condition"]["StringEquals"] == {
         "token.actions.githubusercontent.com:aud": "sts.amazonaws.com",
-        "token.actions.githubusercontent.com:sub": f"repo:{STAGE.github_repo}:ref:refs/heads/{STAGE.deploy_branch}"}
+        "token.actions.githubusercontent.com:sub": f"repo:{STAGE.github_repo}:environment:{STAGE.name}"}
     statements = _statements(iam, NAMES.github_deploy_role)
     resources = {r for s in statements for r in _as_list(s["Resource"])}
     assert resources and "*" not in resources

@@ -164,6 +164,41 @@ def test_data_buckets_are_kms_encrypted_private_versioned_logged_and_ssl_only(ra
         {k: v for k, v in st.items() if k != "Resource"} for st in policy["PolicyDocument"]["Statement"]]
 
 
+def test_every_alarm_notifies_the_stage_alarm_topic(raw):
+    """Alarms that notify nobody only turn a console red: each one publishes to the Data stack's topic, which is
+    encrypted with the stage key that CloudWatch may use (else the notifications are dropped)."""
+    data = raw["Data"]
+    [(topic_id, topic)] = resources(data, "AWS::SNS::Topic").items()
+    assert topic["Properties"]["TopicName"] == NAMES.alarm_topic
+    assert topic["Properties"]["KmsMasterKeyId"]["Fn::GetAtt"][0] in resources(data, "AWS::KMS::Key")
+    key_policy = one(data, "AWS::KMS::Key")["Properties"]["KeyPolicy"]["Statement"]
+    [publish] = [st for st in key_policy if st.get("Sid") == "CloudWatchAlarmsPublish"]
+    assert publish["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert set(publish["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
+    [policy] = resources(data, "AWS::SNS::TopicPolicy").values()  # enforce_ssl: publishing over TLS only
+    assert any(st["Effect"] == "Deny" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+               for st in policy["Properties"]["PolicyDocument"]["Statement"])
+    assert STAGE.alarm_emails == [] and not resources(data, "AWS::SNS::Subscription")
+    alarms = 0
+    for name in ("Serving", "RankingService"):
+        for alarm in resources(raw[name], "AWS::CloudWatch::Alarm").values():
+            assert len(alarm["Properties"]["AlarmActions"]) == 1, name
+            assert "Fn::ImportValue" in alarm["Properties"]["AlarmActions"][0], name  # the Data stack's topic
+            alarms += 1
+    assert alarms >= 6 and topic_id
+
+
+def test_alarm_emails_subscribe_to_the_topic(tmp_path):
+    from infra.stacks.data import DataStack
+
+    stages = cdk_context()["marketrank:stages"]
+    context = {"marketrank:stages": {**stages, "dev": {**stages["dev"], "alarm_emails": ["oncall@example.com"]}}}
+    app = offline_app(str(tmp_path), context)  # cdk.json's feature flags
+    stack = DataStack(app, "Data", stage=stage_config({**cdk_context(), **context}, "dev"))
+    Template.from_stack(stack).has_resource_properties("AWS::SNS::Subscription", {
+        "Protocol": "email", "Endpoint": "oncall@example.com"})
+
+
 def test_key_rotation_and_log_buckets(templates, raw):
     templates["Data"].has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
     for kind in ("access-logs", "alb-logs"):  # S3 and ALB log delivery cannot write SSE-KMS buckets
@@ -418,10 +453,27 @@ def test_api_autoscaling_and_alarms(raw):
     metrics = {p["Properties"]["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"][
         "PredefinedMetricType"] for p in resources(template, "AWS::ApplicationAutoScaling::ScalingPolicy").values()}
     assert metrics == {"ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget"}
+    [requests] = [p["Properties"]["TargetTrackingScalingPolicyConfiguration"]
+                  for p in resources(template, "AWS::ApplicationAutoScaling::ScalingPolicy").values()
+                  if "ALBRequestCountPerTarget" in json.dumps(p)]
+    assert requests["TargetValue"] == STAGE.api_requests_per_task_per_second * 60  # the metric is per minute
     alarms = {a["Properties"]["MetricName"]: a["Properties"]
               for a in resources(template, "AWS::CloudWatch::Alarm").values()}
     assert set(alarms) == {"HTTPCode_Target_5XX_Count", "TargetResponseTime", "UnHealthyHostCount"}
     assert alarms["TargetResponseTime"]["Threshold"] == STAGE.api_latency_p99_ms / 1000
+
+
+def test_api_keep_alive_outlasts_the_load_balancer_idle_timeout(raw):
+    import re
+
+    from infra.stacks.ranking_service import ALB_IDLE_TIMEOUT_S
+
+    alb = one(raw["RankingService"], "AWS::ElasticLoadBalancingV2::LoadBalancer")["Properties"]
+    attributes = {a["Key"]: a["Value"] for a in alb["LoadBalancerAttributes"]}
+    assert attributes["idle_timeout.timeout_seconds"] == str(ALB_IDLE_TIMEOUT_S)
+    dockerfile = (Path(__file__).parent.parent / "serving" / "Dockerfile").read_text()
+    keep_alive = int(re.search(r'"--timeout-keep-alive", "(\d+)"', dockerfile).group(1))
+    assert keep_alive > ALB_IDLE_TIMEOUT_S  # else the ALB reuses connections uvicorn closed: 502s
 
 
 def test_api_image_from_registry_needs_no_docker():
@@ -431,10 +483,28 @@ def test_api_image_from_registry_needs_no_docker():
 
     stack = cdk.Stack(cdk.App())
     task = ecs.FargateTaskDefinition(stack, "Task")
-    task.add_container("Api", image=api_image("public.ecr.aws/example/marketrank-api:1"))
+    task.add_container("Api", image=api_image(stack, "public.ecr.aws/example/marketrank-api:1"))
     template = Template.from_stack(stack).to_json()
     definition = one(template, "AWS::ECS::TaskDefinition")["Properties"]["ContainerDefinitions"][0]
     assert definition["Image"] == "public.ecr.aws/example/marketrank-api:1"
+
+
+@pytest.mark.parametrize("reference", [":7", "@sha256:" + "ab" * 32])
+def test_api_image_from_a_private_ecr_repository_is_pulled_with_a_grant(reference):
+    from aws_cdk import aws_ecs as ecs
+
+    from infra.stacks.ranking_service import api_image
+
+    uri = f"111111111111.dkr.ecr.eu-west-1.amazonaws.com/team/marketrank-api{reference}"
+    stack = cdk.Stack(cdk.App())
+    task = ecs.FargateTaskDefinition(stack, "Task")
+    task.add_container("Api", image=api_image(stack, uri))
+    template = Template.from_stack(stack).to_json()
+    image = one(template, "AWS::ECS::TaskDefinition")["Properties"]["ContainerDefinitions"][0]["Image"]
+    assert image["Fn::Join"][1][-1] == f"/team/marketrank-api{reference}"
+    pulls = [st for st in statements(template) if "ecr:BatchGetImage" in st["Action"]]
+    assert [st["Resource"] for st in pulls] == [
+        "arn:aws:ecr:eu-west-1:111111111111:repository/team/marketrank-api"]  # the execution role may pull it
 
 
 # ---------------------------------------------------------------------------------------------- Ci
@@ -452,7 +522,12 @@ def test_github_oidc_deploy_role(raw):
                       "Condition": {"StringEquals": {
                           "token.actions.githubusercontent.com:aud": "sts.amazonaws.com",
                           "token.actions.githubusercontent.com:sub":
-                              f"repo:{STAGE.github_repo}:ref:refs/heads/{STAGE.deploy_branch}"}}}]
+                              f"repo:{STAGE.github_repo}:environment:{STAGE.name}"}}}]
+    # ...which is the environment the deploy workflow's job runs in (GitHub then names it in the token's sub)
+    import yaml
+
+    workflow = yaml.safe_load((Path(__file__).parent.parent / ".github/workflows/deploy.yml").read_text())
+    assert workflow["jobs"]["deploy"]["environment"] == "${{ inputs.stage || 'dev' }}" and STAGE.name == "dev"
     stmts = {s["Sid"]: s for s in statements(template) if "Sid" in s}
     a, r, q = STAGE.account, STAGE.region, STAGE.cdk_qualifier
     assert stmts["CdkBootstrapRoles"]["Resource"] == [

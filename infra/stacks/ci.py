@@ -3,7 +3,8 @@
 The role can do two things: assume the CDK bootstrap roles (``cdk deploy`` then works through CloudFormation's
 execution role, never with this role's own rights) and upsert the pipeline (render uploads the step code under the
 pipeline prefix of the artifacts bucket, then Create/UpdatePipeline passing the SageMaker role). Its trust is
-limited to pushes to the deploy branch of the configured repository.
+limited to the configured repository's jobs in the GitHub environment named after the stage (the deploy workflow
+runs there; limit that environment's deployment branches to ``deploy_branch`` in GitHub).
 """
 
 from __future__ import annotations
@@ -22,16 +23,23 @@ GITHUB_AUDIENCE = "sts.amazonaws.com"
 BOOTSTRAP_ROLES = ("deploy", "file-publishing", "image-publishing", "lookup")
 
 
+def github_subject(stage: StageConfig) -> str:
+    """The OIDC ``sub`` of the deploy workflow's job: ``environment: <stage>`` makes it name the environment."""
+    return f"repo:{stage.github_repo}:environment:{stage.name}"
+
+
 class CiStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, *, stage: StageConfig, key: kms.IKey, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         names = Names(stage)
         # Native AWS::IAM::OIDCProvider (no custom-resource Lambda); IAM fetches the thumbprint itself.
         provider = iam.OidcProviderNative(self, "GitHubOidc", url=GITHUB_OIDC_URL, client_ids=[GITHUB_AUDIENCE])
-        subject = f"repo:{stage.github_repo}:ref:refs/heads/{stage.deploy_branch}"
+        # The deploy job runs in the GitHub environment named after the stage, and GitHub then issues tokens whose
+        # subject names that environment, not the branch: which branches may deploy is the environment's rule.
+        subject = github_subject(stage)
         self.deploy_role = iam.Role(
             self, "DeployRole", role_name=names.github_deploy_role, max_session_duration=cdk.Duration.hours(1),
-            description=f"GitHub Actions deploys from {stage.github_repo}@{stage.deploy_branch}",
+            description=f"GitHub Actions deploys from {stage.github_repo}, environment {stage.name}",
             assumed_by=iam.WebIdentityPrincipal(provider.oidc_provider_arn, conditions={
                 "StringEquals": {"token.actions.githubusercontent.com:aud": GITHUB_AUDIENCE,
                                  "token.actions.githubusercontent.com:sub": subject}}))

@@ -8,8 +8,11 @@ logging and ALB access logging cannot write to SSE-KMS buckets.
 from __future__ import annotations
 
 import aws_cdk as cdk
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from infra.config import StageConfig
@@ -66,3 +69,14 @@ class DataStack(cdk.Stack):
                                ("ArtifactsBucket", self.artifacts), ("CaptureBucket", self.capture)):
             cdk.CfnOutput(self, output, value=bucket.bucket_name)
         cdk.CfnOutput(self, "KeyArn", value=self.key.key_arn)
+
+        # Every stack's alarms notify this topic, encrypted with the stage key: CloudWatch needs the key to publish
+        # to it (without this grant alarm notifications to an encrypted topic are dropped, silently).
+        self.alarm_topic = sns.Topic(self, "Alarms", topic_name=names.alarm_topic, master_key=self.key,
+                                     enforce_ssl=True, display_name=f"marketrank {stage.name} alarms")
+        self.key.add_to_resource_policy(iam.PolicyStatement(
+            sid="CloudWatchAlarmsPublish", principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+            actions=["kms:Decrypt", "kms:GenerateDataKey*"], resources=["*"]))
+        for email in stage.alarm_emails:
+            self.alarm_topic.add_subscription(subscriptions.EmailSubscription(email))
+        cdk.CfnOutput(self, "AlarmTopicArn", value=self.alarm_topic.topic_arn)

@@ -9,11 +9,14 @@ from the service's security group, over TLS, encrypted at rest with the stage ke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import aws_cdk as cdk
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_ecs_patterns as ecs_patterns
 from aws_cdk import aws_elasticache as elasticache
@@ -22,6 +25,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from infra.config import StageConfig
@@ -36,12 +40,29 @@ DOCKER_CONTEXT_EXCLUDE = ["*", "!pyproject.toml", "!README.md", "!serving/", "!t
                           "!pipelines/", "!infra/", "**/__pycache__", "**/*.pyc"]
 API_PORT = 8080
 LISTENER_PORT = 80
+#: The ALB's idle timeout; the API's keep-alive (serving/Dockerfile) must outlast it, or the ALB answers 502.
+ALB_IDLE_TIMEOUT_S = 60
 
 
-def api_image(image_uri: str | None) -> ecs.ContainerImage:
-    if image_uri:
+#: A private ECR image: ``<account>.dkr.ecr.<region>.amazonaws.com[.cn]/<repository>[:<tag>|@<digest>]``.
+ECR_IMAGE = re.compile(r"(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
+                       r"(?P<repository>[a-z0-9._/-]+)(?::(?P<tag>[\w.-]+)|@(?P<digest>sha256:[0-9a-f]{64}))?")
+
+
+def api_image(scope: Construct, image_uri: str | None) -> ecs.ContainerImage:
+    """The API's image: built from serving/Dockerfile, or ``image_uri`` (``marketrank:api_image``). A private
+    ECR image goes through its repository, so the task's execution role is granted the pull (an image named only
+    by its URI gets no permissions, and the tasks would fail with CannotPullContainerError)."""
+    if not image_uri:
+        return ecs.ContainerImage.from_asset(str(ROOT), file="serving/Dockerfile", exclude=DOCKER_CONTEXT_EXCLUDE)
+    ecr_image = ECR_IMAGE.fullmatch(image_uri)
+    if ecr_image is None:
         return ecs.ContainerImage.from_registry(image_uri)
-    return ecs.ContainerImage.from_asset(str(ROOT), file="serving/Dockerfile", exclude=DOCKER_CONTEXT_EXCLUDE)
+    region, name = ecr_image["region"], ecr_image["repository"]
+    repository = ecr.Repository.from_repository_attributes(
+        scope, "ApiRepository", repository_name=name,
+        repository_arn=f"arn:{partition(region)}:ecr:{region}:{ecr_image['account']}:repository/{name}")
+    return ecs.ContainerImage.from_ecr_repository(repository, ecr_image["digest"] or ecr_image["tag"] or "latest")
 
 
 class RankingServiceStack(cdk.Stack):
@@ -52,7 +73,7 @@ class RankingServiceStack(cdk.Stack):
         return [cdk.Fn.select(index, cdk.Fn.get_azs()) for index in range(2)]
 
     def __init__(self, scope: Construct, construct_id: str, *, stage: StageConfig, key: kms.IKey,
-                 alb_logs: s3.IBucket, image_uri: str | None = None, **kwargs) -> None:
+                 alb_logs: s3.IBucket, alarm_topic: sns.ITopic, image_uri: str | None = None, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         names = Names(stage)
         log_retention = retention(stage.log_retention_days)
@@ -101,7 +122,7 @@ class RankingServiceStack(cdk.Stack):
         feature_store = f"rediss://{self.redis.attr_primary_end_point_address}:{stage.redis_port}/0"
 
         task.add_container(
-            "Api", image=api_image(image_uri), port_mappings=[ecs.PortMapping(container_port=API_PORT)],
+            "Api", image=api_image(self, image_uri), port_mappings=[ecs.PortMapping(container_port=API_PORT)],
             logging=ecs.LogDrivers.aws_logs(stream_prefix="api", log_group=self.api_logs),
             environment={"MARKETRANK_FEATURE_STORE": feature_store, "MARKETRANK_MODEL_BACKEND": "sagemaker",
                          "MARKETRANK_ENDPOINT_NAME": names.endpoint,
@@ -122,6 +143,7 @@ class RankingServiceStack(cdk.Stack):
                                    "marketplace services in the VPC")
         alb.log_access_logs(alb_logs, prefix=names.base)
         alb.set_attribute("routing.http.drop_invalid_header_fields.enabled", "true")
+        alb.set_attribute("idle_timeout.timeout_seconds", str(ALB_IDLE_TIMEOUT_S))
         self.service.target_group.configure_health_check(path="/healthz", healthy_http_codes="200")
         redis_sg.add_ingress_rule(self.service.service.connections.security_groups[0],
                                   ec2.Port.tcp(stage.redis_port), "ranking API tasks")
@@ -129,7 +151,8 @@ class RankingServiceStack(cdk.Stack):
         scaling = self.service.service.auto_scale_task_count(min_capacity=stage.api_desired_count,
                                                              max_capacity=stage.api_max_count)
         scaling.scale_on_cpu_utilization("Cpu", target_utilization_percent=60)
-        scaling.scale_on_request_count("Requests", requests_per_target=stage.api_requests_per_target,
+        # ALBRequestCountPerTarget is a per-minute sum per task: the stage sets requests per second.
+        scaling.scale_on_request_count("Requests", requests_per_target=stage.api_requests_per_task_per_second * 60,
                                        target_group=self.service.target_group)
 
         target_group = self.service.target_group
@@ -149,5 +172,6 @@ class RankingServiceStack(cdk.Stack):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description=f"{names.base} ranking API: {what} (3 of 5 minutes)")
+            self.alarms[alarm_id].add_alarm_action(cloudwatch_actions.SnsAction(alarm_topic))
         cdk.CfnOutput(self, "ApiUrl", value=f"http://{alb.load_balancer_dns_name}")
         cdk.CfnOutput(self, "RedisAddress", value=self.redis.attr_primary_end_point_address)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import aws_cdk as cdk
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sagemaker as sagemaker
+from aws_cdk import aws_sns as sns
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
@@ -30,7 +32,7 @@ MICROSECONDS_PER_MS = 1000
 
 class ServingStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, *, stage: StageConfig, key: kms.IKey,
-                 inference_image: str, data_capture_uri: str, **kwargs) -> None:
+                 inference_image: str, data_capture_uri: str, alarm_topic: sns.ITopic, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         names = Names(stage)
         self.endpoint_name = names.endpoint
@@ -131,6 +133,7 @@ class ServingStack(cdk.Stack):
                     comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                     treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                     alarm_description=f"{names.endpoint} {variant_name}: {what} (3 of 5 minutes)")
+                alarm.add_alarm_action(cloudwatch_actions.SnsAction(alarm_topic))
                 self.alarms[alarm_id] = alarm
                 cdk.CfnOutput(self, f"{alarm_id}Alarm", value=alarm.alarm_arn)
         cdk.CfnOutput(self, "EndpointName", value=names.endpoint)
