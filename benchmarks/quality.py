@@ -88,6 +88,10 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple[str, st
         note("LambdaMART with IPW weights")
         scorers["lambdamart-ipw"], trained["lambdamart-ipw"] = rankers.train_lambdamart(
             dataset, dataclasses.replace(lambdamart, ipw=True))
+    if lambdamart_ipw and dataset.spec.position:
+        note("LambdaMART with LightGBM's position debiasing")
+        scorers["lambdamart-position"], trained["lambdamart-position"] = rankers.train_lambdamart(
+            dataset, dataclasses.replace(lambdamart, position_debiasing=True))
     for scorer, loss in models:
         name = tfr_name(scorer, loss)
         note(f"TF-Ranking {scorer}/{loss}")

@@ -35,16 +35,25 @@ class LambdaMartParams:
     lambda_l2: float = 1.0
     max_rounds: int = 2000
     early_stopping_rounds: int = 50
-    #: Weight each item by its inverse examination propensity (the spec's eta), as the TF models do.
+    #: Weight each clicked item by its inverse examination propensity (the spec's eta), as the TF models' listwise
+    #: softmax does (it weights the labels, so an unclicked item's weight has no effect there either).
     ipw: bool = False
+    #: LightGBM's own position debiasing (``Dataset(position=...)``: Unbiased LambdaMART learns a bias factor per
+    #: logged position alongside the trees), instead of weights from the randomised bucket's estimate.
+    position_debiasing: bool = False
     seed: int = 42
 
 
 def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from training.propensity import ipw_weights
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Rows, group sizes, labels, IPW weights (``eta`` > 0) and logged positions (None without them).
 
-    xs, groups, labels, weights = [], [], [], []
+    LightGBM multiplies each item's lambda gradient by its weight, so the inverse propensity goes on the clicked
+    items only (unclicked ones weigh 1): weighting every item, as before, scaled the push-down of unclicked items
+    deep in the list by up to the clip (20x), which is not what IPW corrects."""
+    from training.propensity import propensity_weights
+
+    xs, groups, labels, weights, positions = [], [], [], [], []
     for batch in dataset.batches(split)():
         x, group = item_matrix(batch, dataset.spec)
         mask = batch[MASK]
@@ -52,9 +61,12 @@ def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
         groups.append(group)
         labels.append(batch[label or dataset.spec.label][mask])
         if eta > 0:
-            weights.append(ipw_weights(batch["position"], eta, mask)[mask])
+            clicked = labels[-1] > 0
+            weights.append(np.where(clicked, propensity_weights(batch["position"], eta, mask)[mask], 1.0))
+        if dataset.spec.position:
+            positions.append(np.asarray(batch[dataset.spec.position])[mask].astype(np.int32))
     return (np.concatenate(xs), np.concatenate(groups), np.concatenate(labels),
-            np.concatenate(weights) if weights else None)
+            np.concatenate(weights) if weights else None, np.concatenate(positions) if positions else None)
 
 
 def _lightgbm_config(params: LambdaMartParams, threads: int, max_label: float) -> dict[str, Any]:
@@ -80,25 +92,30 @@ def _scorer(booster, spec) -> Scorer:
 
 def train_lambdamart(dataset: Dataset, params: LambdaMartParams = LambdaMartParams(),
                      threads: int = 0) -> tuple[Scorer, dict[str, Any]]:
-    """LightGBM LambdaMART on the logged labels, early-stopped on NDCG@10 of the validation split's labels."""
+    """LightGBM LambdaMART on the logged labels, early-stopped on NDCG@10 of the validation split's labels
+    (unweighted: LightGBM's NDCG would average the item weights into one weight per list, which is not IPW)."""
     import lightgbm as lgb
 
     eta = float(dataset.spec.propensity_eta or 0.0) if params.ipw and dataset.spec.position else 0.0
     if params.ipw and eta <= 0:
         raise ValueError(f"{dataset.name}: no position-bias estimate in the feature spec, so no IPW LambdaMART")
+    if params.position_debiasing and not dataset.spec.position:
+        raise ValueError(f"{dataset.name}: no logged positions, so no position-debiased LambdaMART")
     names, categorical = feature_columns(dataset.spec)
-    x, group, label, weight = _matrices(dataset, "train", eta)
-    vx, vgroup, vlabel, vweight = _matrices(dataset, "valid", eta)
+    x, group, label, weight, position = _matrices(dataset, "train", eta)
+    vx, vgroup, vlabel, _, _ = _matrices(dataset, "valid", 0.0)
     train_set = lgb.Dataset(x, label, group=group, weight=weight, feature_name=names,
-                            categorical_feature=categorical, free_raw_data=True)
-    valid_set = lgb.Dataset(vx, vlabel, group=vgroup, weight=vweight, reference=train_set)
+                            categorical_feature=categorical, free_raw_data=True,
+                            position=position if params.position_debiasing else None)
+    valid_set = lgb.Dataset(vx, vlabel, group=vgroup, reference=train_set)
     config = _lightgbm_config(params, threads, max(label.max(), vlabel.max()))
     start = time.perf_counter()
     booster = lgb.train(config, train_set, num_boost_round=params.max_rounds, valid_sets=[valid_set],
                         valid_names=["valid"], callbacks=[lgb.early_stopping(params.early_stopping_rounds,
                                                                              verbose=False)])
     seconds = time.perf_counter() - start
-    info = {"params": dataclasses.asdict(params), "ipw_eta": eta, "best_iteration": booster.best_iteration,
+    info = {"params": dataclasses.asdict(params), "ipw_eta": eta, "ipw_on": "clicked items" if eta else None,
+            "best_iteration": booster.best_iteration,
             "valid_ndcg@10_logged": booster.best_score["valid"]["ndcg@10"], "train_seconds": seconds,
             "train_items": int(label.size)}
     return _scorer(booster, dataset.spec), info
@@ -116,8 +133,8 @@ def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMar
     if not spec.eval_label or spec.eval_label == spec.label:
         raise ValueError(f"{dataset.name}: the feature ceiling needs an evaluation label apart from the logged one")
     names, categorical = feature_columns(spec)
-    x, group, label, _ = _matrices(dataset, "train", 0.0, label=spec.eval_label)
-    vx, vgroup, vlabel, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label)
+    x, group, label, _, _ = _matrices(dataset, "train", 0.0, label=spec.eval_label)
+    vx, vgroup, vlabel, _, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label)
     train_set = lgb.Dataset(x, label, group=group, feature_name=names, categorical_feature=categorical,
                             free_raw_data=True)
     stop_set = lgb.Dataset(vx, vlabel, group=vgroup, reference=train_set)

@@ -125,8 +125,9 @@ NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user
                                  "user_brand_views", "user_style_views", "user_searches", "user_brand_searches",
                                  "user_style_searches"})
 
-#: Bump when a feature's meaning changes but no name does: cached feature-job output is then rebuilt.
-FEATURE_LOGIC_VERSION = 3
+#: Bump when a feature's meaning (or the spec's position-bias estimate) changes but no name does: cached
+#: feature-job output is then rebuilt. 4: eta by binomial maximum likelihood.
+FEATURE_LOGIC_VERSION = 4
 
 
 def features_fingerprint() -> str:

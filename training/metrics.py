@@ -1,9 +1,14 @@
-"""Per-list ranking metrics in NumPy (same definitions as TF-Ranking's keras metrics) and a paired bootstrap.
+"""Per-list ranking metrics in NumPy and a paired bootstrap: what every offline evaluation and benchmark reports.
 
-Conventions: gain ``2**label - 1``, discount ``1 / log2(1 + rank)``; MRR and MAP treat ``label > 0`` as relevant.
-Padded slots have ``label < 0`` and are ignored. A list with no relevant item has no defined NDCG/MRR/MAP: it
-gets NaN and is left out of the means (the usual LETOR practice), never scored as 0 or 1. Ties in scores are
-broken by list order, so a constant scorer reproduces the input order.
+Conventions: gain ``2**label - 1``, discount ``1 / log2(1 + rank)`` (TF-Ranking's NDCG gain and discount); MRR
+and MAP treat ``label > 0`` as relevant. Padded slots have ``label < 0`` and are ignored. A list with no relevant
+item has no defined NDCG/MRR/MAP: it gets NaN and is left out of the means (the usual LETOR practice), never
+scored as 0 or 1. Ties in scores are broken by list order, so a constant scorer reproduces the input order.
+
+Two deliberate differences from ``tfr.keras.metrics`` (the ``val_ndcg_10`` of training logs and MLflow): those
+score a list with no relevant item as 0 and still count it, and break ties at random. On click labels, where
+many lists have no click, ``val_ndcg_10`` therefore reads lower than the same model's NDCG here; compare
+models on this module's numbers (``evaluation.json``, the benchmarks), not across the two.
 """
 
 from __future__ import annotations
@@ -60,7 +65,10 @@ def per_list_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.nda
 
 
 def summarize(per_list: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
-    """Mean and standard error of each metric over the lists with a defined value (optionally a subset)."""
+    """Mean and standard error of each metric over the lists with a defined value (optionally a subset).
+
+    The standard error goes in ``standard_deviation``: SageMaker's model-quality statistics mean the spread of
+    the metric's estimate there (Model Monitor bootstraps it), not the spread of per-list values."""
     summary = {}
     for name, values in per_list.items():
         values = values if mask is None else values[mask]
