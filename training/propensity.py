@@ -31,7 +31,10 @@ def fit_power_law(positions: np.ndarray, impressions: np.ndarray, clicks: np.nda
         raise ValueError(f"too little randomised traffic to estimate position bias: {int(clicked.sum())} positions "
                          f"with >= {MIN_IMPRESSIONS} impressions and a click")
     x, n, k = np.log1p(positions[usable]), impressions[usable], clicks[usable]
-    intercept, eta = _binomial_fit(x, n, k, _log_least_squares(x[k > 0], n[k > 0], k[k > 0]))
+    start = _log_least_squares(x[k > 0], n[k > 0], k[k > 0])
+    # A position clicked on every impression puts the likelihood's maximum on the boundary ctr = 1, where
+    # Newton's method cannot land: such a (degenerate) log keeps the least-squares fit.
+    intercept, eta = start if (k >= n).any() else _binomial_fit(x, n, k, start)
     return {"eta": float(eta), "intercept": float(intercept), "positions_used": int(usable.sum()),
             "clicks": int(k.sum())}
 
