@@ -85,9 +85,11 @@ class StageConfig:
             fail(f"github_repo must be owner/name, got {self.github_repo!r}")
         if not re.fullmatch(r"\d+\.\d+\.\d+\.\d+/(1[6-9]|2[0-4])", self.vpc_cidr):
             fail(f"vpc_cidr must be an IPv4 /16../24 block, got {self.vpc_cidr!r}")
+        if not isinstance(self.alarm_emails, (list, tuple)):
+            fail(f"alarm_emails must be a list of e-mail addresses, got {self.alarm_emails!r}")
         bad = [e for e in self.alarm_emails if not isinstance(e, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+\.\w+", e)]
-        if not isinstance(self.alarm_emails, (list, tuple)) or bad:
-            fail(f"alarm_emails must be a list of e-mail addresses, got {bad or self.alarm_emails!r}")
+        if bad:
+            fail(f"alarm_emails must be a list of e-mail addresses, got {bad!r}")
         if self.nat_gateways < 1:
             fail("nat_gateways must be >= 1 (the private subnets reach SageMaker and ECR through it)")
 

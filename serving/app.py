@@ -468,7 +468,7 @@ class Ranker:
                 if attempts:
                     self.metrics.model_calls.labels(outcome=err.reason).inc()
                 log.warning("model failed for request %s (%s): %s", request.request_id, err.reason, err)
-            except Exception:  # noqa: BLE001 - a bug in a backend must still not cost the answer
+            except Exception:  # noqa: BLE001 - backends' errors arrive as ModelError; this guards score_within_budget
                 reason = "model_error"
                 log.exception("model backend raised for request %s", request.request_id)
         t2 = time.monotonic()
@@ -607,9 +607,10 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
         except ApiError as err:
             ranker.metrics.requests.labels(status=str(err.status)).inc()
             request_id = body.get("request_id") if isinstance(body, dict) else None
+            if getattr(err, "field", None) == "request_id" or not isinstance(request_id, str):
+                request_id = None  # the id is what is wrong: never copy an unchecked one into the log
             log.info(_json_line({"event": "rank", "status": err.status, "error": err.message,
-                                 "field": getattr(err, "field", None),
-                                 "request_id": request_id if isinstance(request_id, str) else None}))
+                                 "field": getattr(err, "field", None), "request_id": request_id}))
             return error_response(err)
         response, fields = await ranker.rank(parsed, started)
         ranker.metrics.requests.labels(status="200").inc()

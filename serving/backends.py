@@ -179,11 +179,20 @@ class TFServingBackend(ModelBackend):
         return f"tfserving:{self.predict_url}"
 
 
-#: InvokeEndpoint errors that reject the request itself (its body, or the model container's 4xx answer to it):
-#: a bad response, not retried; throttling, 5xx and ModelNotReady stay ``ModelUnavailable`` (retried in budget).
-REJECTED_CODES = ("ValidationError", "ValidationException", "ModelError")
-#: Endpoint statuses in which it still answers with its current config (AWS patching, a failed update's rollback).
-SERVING_STATUSES = ("InService", "Updating", "SystemUpdating", "UpdateRollbackFailed")
+#: Endpoint statuses in which it still answers (with its current config, or the previous one while rolling back).
+SERVING_STATUSES = ("InService", "Updating", "SystemUpdating", "RollingBack", "UpdateRollbackFailed")
+
+
+def _rejected(code: str, response: Mapping[str, Any]) -> bool:
+    """Whether an InvokeEndpoint error rejects the request itself (a bad response, not retried): the model
+    container's 4xx (``ModelError`` carries its ``OriginalStatusCode``; a 5xx there is an outage, retried in
+    budget) or a request SageMaker refused (``ValidationError``, but not "endpoint ... not found", an outage).
+    Throttling, 5xx and ModelNotReady stay ``ModelUnavailable``."""
+    if code == "ModelError":
+        return int(response.get("OriginalStatusCode") or 500) < 500
+    if code in ("ValidationError", "ValidationException"):
+        return "not found" not in str(response.get("Error", {}).get("Message", "")).lower()
+    return False
 
 
 class SageMakerBackend(ModelBackend):
@@ -230,7 +239,7 @@ class SageMakerBackend(ModelBackend):
             raise ModelTimeout(f"{self.describe()}: {err}") from err
         except self._client_error as err:
             code = err.response.get("Error", {}).get("Code", "")
-            if code in REJECTED_CODES:  # the endpoint answered "no" to this request: a retry gets the same
+            if _rejected(code, err.response):  # the endpoint answered "no" to this request: a retry gets the same
                 raise ModelBadResponse(f"{self.describe()}: {code}: {err}") from err
             raise ModelUnavailable(f"{self.describe()}: {code or type(err).__name__}: {err}") from err
         except self._unavailable as err:

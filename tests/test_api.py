@@ -695,16 +695,22 @@ def test_sagemaker_backend_request_parameters_and_errors(aws_env):
                            "Body": body, "InferenceId": "req-42"})
         # The container's 4xx (ModelError, 424) and a refused request (ValidationError) reject this request: a
         # bad response, not retried; throttling and 5xx are worth a retry within the budget.
-        errors = [("ModelError", 424, ModelBadResponse), ("ValidationError", 400, ModelBadResponse),
-                  ("ThrottlingException", 400, ModelUnavailable), ("ServiceUnavailable", 503, ModelUnavailable),
-                  ("ModelNotReadyException", 429, ModelUnavailable)]
-        for code, status, _ in errors:
-            stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=status)
+        # ModelError says what the container answered (OriginalStatusCode): its 5xx is an outage, retried.
+        errors = [("ModelError", 424, ModelBadResponse, {"OriginalStatusCode": 400}),
+                  ("ModelError", 424, ModelUnavailable, {"OriginalStatusCode": 503}),
+                  ("ValidationError", 400, ModelBadResponse, {}),
+                  ("ValidationError", 400, ModelUnavailable, {"message": "Endpoint ep of account 1 not found."}),
+                  ("ThrottlingException", 400, ModelUnavailable, {}), ("ServiceUnavailable", 503, ModelUnavailable, {}),
+                  ("ModelNotReadyException", 429, ModelUnavailable, {})]
+        for code, status, _, extra in errors:
+            stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=status,
+                                  service_message=extra.get("message", ""),
+                                  modeled_fields={k: v for k, v in extra.items() if k != "message"} or None)
         backend = SageMakerBackend("ep", runtime_client=runtime, sagemaker_client=sagemaker)
 
         async def go():
             ok = await backend.score(inputs, "req-42", 1.0)
-            for code, _, error in errors:
+            for code, _, error, _ in errors:
                 with pytest.raises(error, match=code):
                     await backend.score(inputs, "req-43", 1.0)
             await backend.aclose()
@@ -716,7 +722,8 @@ def test_sagemaker_backend_request_parameters_and_errors(aws_env):
 
     # Ready while the endpoint still answers: AWS patching it (SystemUpdating), or a failed update rolled back.
     for status, ready in [("InService", True), ("SystemUpdating", True), ("UpdateRollbackFailed", True),
-                          ("Updating", True), ("Creating", False), ("Failed", False), ("OutOfService", False)]:
+                          ("Updating", True), ("RollingBack", True), ("Creating", False), ("Failed", False),
+                          ("OutOfService", False)]:
         with Stubber(sagemaker) as stub:
             stub.add_response("describe_endpoint", {
                 "EndpointName": "ep", "EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/ep",

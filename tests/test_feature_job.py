@@ -719,6 +719,7 @@ def test_spark_runtime_installs_what_the_sagemaker_spark_image_lacks(monkeypatch
     assert spark_runtime.ensure(run=calls.append) == ["pyarrow", "pandas<3"]
     [command] = calls
     assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-2:] == list(spark_runtime.REQUIREMENTS)
+    assert command[command.index("--retries") + 1] == "1"  # without egress the job fails fast
 
     def no_egress(command):
         raise subprocess.CalledProcessError(1, command)

@@ -49,6 +49,7 @@ def test_bad_values_are_rejected():
     ("vpc_cidr", "10.0.0.0/8", "vpc_cidr must be"),
     ("alarm_emails", ["oncall"], "alarm_emails must be a list of e-mail addresses"),
     ("alarm_emails", "oncall@example.com", "alarm_emails must be a list"),
+    ("alarm_emails", None, "alarm_emails must be a list"),
 ])
 def test_infra_settings_are_validated(setting, value, message):
     bad = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], setting: value}}, STAGE_KEY: "dev"}

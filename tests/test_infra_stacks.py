@@ -174,6 +174,7 @@ def test_every_alarm_notifies_the_stage_alarm_topic(raw):
     key_policy = one(data, "AWS::KMS::Key")["Properties"]["KeyPolicy"]["Statement"]
     [publish] = [st for st in key_policy if st.get("Sid") == "CloudWatchAlarmsPublish"]
     assert publish["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert publish["Condition"] == {"StringEquals": {"aws:SourceAccount": STAGE.account}}
     assert set(publish["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
     [policy] = resources(data, "AWS::SNS::TopicPolicy").values()  # enforce_ssl: publishing over TLS only
     assert any(st["Effect"] == "Deny" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}

@@ -63,14 +63,17 @@ def _binomial_fit(x: np.ndarray, n: np.ndarray, k: np.ndarray, start: np.ndarray
         gradient = design.T @ ((k - n * q) / (1 - q))
         curvature = q * (k - n) / (1 - q) ** 2  # <= 0: the log-likelihood is concave in theta
         hessian = design.T @ (design * curvature[:, None])
-        step = np.linalg.solve(hessian, -gradient)
+        try:
+            step = np.linalg.solve(hessian, -gradient)
+        except np.linalg.LinAlgError:
+            break
         before, scale = loglik(theta), 1.0
         while scale > 1e-6 and not loglik(theta + scale * step) >= before:
             scale /= 2
-        theta = theta + scale * step
-        if np.abs(scale * step).max() < 1e-10:
+        if scale <= 1e-6 or np.abs(scale * step).max() < 1e-10:  # no better point along the step: converged
             break
-    return theta
+        theta = theta + scale * step
+    return theta if np.isfinite(theta).all() and np.isfinite(loglik(theta)) else np.asarray(start, np.float64)
 
 
 def propensity_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = 20.0) -> np.ndarray:

@@ -24,7 +24,11 @@ _STEP = re.compile(r"\.(?P<name>[A-Za-z_][A-Za-z0-9_]*)|\['(?P<key>[^'\]]+)'\]")
 
 def _step(key: str) -> str:
     """One key as a JsonPath step: ``.name``, or ``['ndcg@10']`` (a bare ``ndcg@10`` means nothing certain)."""
-    return f".{key}" if _IDENTIFIER.fullmatch(key) else f"['{key}']"
+    if _IDENTIFIER.fullmatch(key):
+        return f".{key}"
+    if any(c in key for c in "'].") or not key:  # SageMaker's JsonGet splits on "." before it reads brackets
+        raise ValueError(f"metric {key!r} cannot be a JsonGet path step: no quotes, brackets or dots")
+    return f"['{key}']"
 
 
 def metric_path(metric: str = PRIMARY_METRIC) -> str:

@@ -50,7 +50,7 @@ def ensure(requirements: Sequence[str] = REQUIREMENTS,
     if not lacking:
         return []
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--disable-pip-version-check",
-               *requirements]
+               "--retries", "1", "--timeout", "15", *requirements]  # no egress: fail in ~30 s, not minutes
     log.warning("this Spark image lacks %s: installing %s", ", ".join(lacking), " ".join(requirements))
     try:
         run(command)

@@ -43,6 +43,9 @@ class CiStack(cdk.Stack):
             assumed_by=iam.WebIdentityPrincipal(provider.oidc_provider_arn, conditions={
                 "StringEquals": {"token.actions.githubusercontent.com:aud": GITHUB_AUDIENCE,
                                  "token.actions.githubusercontent.com:sub": subject}}))
+        cdk.CfnOutput(self, "GitHubEnvironment", value=stage.name,
+                      description=f"the deploy job's GitHub environment: limit its deployment branches to "
+                                  f"{stage.deploy_branch}")
         role = self.deploy_role
         q, account, region = stage.cdk_qualifier, stage.account, stage.region
         bootstrap = [f"arn:{partition(region)}:iam::{account}:role/cdk-{q}-{kind}-role-{account}-{region}"

@@ -76,7 +76,8 @@ class DataStack(cdk.Stack):
                                      enforce_ssl=True, display_name=f"marketrank {stage.name} alarms")
         self.key.add_to_resource_policy(iam.PolicyStatement(
             sid="CloudWatchAlarmsPublish", principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
-            actions=["kms:Decrypt", "kms:GenerateDataKey*"], resources=["*"]))
+            actions=["kms:Decrypt", "kms:GenerateDataKey*"], resources=["*"],
+            conditions={"StringEquals": {"aws:SourceAccount": stage.account}}))  # this account's alarms only
         for email in stage.alarm_emails:
             self.alarm_topic.add_subscription(subscriptions.EmailSubscription(email))
         cdk.CfnOutput(self, "AlarmTopicArn", value=self.alarm_topic.topic_arn)
