@@ -275,7 +275,11 @@ def build_pipeline(config: PipelineConfig, session: PipelineSession) -> Pipeline
     bundle = code_bundle()
     params = _parameters(config, sdk)
     role, tag = config.role_arn, bundle.digest[:10]
+    # The Train step's image follows the stage's training instance type (the GPU build on a GPU instance); an
+    # execution that overrides TrainingInstanceType to another family keeps this image. Evaluate runs on CPU.
     tf_training_image = sdk.image_uri("tensorflow", config.region, TF_VERSION, "training", py_version=TF_PY_VERSION,
+                                      instance_type=config.training_instance_type)
+    tf_evaluate_image = sdk.image_uri("tensorflow", config.region, TF_VERSION, "training", py_version=TF_PY_VERSION,
                                       instance_type=IMAGE_INSTANCE_TYPE)
     tf_inference_image = sdk.image_uri("tensorflow", config.region, TF_VERSION, "inference",
                                        instance_type=IMAGE_INSTANCE_TYPE)
@@ -339,7 +343,7 @@ def build_pipeline(config: PipelineConfig, session: PipelineSession) -> Pipeline
 
     # Evaluate: challenger (and champion, when the prefix holds one) on the test split -> evaluation.json.
     evaluator = sdk.FrameworkProcessor(
-        image_uri=tf_training_image, command=["python3"], role=role, instance_type=params["ProcessingInstanceType"],
+        image_uri=tf_evaluate_image, command=["python3"], role=role, instance_type=params["ProcessingInstanceType"],
         instance_count=1, base_job_name=f"{config.name}-evaluate", sagemaker_session=session,
         max_runtime_in_seconds=2 * 3600)
     evaluation_report = sdk.PropertyFile(name="EvaluationReport", output_name="evaluation",

@@ -328,6 +328,12 @@ def test_config_reaches_the_definition():
         PipelineConfig.from_env({"MARKETRANK_SHADOW_SAMPLING_PERCENTAGE": "0"})
     by_name = {s["Name"]: s for s in definition["Steps"]}
     assert ".us-east-1." in by_name["Train"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"]
+    # a GPU training instance type gets the GPU build for Train; Evaluate stays on the CPU one
+    assert by_name["Train"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"].endswith(":2.14.1-cpu-py310")
+    gpu = {s["Name"]: s for s in json.loads(definition_json(config.replace(training_instance_type="ml.g5.xlarge")))[
+        "Steps"]}
+    assert gpu["Train"]["Arguments"]["AlgorithmSpecification"]["TrainingImage"].endswith(":2.14.1-gpu-py310")
+    assert gpu["Evaluate"]["Arguments"]["AppSpecification"]["ImageUri"].endswith(":2.14.1-cpu-py310")
     prepare = by_name["PrepareFeatures"]["Arguments"]["AppSpecification"]["ImageUri"]
     assert prepare == "123.dkr.ecr.us-east-1.amazonaws.com/spark:arrow"  # an image with pyarrow, for no egress
     [deploy] = [s for s in by_name["QualityGate"]["Arguments"]["IfSteps"] if s["Name"] == "DeployShadow"]
