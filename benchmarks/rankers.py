@@ -53,20 +53,21 @@ def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
     deep in the list by up to the clip (20x), which is not what IPW corrects."""
     from training.propensity import propensity_weights
 
-    xs, groups, labels, weights, positions = [], [], [], [], []
+    xs, groups, labels, positions = [], [], [], []
     for batch in dataset.batches(split)():
         x, group = item_matrix(batch, dataset.spec)
         mask = batch[MASK]
         xs.append(x)
         groups.append(group)
         labels.append(batch[label or dataset.spec.label][mask])
-        if eta > 0:
-            clicked = labels[-1] > 0
-            weights.append(np.where(clicked, propensity_weights(batch["position"], eta, mask)[mask], 1.0))
         if dataset.spec.position:
             positions.append(np.asarray(batch[dataset.spec.position])[mask].astype(np.int32))
-    return (np.concatenate(xs), np.concatenate(groups), np.concatenate(labels),
-            np.concatenate(weights) if weights else None, np.concatenate(positions) if positions else None)
+    labels_all = np.concatenate(labels)
+    position = np.concatenate(positions) if positions else None
+    weight = None
+    if eta > 0 and position is not None:
+        weight = np.where(labels_all > 0, propensity_weights(position, eta, np.ones(position.shape, bool)), 1.0)
+    return np.concatenate(xs), np.concatenate(groups), labels_all, weight, position
 
 
 def _lightgbm_config(params: LambdaMartParams, threads: int, max_label: float) -> dict[str, Any]:

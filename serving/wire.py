@@ -122,7 +122,7 @@ def parse_scores(body: Mapping[str, Any], output: str = OUTPUT) -> np.ndarray:
     numbers = np.asarray(value)
     if numbers.dtype.kind not in "iuf":  # text or booleans are not scores, even where float() would take them
         raise WireError(f"scores must be numbers, got {numbers.dtype.name} values")
-    scores = numbers.astype(np.float64)
+    scores = np.asarray(numbers, dtype=np.float64)  # no copy when the JSON numbers were floats already
     if scores.ndim != 2:
         raise WireError(f"scores must be [batch, list] shaped, got {scores.shape}")
     if not np.isfinite(scores).all():
