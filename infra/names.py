@@ -125,6 +125,12 @@ class Names:
         return f"/marketrank/{self.stage.name}/champion-model-data-url"
 
     @property
+    def previous_parameter(self) -> str:
+        """The champion before the last promotion, as a variant tag value (``none`` when there is none): the
+        rollback target, kept outside the EndpointConfig too, whose tag a `cdk deploy`'s config does not carry."""
+        return f"/marketrank/{self.stage.name}/previous-production-variant"
+
+    @property
     def challenger_parameter(self) -> str:
         """The shadow challenger's model data URL (``none`` when there is none) for the stack's baseline config."""
         return f"/marketrank/{self.stage.name}/challenger-model-data-url"

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -418,10 +419,17 @@ def shadow_report(
     capture: Annotated[str | None, typer.Option(help="data capture root: local dir or s3:// prefix "
                                                      "(default: the local endpoint's)")] = None,
     endpoint: EndpointName = "marketrank",
+    target: Annotated[str | None, typer.Option(
+        help="where the endpoint runs, for its shadow share and start time: local or sagemaker (default: "
+             "sagemaker for an s3:// capture, else local)")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="read records from this UTC time on (ISO 8601), or 'all' (default: when the endpoint's live "
+             "variants were configured: older records belong to earlier challengers)")] = None,
     k: Annotated[int, typer.Option(help="top-k for the overlap")] = 10,
     min_pairs: Annotated[int, typer.Option(help="paired requests needed before recommending promote")] = 200,
     shadow_sampling: Annotated[float | None, typer.Option(
-        help="% of requests copied to the shadow (default: the local endpoint's shadow weight, else 100)")] = None,
+        help="% of requests copied to the shadow (default: the endpoint's shadow weight relative to its "
+             "production weight)")] = None,
     out: Annotated[str | None, typer.Option(help="directory or s3:// prefix for latest.json and shadow.png "
                                                  "(default: the workspace's shadow/<endpoint>)")] = None,
 ) -> None:
@@ -431,28 +439,55 @@ def shadow_report(
     from serving import shadow_report as shadow
 
     root = capture or str(workspace.capture_dir())
-    production = shadow.read_capture(root, endpoint, shadow.PRODUCTION)
-    challenger = shadow.read_capture(root, endpoint, shadow.SHADOW)
+    target = target or ("sagemaker" if root.startswith("s3://") else "local")
+    backend = _backend(target, endpoint, None)
+    start = _since(since, backend) if since != "all" else None
+    production = shadow.read_capture(root, endpoint, shadow.PRODUCTION, start)
+    challenger = shadow.read_capture(root, endpoint, shadow.SHADOW, start)
+    window = f" since {start.isoformat(timespec='seconds')}" if start else ""
     if not production:
-        raise FileNotFoundError(f"no capture records for endpoint {endpoint!r} under {root}")
+        raise FileNotFoundError(f"no capture records for endpoint {endpoint!r} under {root}{window}")
     thresholds = dataclasses.replace(shadow.ShadowThresholds(), min_pairs=min_pairs)
     if shadow_sampling is None:
-        from pipelines import deploy
-
-        state = deploy.LocalBackend(workspace.endpoints_dir(), endpoint).current() if capture is None else None
-        share = state.shadow.weight if state is not None and state.shadow is not None else 1.0
+        state = backend.current()
+        if state is None or state.shadow is None:
+            raise ValueError(f"endpoint {endpoint!r} ({target}) has no shadow variant now, so its shadow share is "
+                             "unknown: pass --shadow-sampling")
+        share = shadow.shadow_share(state)
     else:
         share = shadow_sampling / 100
     analysis = shadow.analyse(production, challenger, k)
     report = shadow.build_report(production, challenger, k, thresholds, share, analysis)
+    report["since"] = start.isoformat() if start else None
     saved = shadow.save_report(report, analysis, out or workspace.shadow_dir() / endpoint)
     agreement, latency = report["agreement"], report["latency_ms"]
-    ui.console.print(f"{report['pairs']} paired requests; top-{k} overlap {agreement['overlap']['mean']:.3f}, "
-                     f"Spearman {agreement['spearman']['mean']:.3f}, drift {agreement['drift']['mean']:.3f}; "
-                     f"p95 latency champion {latency['champion']['p95']} ms, challenger "
-                     f"{latency['challenger']['p95']} ms")
+
+    def value(number: float | None, digits: int = 3) -> str:
+        return "n/a" if number is None else f"{number:.{digits}f}"
+
+    ui.console.print(f"{report['pairs']} paired requests{window} ({report['skipped_pairs']} skipped, "
+                     f"{report['missing_shadow_share']:.0%} of the {share:.0%} copied missing); top-{k} overlap "
+                     f"{value(agreement['overlap']['mean'])}, Spearman {value(agreement['spearman']['mean'])}, "
+                     f"drift {value(agreement['drift']['mean'])}; p95 latency champion "
+                     f"{value(latency['champion']['p95'], 1)} ms, challenger "
+                     f"{value(latency['challenger']['p95'], 1)} ms")
     ui.console.print(f"recommendation: [bold]{report['recommendation']}[/bold] ({'; '.join(report['reasons'])})")
     ui.console.print(f"report {saved}, chart {saved.rsplit('/', 1)[0]}/{shadow.CHART_FILE}")
+
+
+def _since(text: str | None, backend) -> datetime | None:
+    """``--since``: an ISO 8601 time (UTC unless it says otherwise), else when the endpoint's variants went live."""
+    if text is None:
+        start = backend.live_since()
+        if start is None:
+            raise ValueError(f"endpoint {backend.endpoint_name!r} does not exist, so the start of its records is "
+                             "unknown: pass --since TIME or --since all")
+        return start
+    try:
+        start = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as err:
+        raise ValueError(f"--since {text!r} is not an ISO 8601 time (e.g. 2026-11-25T14:00:00Z) or 'all'") from err
+    return start if start.tzinfo else start.replace(tzinfo=timezone.utc)
 
 
 Store = Annotated[str, typer.Option(help="feature store: embedded (a file in the workspace) or redis://host:port/0")]

@@ -19,10 +19,16 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 PREVIOUS_TAG = "marketrank:previous-production"
+MANAGED_TAG = "marketrank:managed-by"  # on the EndpointConfigs this module creates
+#: When this module last put a config live (an ISO time, set again whenever a config is reused): the start of
+#: the capture records that belong to its variants. A reused config's CreationTime can be weeks old.
+APPLIED_TAG = "marketrank:applied-at"
 #: SageMaker's tag values: letters, numbers, white space and ``_.:/=+-@``, at most 256 characters (no JSON).
 TAG_VALUE = re.compile(r"[\w .:/=+\-@]{0,256}")
 #: On UpdateEndpoint the live instance counts stay (Application Auto Scaling owns them: a promotion at peak must
@@ -143,6 +149,11 @@ class Backend(Protocol):
 
     def describe_extra(self) -> dict[str, Any]: ...
 
+    def live_since(self) -> datetime | None:
+        """When the live variants were configured (None: no endpoint): the first capture record that can
+        belong to them. A shadow report reads from here on, since variant names are reused by every deployment."""
+        ...
+
 
 def _apply(backend: Backend, action: str, state: EndpointState | None) -> dict[str, Any]:
     config = backend.apply(state) if action != "noop" and state is not None else None
@@ -185,9 +196,15 @@ class SageMakerBackend:
     """Reads and writes a real (or moto) SageMaker endpoint with boto3."""
 
     def __init__(self, sagemaker_client, endpoint_name: str, *, data_capture_uri: str | None = None,
-                 kms_key_id: str | None = None):
+                 kms_key_id: str | None = None, previous_fallback: Callable[[], Variant | None] | None = None):
         self.sm, self.endpoint_name = sagemaker_client, endpoint_name
         self.data_capture_uri, self.kms_key_id = data_capture_uri, kms_key_id
+        #: Reads the rollback target when the live config is not one of this backend's (CloudFormation's, after a
+        #: `cdk deploy`, carries no previous-champion tag): the deploy Lambda keeps it in an SSM parameter. Called
+        #: only then, so a bad parameter cannot fail calls on our own configs.
+        self.previous_fallback = previous_fallback
+        #: Whether the config ``current()`` last read was made by this module (None before a read).
+        self.live_config_managed: bool | None = None
 
     def _error(self, err: Exception, doing: str) -> DeployError:
         return DeployError(f"endpoint {self.endpoint_name!r}: {doing} failed: {err}")
@@ -216,11 +233,17 @@ class SageMakerBackend:
                            instance_count=int(raw.get("InitialInstanceCount", 1)),
                            weight=float(raw.get("InitialVariantWeight", 1.0)))
 
-        tags = {t["Key"]: t["Value"] for t in self.sm.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]}
+        tags = self._tags(config)
         previous = variant_from_tag(tags[PREVIOUS_TAG]) if tags.get(PREVIOUS_TAG) else None
+        self.live_config_managed = MANAGED_TAG in tags
+        if not self.live_config_managed:  # not our config: its tags say nothing about the rollback target
+            previous = self.previous_fallback() if self.previous_fallback is not None else None
         return EndpointState(production=variant((config.get("ProductionVariants") or [None])[0]),
                              shadow=variant((config.get("ShadowProductionVariants") or [None])[0]),
                              previous=previous)
+
+    def _tags(self, config: dict[str, Any]) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for t in self.sm.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]}
 
     def _current_capture(self) -> dict[str, Any] | None:
         """The live config's DataCaptureConfig, kept when this backend was not given one (CLI promote)."""
@@ -263,17 +286,22 @@ class SageMakerBackend:
         if endpoint is not None and endpoint["EndpointStatus"] in BUSY_STATUSES:
             raise EndpointBusy(f"endpoint {self.endpoint_name!r} is {endpoint['EndpointStatus']}: retry later")
         name = f"{self.endpoint_name}-{state.config_suffix()}"
-        tags = [{"Key": "marketrank:managed-by", "Value": "pipelines.deploy"}]
+        applied = {"Key": APPLIED_TAG, "Value": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        tags = [{"Key": MANAGED_TAG, "Value": "pipelines.deploy"}, applied]
         if state.previous is not None:
             tags.append({"Key": PREVIOUS_TAG, "Value": variant_tag(state.previous)})
         try:
             try:
-                self.sm.describe_endpoint_config(EndpointConfigName=name)
+                config = self.sm.describe_endpoint_config(EndpointConfigName=name)
             except ClientError:
+                config = None
                 self.sm.create_endpoint_config(EndpointConfigName=name, Tags=tags, **self._config_spec(state))
+            going_live = endpoint is None or endpoint["EndpointConfigName"] != name
+            if config is not None and going_live:  # an earlier state again: its records start now, not then
+                self.sm.add_tags(ResourceArn=config["EndpointConfigArn"], Tags=[applied])
             if endpoint is None:
                 self.sm.create_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name)
-            elif endpoint["EndpointConfigName"] != name:
+            elif going_live:
                 self.sm.update_endpoint(EndpointName=self.endpoint_name, EndpointConfigName=name,
                                         **RETAIN_VARIANT_PROPERTIES)
         except ClientError as err:
@@ -301,6 +329,19 @@ class SageMakerBackend:
         return {"status": endpoint["EndpointStatus"] if endpoint else "absent",
                 "endpoint_config_name": endpoint["EndpointConfigName"] if endpoint else None}
 
+    def live_since(self) -> datetime | None:
+        """When the live EndpointConfig was put live: its ``APPLIED_TAG`` (set by ``apply``, again when a config
+        is reused), else (CloudFormation's config) its CreationTime, just before the update that put it live.
+        Not the endpoint's LastModifiedTime, which every autoscaling change of an instance count moves. While
+        the endpoint is updating, this is still the old config's time (its records are still being written)."""
+        endpoint = self._endpoint()
+        if endpoint is None:
+            return None
+        config = self.sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+        applied = self._tags(config).get(APPLIED_TAG)
+        when = datetime.fromisoformat(applied) if applied else config["CreationTime"]
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
 
 class LocalBackend:
     """The local endpoint's manifest (``<workspace>/endpoints/<name>.json``): same states, no AWS."""
@@ -322,9 +363,20 @@ class LocalBackend:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"endpoint": self.endpoint_name, "endpoint_config_name": name,
-                                   "state": state.to_dict()}, indent=2))
+                                   "state": state.to_dict(),
+                                   "updated_at": datetime.now(timezone.utc).isoformat()}, indent=2))
         os.replace(tmp, self.path)  # the local endpoint never reads a half-written manifest
         return name
 
     def describe_extra(self) -> dict[str, Any]:
         return {"status": "InService" if self.path.exists() else "absent", "manifest": str(self.path)}
+
+    def live_since(self) -> datetime | None:
+        """When the manifest was last written (its ``updated_at``; the file's mtime for older manifests): the
+        local endpoint serves a new manifest within one poll."""
+        if not self.path.exists():
+            return None
+        written = json.loads(self.path.read_text()).get("updated_at")
+        if written:
+            return datetime.fromisoformat(written)
+        return datetime.fromtimestamp(self.path.stat().st_mtime, timezone.utc)

@@ -6,8 +6,10 @@ Change" event (a ``sync``: re-publish the live variants once an update has finis
 Environment (set by the CDK stack): ``MODEL_EXECUTION_ROLE_ARN``,
 ``INSTANCE_TYPE``, ``INSTANCE_COUNT``, ``DATA_CAPTURE_URI``, optional ``KMS_KEY_ID``, ``CHAMPION_PARAMETER`` and
 ``CHALLENGER_PARAMETER`` (SSM parameters holding the live production and shadow models' data URLs, or ``none``:
-``cdk deploy`` reads them, so it redeploys what is live and never rolls the model back), ``CHAMPION_URI`` (S3
-object the pipeline's Evaluate step reads as the champion) and ``CREATE_ENDPOINT``.
+``cdk deploy`` reads them, so it redeploys what is live and never rolls the model back), optional
+``PREVIOUS_PARAMETER`` (the rollback target as a variant tag value, or ``none``: a `cdk deploy` puts the endpoint
+on CloudFormation's config, which has no previous-champion tag, and a rollback then reads it from here),
+``CHAMPION_URI`` (S3 object the pipeline's Evaluate step reads as the champion) and ``CREATE_ENDPOINT``.
 
 Ownership: with ``CREATE_ENDPOINT=false`` (the CDK Serving stack's setting) the endpoint is CloudFormation's to
 create; this Lambda only changes the variants of an existing one. A first model, with no endpoint yet, is then
@@ -54,6 +56,29 @@ def publish_challenger(sm, ssm, model_name: str | None, env: dict[str, str]) -> 
         ssm.put_parameter(Name=env["CHALLENGER_PARAMETER"], Value=url, Type="String", Overwrite=True)
 
 
+def read_previous(ssm, env: dict[str, str]) -> deploy.Variant | None:
+    """The rollback target kept in ``PREVIOUS_PARAMETER`` (None: no parameter, ``none``, or not created yet)."""
+    if not env.get("PREVIOUS_PARAMETER") or ssm is None:
+        return None
+    try:
+        value = ssm.get_parameter(Name=env["PREVIOUS_PARAMETER"])["Parameter"]["Value"]
+    except ssm.exceptions.ParameterNotFound:
+        return None
+    try:
+        return None if value == NO_MODEL else deploy.variant_from_tag(value)
+    except deploy.DeployError as err:
+        raise deploy.DeployError(f"SSM parameter {env['PREVIOUS_PARAMETER']}: {err}") from err
+
+
+def publish_previous(ssm, previous: dict[str, Any] | None, env: dict[str, str]) -> None:
+    """Set ``PREVIOUS_PARAMETER`` to a settled endpoint's rollback target (``none`` without one). Only from a
+    settled endpoint: written when an update starts, a failed update would leave the target of a config that
+    never went live (the config's own tag covers the time until the update's ``sync``)."""
+    if env.get("PREVIOUS_PARAMETER"):
+        value = deploy.variant_tag(deploy.Variant(**previous)) if previous else NO_MODEL
+        ssm.put_parameter(Name=env["PREVIOUS_PARAMETER"], Value=value, Type="String", Overwrite=True)
+
+
 def _creates_endpoint(env: dict[str, str]) -> bool:
     value = env.get("CREATE_ENDPOINT", "true").strip().lower()
     if value not in ("true", "false"):
@@ -86,7 +111,8 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
         raise deploy.DeployError("no endpoint_name in the event and no ENDPOINT_NAME in the environment")
     creates_endpoint = _creates_endpoint(env)
     backend = deploy.SageMakerBackend(sm, endpoint, data_capture_uri=env.get("DATA_CAPTURE_URI"),
-                                      kms_key_id=env.get("KMS_KEY_ID") or None)
+                                      kms_key_id=env.get("KMS_KEY_ID") or None,
+                                      previous_fallback=lambda: read_previous(ssm, env))
     before = backend.current()
     if action == "deploy_shadow" and before is None and not creates_endpoint:
         return _publish_first_model(event, backend, sm, s3, ssm, env)
@@ -110,6 +136,11 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
     elif action == "reject":
         result = deploy.reject(backend)
     elif action == "rollback":
+        if before is not None and before.previous is None and backend.live_config_managed is False:
+            raise deploy.DeployError(
+                f"endpoint {endpoint!r} runs a config marketrank's deploy did not make (a `cdk deploy`'s) and no "
+                f"rollback target is known ({env.get('PREVIOUS_PARAMETER') or 'PREVIOUS_PARAMETER unset'}): "
+                "nothing was changed; use `reject` to drop a challenger")
         result = deploy.rollback(backend)
     else:  # sync: change nothing, re-publish what is live (after a failed update, a partial earlier call, ...)
         result = {**deploy.describe(backend), "action": "sync"}
@@ -119,6 +150,9 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
     # (or a `sync`) puts them right, and `cdk deploy` never reads a stale champion.
     champion_url = publish_champion(sm, s3, ssm, production["model_name"], env) if production else None
     publish_challenger(sm, ssm, ((state or {}).get("shadow") or {}).get("model_name"), env)
+    settled = action == "sync" or result["action"] == "noop"
+    if state is not None and settled and backend.describe_extra()["status"] not in deploy.BUSY_STATUSES:
+        publish_previous(ssm, state.get("previous"), env)
     changed = production and (before is None or before.production is None
                               or before.production.model_name != production["model_name"])
     log.info("endpoint %s: %s -> %s", endpoint, result["action"], result["endpoint_config_name"])
@@ -139,6 +173,7 @@ def _publish_first_model(event: dict[str, Any], backend: deploy.SageMakerBackend
     model = backend.ensure_model(event["model_package_arn"], env["MODEL_EXECUTION_ROLE_ARN"])
     url = publish_champion(sm, s3, ssm, model, env)
     publish_challenger(sm, ssm, None, env)
+    publish_previous(ssm, None, env)  # a new endpoint: nothing from an older one to roll back to
     log.info("endpoint %s does not exist: model %s published as champion (%s); `cdk deploy` of the Serving stack "
              "creates the endpoint", backend.endpoint_name, model, url)
     return {"action": "publish_champion", "endpoint_config_name": "", "production_model": model, "shadow_model": "",

@@ -19,7 +19,11 @@ materialised first when it is empty. Then, per candidate count:
 * **Floor**: the production SavedModel loaded with ``tf.saved_model.load`` and its ``serving_default``
   signature called on batches that ``build_inputs`` made from the same requests (``floor_calls`` calls), plus
   the in-process cost of every other step of the model stage (store fetch, ``build_inputs``, predict-body
-  encoding, the endpoint's own decode + predict + encode, response decoding), measured with no load running.
+  encoding, the endpoint's own decode + predict + encode, response decoding), measured with no load running,
+  back to back; then the signature and the endpoint's predict path again, *paced*: each call after an idle
+  pause drawn like the load's arrival gaps (``floor.paced``, and the API's ``ratio_to_paced_floor``). Under
+  open-loop load every request finds the cores idle, and on the 2-core dev VM such a call takes ~1.5-2x as
+  long as one right after another (a waking vCPU, colder caches).
 
 The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
 count the latency percentiles of all answers (and of model-ranked and fallback answers apart), the achieved
@@ -198,6 +202,7 @@ class Plan:
     offsets: list[float]
     requests: list[dict[str, Any]]
     warmup: int
+    rate: float  # offered requests per second
 
     def bodies(self) -> list[str]:
         return [json.dumps(r, separators=(",", ":")) for r in self.requests]
@@ -256,7 +261,7 @@ def build_plan(catalogue: Catalogue, candidates: int, rate: float, seconds: floa
         if k is not None:
             body["k"] = k
         requests.append(body)
-    return Plan(candidates, [float(x) for x in offsets], requests, warmup)
+    return Plan(candidates, [float(x) for x in offsets], requests, warmup, rate)
 
 
 # ---------------------------------------------------------------------------------------------- load generator
@@ -382,10 +387,27 @@ def _timed(fn: Callable[[int], Any], calls: int) -> list[float]:
     return times
 
 
+def _paced(fn: Callable[[int], Any], calls: int, rate: float, seed: int = 0) -> list[float]:
+    """``fn`` timed after idle pauses like the open-loop load's gaps (exponential, mean ``1 / rate``)."""
+    gaps = np.random.default_rng(seed).exponential(1 / rate, calls)
+    times = []
+    for i, gap in enumerate(gaps):
+        time.sleep(gap)
+        started = time.perf_counter()
+        fn(i)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
 def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
-                  calls: int = 200) -> dict[str, Any]:
+                  calls: int = 200, rate: float | None = None) -> dict[str, Any]:
     """The SavedModel signature's own time on ``build_inputs`` batches of ``requests`` (cycled), and the in-process
-    cost of the model stage's other steps on the same batches."""
+    cost of the model stage's other steps on the same batches, all called back to back.
+
+    With ``rate``, the signature and the endpoint's predict path are also timed *paced*: each call after an idle
+    pause drawn like the load's arrival gaps. On this class of machine a call that finds the core idle runs
+    slower than one right after another (a waking vCPU, colder caches), and under open-loop load at ``rate``
+    every request does: the paced floor is the model's cost as the load meets it."""
     import tensorflow as tf
 
     from serving import wire
@@ -431,10 +453,15 @@ def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests
                                                       len(batches[i % n]["inputs"]["mask"][0])),
     }
     in_process = {name: _stats(_timed(fn, parts), (50, 99)) for name, fn in steps.items()}
-    return {"signature_ms": {"p50": floor["p50"], "p99": floor["p99"], "mean": floor["mean"], "max": floor["max"],
-                             "calls": calls},
-            "batches": n, "request_body_kb": round(float(np.mean([len(b["raw"]) for b in batches])) / 1024, 1),
-            "in_process_ms": in_process}
+    out = {"signature_ms": {"p50": floor["p50"], "p99": floor["p99"], "mean": floor["mean"], "max": floor["max"],
+                            "calls": calls},
+           "batches": n, "request_body_kb": round(float(np.mean([len(b["raw"]) for b in batches])) / 1024, 1),
+           "in_process_ms": in_process}
+    if rate:
+        out["paced"] = {"mean_gap_ms": round(1000 / rate, 3),
+                        "signature_ms": _stats(_paced(signature_call, calls, rate), (50, 99)),
+                        "endpoint_predict_ms": _stats(_paced(steps["endpoint_predict"], parts, rate, 1), (50, 99))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -512,6 +539,8 @@ def summarize_phase(plan: Plan, requested: int, records: Sequence[dict[str, Any]
         "floor": floor,
         "ratio_to_floor": {"p50": ratio(latency["p50"], signature["p50"]),
                            "p99": ratio(latency["p99"], signature["p99"])},
+        "ratio_to_paced_floor": {"p50": ratio(latency["p50"], paced["p50"]), "p99": ratio(latency["p99"], paced["p99"])}
+        if (paced := (floor.get("paced") or {}).get("signature_ms")) else None,
         "mix": {"search_share": round(float(np.mean([r["surface"] == "search" for r in requests])), 3),
                 "cold_start_share": round(float(np.mean([r["user_id"] not in catalogue.user_states
                                                          for r in requests])), 3),
@@ -577,6 +606,15 @@ def _where_time_goes(results: Sequence[dict[str, Any]]) -> list[str]:
             top = sorted(((parts[k], k) for k in BREAKDOWN), reverse=True)
             lines.append(f"{result['candidates']} candidates, {label.replace('_', ' ')} (model-ranked answers): mean "
                          f"{total:.2f} ms = " + ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for v, k in top))
+        paced = result["floor"].get("paced")
+        if paced:
+            back, idle = result["floor"]["signature_ms"], paced["signature_ms"]
+            predict = result["floor"]["in_process_ms"]["endpoint_predict"]
+            lines.append(f"{result['candidates']} candidates: called after idle pauses like the load's (mean "
+                         f"{paced['mean_gap_ms']:g} ms), the signature takes p50 {idle['p50']} ms (back to back "
+                         f"{back['p50']}) and the endpoint's predict path p50 {paced['endpoint_predict_ms']['p50']} "
+                         f"ms (back to back {predict['p50']})"
+                         + (": a core that was idle wakes slower and colder" if idle["p50"] > back["p50"] else ""))
         if result.get("estimated_utilization") is not None:
             unloaded_mean = result["unloaded"]["latency_ms"]["mean"]
             lines.append(f"{result['candidates']} candidates: {result['offered_rps']} req/s x unloaded mean "
@@ -928,7 +966,7 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
     quiet = _wait_quiet()  # cancelled model calls and queued data capture finish before the floor is timed
     note(f"{n} candidates: floor ({floor_calls} signature calls)")
     floor = measure_floor(servers.signature, servers.servable, servers.store, servers.spec,
-                          plan.requests[plan.warmup:], floor_calls)
+                          plan.requests[plan.warmup:], floor_calls, plan.rate)
     result = summarize_phase(plan, requested, records, floor, servers.catalogue, unloaded)
     result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
     result["breaker"] = {"state_after_load": breaker, "waited_s": waited}

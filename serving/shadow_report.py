@@ -1,10 +1,15 @@
 """Shadow evaluation: pair the champion's and the challenger's captured responses and recommend an action.
 
 Input is SageMaker data capture (the real endpoint's S3 prefix or the local endpoint's directory, same layout:
-``<capture>/<endpoint>/<variant>/yyyy/mm/dd/hh/*.jsonl``). Records of the two variants are paired by
-``eventMetadata.inferenceId`` (the ranking API sends its request id as the inference id). For every pair the
-report measures how far the challenger's ranking departs from the champion's (top-k overlap, Spearman rank
-correlation, score drift of within-list standardised scores) and both variants' latency.
+``<capture>/<endpoint>/<variant>/yyyy/mm/dd/hh/*.jsonl``), read from a start time on (``since``: by default when
+the endpoint last changed, i.e. when the current challenger went live; the variant names are reused by every
+deployment, so older records belong to other models). Records of the two variants are paired one to one by
+``eventMetadata.inferenceId`` (the ranking API sends its request id as the inference id; a reused id pairs its
+records in order), and a pair whose two requests differ is skipped and counted, never compared. For every pair
+the report measures how far the challenger's ranking departs from the champion's (top-k overlap, Spearman rank
+correlation, score drift of within-list standardised scores) and both variants' latency where the records carry
+it (``eventMetadata.latencyMs``: the local endpoint's; SageMaker's records have none, and the report says the
+latency was not compared rather than passing it: the variants' ``ModelLatency`` is in CloudWatch).
 
 Shadow traffic has no feedback on the challenger's ranking (users only saw the champion's), so the offline gate
 judges quality; the shadow phase checks that the challenger behaves in production: it answers, it is not slower
@@ -23,6 +28,8 @@ import dataclasses
 import json
 import logging
 import tempfile
+from collections import defaultdict, deque
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -98,23 +105,68 @@ def agreement_summary(location: str | Path) -> dict[str, float]:
             if (agreement.get(m) or {}).get("mean") is not None}
 
 
-def read_capture(capture: str | Path, endpoint: str, variant: str) -> list[dict[str, Any]]:
-    """All capture records of one variant, oldest hour first; ``capture`` may be an s3:// prefix."""
+def _file_hour(relative: str) -> datetime | None:
+    """The UTC hour of a capture file from its ``yyyy/mm/dd/hh/<file>.jsonl`` path (None: not that layout)."""
+    parts = relative.split("/")
+    try:
+        return datetime(*map(int, parts[-5:-1]), tzinfo=timezone.utc) if len(parts) >= 5 else None
+    except ValueError:
+        return None
+
+
+def event_time(record: dict[str, Any]) -> datetime | None:
+    """A record's ``eventMetadata.inferenceTime`` (UTC), None when it has none that parses."""
+    value = (record.get("eventMetadata") or {}).get("inferenceTime")
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def read_capture(capture: str | Path, endpoint: str, variant: str,
+                 since: datetime | None = None) -> list[dict[str, Any]]:
+    """The capture records of one variant, oldest hour first; ``capture`` may be an s3:// prefix. With ``since``
+    (aware), only the hour files that can hold later records are read (listed, on S3), and only records whose
+    ``inferenceTime`` is at or after it (to the second, the field's resolution) are kept. No records: []."""
     from training import storage
 
-    root = storage.stage_in(f"{str(capture).rstrip('/')}/{endpoint}/{variant}") if storage.is_s3(capture) else (
-        Path(capture) / endpoint / variant)
-    records = []
+    def recent(relative: str) -> bool:  # an hour's margin: a record's time is not its file's hour by contract
+        hour = _file_hour(relative)
+        return since is None or hour is None or hour + timedelta(hours=2) > since
+
+    location = f"{str(capture).rstrip('/')}/{endpoint}/{variant}"
+    if storage.is_s3(capture):
+        # keys sort by yyyy/mm/dd/hh: the listing starts just before the first hour that can hold later records
+        start_after = f"{since - timedelta(hours=1):%Y/%m/%d/%H}" if since is not None else None
+        try:
+            root = storage.stage_in(location, keep=recent, start_after=start_after)
+        except FileNotFoundError:  # no shadow copies at all is a finding for the report, not an error
+            return []
+    else:
+        root = Path(location)
+    first = since.replace(microsecond=0) if since is not None else None
+    records, older = [], 0
     for path in sorted(Path(root).glob("*/*/*/*/*.jsonl")):
+        if not recent(path.relative_to(root).as_posix()):
+            continue
         # Only whole lines: an endpoint may be appending the last one right now.
         lines = path.read_text().split("\n")[:-1]
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError as err:
                 log.warning("capture %s line %d is not a JSON record, skipped: %s", path, number, err)
+                continue
+            at = event_time(record) if first is not None else None
+            if at is not None and at < first:
+                older += 1
+                continue
+            records.append(record)
+    if older:
+        log.info("capture %s: %d records from before %s left out", location, older, since.isoformat())
     return records
 
 
@@ -155,25 +207,61 @@ def compare_lists(champion: np.ndarray, challenger: np.ndarray, k: int) -> dict[
     return {"overlap": overlap, "spearman": spearman, "drift": drift}
 
 
+def _pair_key(record: dict[str, Any]) -> tuple[Any, ...] | None:
+    inference_id = record["eventMetadata"].get("inferenceId")
+    return (inference_id, *_request_data(record)) if inference_id else None
+
+
 def pair(production: list[dict], shadow: list[dict]) -> list[tuple[dict, dict]]:
-    by_id = {r["eventMetadata"].get("inferenceId"): r for r in shadow if r["eventMetadata"].get("inferenceId")}
-    return [(p, by_id[i]) for p in production if (i := p["eventMetadata"].get("inferenceId")) in by_id]
+    """One to one by ``inferenceId`` and request, in capture order: a caller that reused an id on other requests
+    (only some of which were copied to the shadow) never gets one request compared with another, and a retried
+    request pairs each of its records once."""
+    waiting: dict[tuple, deque] = defaultdict(deque)
+    for record in shadow:
+        if (key := _pair_key(record)) is not None:
+            waiting[key].append(record)
+    pairs = []
+    for record in production:
+        queue = waiting.get(_pair_key(record))
+        if queue:
+            pairs.append((record, queue.popleft()))
+    return pairs
 
 
 @dataclasses.dataclass
 class Analysis:
-    pairs: int
+    pairs: int  # pairs compared
     per_list: dict[str, list[float]]  # overlap, spearman, drift: one value per paired list
     latency: dict[str, list[float]]  # per variant, ms
+    #: Paired but not comparable (unparseable records, or answers of different shapes): skipped.
+    skipped: int = 0
+
+
+def _request_data(record: dict[str, Any]) -> tuple[Any, Any]:
+    section = record["captureData"]["endpointInput"]
+    return section.get("encoding"), section.get("data")
 
 
 def analyse(production: list[dict], shadow: list[dict], k: int = 10) -> Analysis:
-    pairs = pair(production, shadow)
     per_list: dict[str, list[float]] = {"overlap": [], "spearman": [], "drift": []}
     latency: dict[str, list[float]] = {PRODUCTION: [], SHADOW: []}
-    for champion_record, challenger_record in pairs:
-        champion_scores, mask = _scores(champion_record)
-        challenger_scores, _ = _scores(challenger_record)
+    compared = skipped = 0
+    for champion_record, challenger_record in pair(production, shadow):
+        try:
+            champion_scores, mask = _scores(champion_record)
+            challenger_scores, _ = _scores(challenger_record)
+        except (wire.WireError, KeyError, TypeError, ValueError) as err:
+            skipped += 1
+            log.warning("inference %s: a capture record is not a predict request/response, skipped: %s",
+                        champion_record["eventMetadata"].get("inferenceId"), err)
+            continue
+        if champion_scores.shape != challenger_scores.shape or mask.shape != champion_scores.shape:
+            skipped += 1
+            log.warning("inference %s: champion scores %s and challenger scores %s (mask %s) do not line up, "
+                        "skipped", champion_record["eventMetadata"].get("inferenceId"),
+                        list(champion_scores.shape), list(challenger_scores.shape), list(mask.shape))
+            continue
+        compared += 1
         for row in range(champion_scores.shape[0]):
             real = mask[row]
             for name, value in compare_lists(champion_scores[row][real], challenger_scores[row][real], k).items():
@@ -181,7 +269,9 @@ def analyse(production: list[dict], shadow: list[dict], k: int = 10) -> Analysis
         for variant, record in ((PRODUCTION, champion_record), (SHADOW, challenger_record)):
             if "latencyMs" in record["eventMetadata"]:
                 latency[variant].append(float(record["eventMetadata"]["latencyMs"]))
-    return Analysis(len(pairs), per_list, latency)
+    if skipped:
+        log.warning("%d paired records were not comparable (unparseable, or answers of different shapes)", skipped)
+    return Analysis(compared, per_list, latency, skipped)
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -197,10 +287,15 @@ def build_report(production: list[dict], shadow: list[dict], k: int = 10,
                  analysis: Analysis | None = None) -> dict[str, Any]:
     """The comparison and the recommendation (see the module docstring)."""
     analysis = analysis or analyse(production, shadow, k)
-    expected = len(production) * shadow_share
-    missing_share = max(0.0, 1.0 - analysis.pairs / expected) if expected else 0.0
+    # Copies are expected from the shadow's first record on: between a config's creation and the end of the update
+    # that puts the shadow live, production answers alone (minutes that must not read as failed copies).
+    started = min(filter(None, map(event_time, shadow)), default=None)
+    copied = [p for p in production if started is None or (at := event_time(p)) is None or at >= started]
+    expected = len(copied) * shadow_share
+    missing_share = max(0.0, 1.0 - (analysis.pairs + analysis.skipped) / expected) if expected else 0.0
     result = {
-        "pairs": analysis.pairs, "production_records": len(production), "shadow_records": len(shadow), "k": k,
+        "pairs": analysis.pairs, "skipped_pairs": analysis.skipped, "production_records": len(production),
+        "shadow_records": len(shadow), "shadow_share": shadow_share, "k": k,
         "agreement": {name: _stats(values) for name, values in analysis.per_list.items()},
         "latency_ms": {variant: _stats(values) for variant, values in analysis.latency.items()},
         "missing_shadow_share": missing_share,
@@ -210,6 +305,14 @@ def build_report(production: list[dict], shadow: list[dict], k: int = 10,
     return result
 
 
+def shadow_share(state: Any) -> float:
+    """The share of requests an endpoint state copies to its shadow variant: the shadow's weight relative to the
+    production variant's (SageMaker's ShadowProductionVariants sampling), at most 1; 0 without a shadow."""
+    if state is None or state.shadow is None or state.production is None:
+        return 0.0
+    return min(1.0, state.shadow.weight / state.production.weight) if state.production.weight > 0 else 1.0
+
+
 def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str, list[str]]:
     reasons = []
     overlap = report["agreement"]["overlap"]["mean"]
@@ -217,7 +320,8 @@ def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str
     if report["missing_shadow_share"] > thresholds.max_missing_share and report["production_records"] >= 20:
         reasons.append(f"{report['missing_shadow_share']:.0%} of shadow copies have no response "
                        f"(> {thresholds.max_missing_share:.0%})")
-    if champion_p95 and challenger_p95:
+    latency_compared = bool(champion_p95 and challenger_p95)
+    if latency_compared:
         allowed = max(thresholds.max_latency_ratio * champion_p95, champion_p95 + thresholds.latency_slack_ms)
         if challenger_p95 > allowed:
             reasons.append(f"challenger p95 latency {challenger_p95:.1f} ms > {allowed:.1f} ms allowed "
@@ -230,8 +334,10 @@ def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str
         return "rollback", reasons
     if report["pairs"] < thresholds.min_pairs:
         return "keep-watching", [f"{report['pairs']} paired requests < {thresholds.min_pairs}"]
-    return "promote", [f"{report['pairs']} paired requests, overlap {overlap:.2f}, latency within "
-                       f"{thresholds.max_latency_ratio}x"]
+    latency = (f"latency within {thresholds.max_latency_ratio}x" if latency_compared else
+               "latency not compared (the capture records carry none: compare the variants' ModelLatency in "
+               "CloudWatch)")
+    return "promote", [f"{report['pairs']} paired requests, overlap {overlap:.2f}, {latency}"]
 
 
 def plot(report: dict[str, Any], analysis: Analysis, path: str | Path) -> Path:
@@ -243,8 +349,12 @@ def plot(report: dict[str, Any], analysis: Analysis, path: str | Path) -> Path:
     axes[0].set_title(f"top-{report['k']} overlap per list")
     axes[1].hist(analysis.per_list["spearman"], bins=np.linspace(-1, 1, 21), color="#228833")
     axes[1].set_title("Spearman rank correlation per list")
-    axes[2].boxplot([analysis.latency[PRODUCTION], analysis.latency[SHADOW]], showfliers=False)
-    axes[2].set_xticks([1, 2], [PRODUCTION, SHADOW])
+    if analysis.latency[PRODUCTION] and analysis.latency[SHADOW]:
+        axes[2].boxplot([analysis.latency[PRODUCTION], analysis.latency[SHADOW]], showfliers=False)
+        axes[2].set_xticks([1, 2], [PRODUCTION, SHADOW])
+    else:
+        axes[2].text(0.5, 0.5, "no latency in the capture records\n(see ModelLatency in CloudWatch)",
+                     ha="center", va="center", transform=axes[2].transAxes)
     axes[2].set_title("model latency (ms)")
     figure.suptitle(f"shadow report: {report['pairs']} paired requests -> {report['recommendation']}")
     figure.tight_layout()

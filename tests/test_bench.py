@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +49,22 @@ def test_plan_is_reproducible_and_realistic():
     assert uniform.offsets == pytest.approx([i / 10 for i in range(10)])
     with pytest.raises(ValueError, match="arrivals"):
         bench.build_plan(catalogue, 5, rate=10.0, seconds=1.0, warmup_seconds=0.0, arrivals="bursty")
+
+
+def test_paced_calls_wait_like_the_load_and_time_only_the_call():
+    calls, started_at = [], []
+
+    def call(i: int) -> None:
+        started_at.append(time.perf_counter())
+        calls.append(i)
+        time.sleep(0.002)
+
+    began = time.perf_counter()
+    times = bench._paced(call, 20, rate=200.0)
+    assert calls == list(range(20)) and len(times) == 20
+    assert all(2.0 <= t < 50.0 for t in times)  # the call's own sleep, not the pause before it
+    gaps = np.diff([began, *started_at]) * 1000 - np.array([0.0, *times[:-1]])
+    assert gaps.mean() == pytest.approx(5.0, rel=0.6)  # exponential pauses, mean 1000 / 200 ms
 
 
 def test_target_needs_its_conditions():
@@ -98,6 +115,13 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
     floor = result["floor"]["signature_ms"]
     assert 0 < floor["p50"] <= floor["p99"] and floor["calls"] == 50
     assert result["ratio_to_floor"]["p50"] == pytest.approx(latency["p50"] / floor["p50"], rel=0.01)
+    paced = result["floor"]["paced"]
+    assert paced["mean_gap_ms"] == pytest.approx(1000 / 20.0)
+    assert paced["signature_ms"]["n"] == 50 and 0 < paced["signature_ms"]["p50"] <= paced["signature_ms"]["p99"]
+    assert paced["endpoint_predict_ms"]["n"] == 20 and paced["endpoint_predict_ms"]["p50"] > 0
+    assert result["ratio_to_paced_floor"]["p99"] == pytest.approx(latency["p99"] / paced["signature_ms"]["p99"],
+                                                                  rel=0.01)
+    assert any("idle pauses" in line for line in report["where_time_goes"])
     unloaded = result["unloaded"]
     assert unloaded["requests"] == 10 and unloaded["errors"] == 0 and unloaded["fallbacks"] == 0
     assert 0 < unloaded["latency_ms"]["p50"] <= unloaded["latency_ms"]["p99"]

@@ -109,7 +109,8 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
     assert size["time_to_quality"]["seconds"] in curve["seconds"]
     pipe = size["input_pipeline"]
     rounds = pipe["round_seconds"]
-    assert all(len(rounds[name]) == pipe["rounds"] == 15 for name in ("streaming", "in_memory", "cached"))
+    assert pipe["rounds"] == throughput.PIPELINE_ROUNDS
+    assert all(len(rounds[name]) == pipe["rounds"] for name in ("streaming", "in_memory", "cached"))
     assert pipe["cached_step_ms"] == pytest.approx(1000 * min(rounds["cached"]) / pipe["steps"])
     for name in ("streaming", "in_memory"):  # each round's time against the same round's cached time
         paired = [t / c for t, c in zip(rounds[name], rounds["cached"], strict=True)]
@@ -190,8 +191,9 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
     for name, ranker in result["rankers"].items():
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         assert f"{ranker['overall']['ndcg@10']['value']:.4f}" in row
-    for candidates in (50, 300, 1000):
-        assert any(line.startswith(f"| {candidates} |") for line in text.splitlines())
+    rows = {c: next(line for line in text.splitlines() if line.startswith(f"| {c} |")) for c in (50, 300, 1000)}
+    assert rows[300].endswith("| 1.10 / 2.00 | 8.2x / 15.0x |")  # the paced floor and the API's ratio to it
+    assert rows[50].endswith("| n/a | n/a |")  # a result from before the paced floor was measured
     assert "| `small` | 3,500 |" in text and "1.05x (0.980 to 1.080) **met**" in text
     assert "1.50x (1.300 to 1.700) **NOT met**" in text and "in each of 15 rounds" in text
     assert "the cached step time varied across rounds by `tiny` 30%, `small` 2% ((max - min) / median)" in text
@@ -264,7 +266,10 @@ def _serving() -> dict:
             "machine": {"cores": 2, "cpu_model": "test", "ram_gib": 1, "platform": "test"},
             "versions": {"python": "3.11"}, "settings": {"rate_rps": 100.0, "seconds": 20.0, "arrivals": "poisson"},
             "target": {"p99_ms": 10.0, "rate_rps": 100.0, "candidates": 300, "met": False, "detail": "p99 too high"},
-            "results": [row(50, 12.0), {**row(300, 30.0), "latency_ms": {"p50": 9.0, "p95": 20.0, "p99": 30.0}},
+            "results": [row(50, 12.0), {**row(300, 30.0), "latency_ms": {"p50": 9.0, "p95": 20.0, "p99": 30.0},
+                                        "floor": {"signature_ms": {"p50": 0.5, "p99": 0.9},
+                                                  "paced": {"signature_ms": {"p50": 1.1, "p99": 2.0}}},
+                                        "ratio_to_paced_floor": {"p50": 8.2, "p99": 15.0}},
                         row(1000, 60.0)]}
 
 

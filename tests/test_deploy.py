@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from datetime import datetime, timezone
 
 import boto3
 import botocore.session
@@ -29,6 +31,7 @@ GROUP = "marketrank-ranker"
 BUCKET = "marketrank-artifacts"
 PARAMETER = "/marketrank/champion/model-data-url"
 CHALLENGER_PARAMETER = "/marketrank/challenger/model-data-url"
+PREVIOUS_PARAMETER = "/marketrank/previous-production-variant"
 CHAMPION_URI = f"s3://{BUCKET}/champion/model.tar.gz"
 CAPTURE_URI = f"s3://{BUCKET}/data-capture"
 M1, M2 = f"{GROUP}-v1", f"{GROUP}-v2"  # the Model names ensure_model gives packages 1 and 2
@@ -136,6 +139,8 @@ def world(ext) -> World:
                                                "Principal": {"Service": "sagemaker.amazonaws.com"}}]}))["Role"]["Arn"]
     key = kms.create_key(Description="marketrank data capture")["KeyMetadata"]["Arn"]
     s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    # as the MlPlatform stack creates it (the champion and challenger ones the Lambda's first call writes)
+    ssm.put_parameter(Name=PREVIOUS_PARAMETER, Value=deploy_lambda.NO_MODEL, Type="String")
     sm.create_model_package_group(ModelPackageGroupName=GROUP)
     packages, urls, bodies = [], [], []
     for version in (1, 2, 3):
@@ -153,7 +158,8 @@ def world(ext) -> World:
         bodies.append(body)
     env = {"MODEL_EXECUTION_ROLE_ARN": role, "INSTANCE_TYPE": "ml.m5.large", "INSTANCE_COUNT": "1",
            "DATA_CAPTURE_URI": CAPTURE_URI, "KMS_KEY_ID": key, "CHAMPION_PARAMETER": PARAMETER,
-           "CHALLENGER_PARAMETER": CHALLENGER_PARAMETER, "CHAMPION_URI": CHAMPION_URI}
+           "CHALLENGER_PARAMETER": CHALLENGER_PARAMETER, "PREVIOUS_PARAMETER": PREVIOUS_PARAMETER,
+           "CHAMPION_URI": CHAMPION_URI}
     return World(sm, s3, ssm, env, packages, urls, bodies)
 
 
@@ -270,6 +276,65 @@ def test_lambda_on_an_endpoint_cloudformation_made(world):
     out = invoke(world, "rollback")  # back to CloudFormation's model: its URL comes from PrimaryContainer
     assert out["production_model"] == "Serving-ChampionModel-1A2B"
     assert champion(world) == (world.urls[0], world.bodies[0])
+
+
+def test_rollback_after_a_cdk_deploy_still_restores_the_previous_champion(world):
+    """A `cdk deploy` after a promotion puts the endpoint on CloudFormation's config, which carries no
+    previous-champion tag: the rollback target comes from the SSM parameter the Lambda keeps."""
+    def previous() -> str:
+        return world.ssm.get_parameter(Name=PREVIOUS_PARAMETER)["Parameter"]["Value"]
+
+    invoke(world, "deploy_shadow", 1)
+    invoke(world, "deploy_shadow", 2)
+    assert previous() == deploy_lambda.NO_MODEL
+    invoke(world, "promote")
+    assert previous() == deploy_lambda.NO_MODEL  # written from settled endpoints only: the update's sync does
+    invoke(world, "sync")  # what EventBridge starts when the update has finished
+    champion_v1 = deploy.variant_from_tag(endpoint_tag(world, deploy.PREVIOUS_TAG))
+    assert champion_v1.model_name.endswith("-v1") and previous() == deploy.variant_tag(champion_v1)
+    # what the Serving stack deploys from the champion parameter: its own model and config, no tags
+    world.sm.create_model(ModelName="Serving-ChampionModel-9Z", ExecutionRoleArn=world.env["MODEL_EXECUTION_ROLE_ARN"],
+                          PrimaryContainer={"Image": "tensorflow-inference:2.14.1-cpu", "ModelDataUrl": world.urls[1]})
+    world.sm.create_endpoint_config(EndpointConfigName="EndpointConfig-9Z", ProductionVariants=[{
+        "VariantName": deploy.PRODUCTION, "ModelName": "Serving-ChampionModel-9Z", "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
+    world.sm.update_endpoint(EndpointName=ENDPOINT, EndpointConfigName="EndpointConfig-9Z")
+    wait_in_service(world.sm)
+    assert invoke(world, "sync")["action"] == "sync" and previous() == deploy.variant_tag(champion_v1)  # kept
+
+    out = invoke(world, "rollback")
+    assert out["action"] == "rollback" and out["production_model"] == champion_v1.model_name
+    assert champion(world) == (world.urls[0], world.bodies[0])
+    invoke(world, "sync")
+    assert previous() == deploy_lambda.NO_MODEL  # rolled back: nothing left to roll back to
+    assert invoke(world, "rollback")["action"] == "noop"
+
+
+def test_rollback_on_a_cloudformation_config_without_a_known_target_changes_nothing(world):
+    """No tag and no parameter (a CLI without PREVIOUS_PARAMETER, or a parameter never written): an error, not a
+    silent `reject` that would drop the challenger instead of restoring a champion."""
+    world.sm.create_model(ModelName="Serving-ChampionModel-1A", ExecutionRoleArn=world.env["MODEL_EXECUTION_ROLE_ARN"],
+                          PrimaryContainer={"Image": "tensorflow-inference:2.14.1-cpu", "ModelDataUrl": world.urls[0]})
+    world.sm.create_endpoint_config(EndpointConfigName="EndpointConfig-1A", ProductionVariants=[{
+        "VariantName": deploy.PRODUCTION, "ModelName": "Serving-ChampionModel-1A", "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
+    world.sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="EndpointConfig-1A")
+    wait_in_service(world.sm)
+    configs = n_configs(world.sm)
+    with pytest.raises(DeployError, match="no rollback target is known"):
+        invoke(world, "rollback", settle=False)
+    world.ssm.put_parameter(Name=PREVIOUS_PARAMETER, Value="model_name=broken", Type="String", Overwrite=True)
+    with pytest.raises(DeployError, match=PREVIOUS_PARAMETER):  # a bad value is named
+        invoke(world, "rollback", settle=False)
+    assert endpoint_config(world.sm)["EndpointConfigName"] == "EndpointConfig-1A" and n_configs(world.sm) == configs
+    world.ssm.put_parameter(Name=PREVIOUS_PARAMETER, Value=deploy_lambda.NO_MODEL, Type="String", Overwrite=True)
+    invoke(world, "deploy_shadow", 2)
+    world.ssm.put_parameter(Name=PREVIOUS_PARAMETER, Value="model_name=broken", Type="String", Overwrite=True)
+    assert invoke(world, "reject")["action"] == "drop-shadow"  # our own config: its tags decide, the value unread
+
+
+def endpoint_tag(w: World, key: str) -> str:
+    return tags(w.sm, endpoint_config(w.sm)).get(key, "")
 
 
 def test_lambda_sync_republishes_what_is_live(world):
@@ -543,6 +608,44 @@ def test_local_backend_goes_through_the_same_states_as_sagemaker(world, tmp_path
     assert local.current() == EndpointState(production=Variant("m1"))
     manifest = json.loads((tmp_path / "endpoints" / f"{ENDPOINT}.json").read_text())
     assert manifest["endpoint_config_name"] == sm.describe_endpoint(EndpointName=ENDPOINT)["EndpointConfigName"]
+
+
+def test_live_since_is_when_the_live_variants_were_configured(world, tmp_path):
+    sm = world.sm
+    make_models(sm, world.env["MODEL_EXECUTION_ROLE_ARN"], "m1", "m2")
+    remote = deploy.SageMakerBackend(sm, ENDPOINT, data_capture_uri=CAPTURE_URI)
+    local = deploy.LocalBackend(tmp_path / "endpoints", ENDPOINT)
+    assert remote.live_since() is None and local.live_since() is None
+    for backend in (remote, local):
+        deploy.deploy_shadow(backend, Variant("m1"))
+    wait_in_service(sm)
+    first_remote, first_local = remote.live_since(), local.live_since()
+    created = endpoint_config(sm)["CreationTime"]
+    assert abs((first_remote - created).total_seconds()) < 2 and first_remote.utcoffset().total_seconds() == 0
+    assert first_local.tzinfo is not None and first_local <= datetime.now(timezone.utc)
+    time.sleep(0.01)
+    for backend in (remote, local):
+        deploy.deploy_shadow(backend, Variant("m2", weight=0.2))
+    wait_in_service(sm)
+    second = remote.live_since()
+    assert second >= first_remote and local.live_since() > first_local
+    # not the endpoint's LastModifiedTime, which autoscaling moves without changing the variants
+    sm.update_endpoint_weights_and_capacities(EndpointName=ENDPOINT, DesiredWeightsAndCapacities=[
+        {"VariantName": deploy.PRODUCTION, "DesiredInstanceCount": 2}])
+    assert remote.live_since() == second
+    # the first state again reuses its config: its records start now, not when the config was created
+    time.sleep(1.1)
+    for backend in (remote, local):
+        deploy.reject(backend)
+    wait_in_service(sm)
+    assert endpoint_config(sm)["CreationTime"] == created and remote.live_since() > second
+    # CloudFormation's configs carry no tag: their creation time
+    sm.create_endpoint_config(EndpointConfigName="EndpointConfig-CFN", ProductionVariants=[{
+        "VariantName": deploy.PRODUCTION, "ModelName": "m1", "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
+    sm.update_endpoint(EndpointName=ENDPOINT, EndpointConfigName="EndpointConfig-CFN")
+    wait_in_service(sm)
+    assert remote.live_since() == endpoint_config(sm)["CreationTime"].astimezone(timezone.utc)
 
 
 def test_local_backend_with_nothing_deployed(tmp_path):

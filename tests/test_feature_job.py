@@ -629,6 +629,23 @@ def test_item_without_brand_has_no_brand_history(spark, tmp_path) -> None:
         assert all(key is not None for pairs in users[name].dropna() for key, _ in pairs), name
 
 
+def test_item_without_category_keeps_its_rows_priced_against_the_catalogue(spark, tmp_path) -> None:
+    """An item with no category (null) is neither dropped (an inner join on the category medians did, with its
+    impressions, label and the clicks in users' histories) nor priced against nothing."""
+    raw = break_raw(tmp_path / "raw", "items", lambda f: f.assign(category=f["category"].mask(f["item_id"] == "iB")))
+    out = tmp_path / "features"
+    run(raw, out, spark)
+    items = read_items(out, truth=False).set_index(["request_id", "item_id"])
+    uncategorised = items.xs("iB", level="item_id")
+    assert len(uncategorised) == 5  # shown in r01, r04, r05, r06 and r09, as with its category
+    prices = np.sort(pd.read_parquet(raw / "items")["price"].to_numpy())
+    overall = prices[int(np.ceil(0.5 * len(prices))) - 1]  # percentile_approx: a value of the data
+    price = pd.read_parquet(raw / "items").set_index("item_id").loc["iB", "price"]
+    assert uncategorised["log_price_index"].to_numpy() == pytest.approx(np.log(price / overall), rel=1e-5)
+    online = read_split(out / "online" / "items").set_index("item_id")
+    assert online.loc["iB", "category_median_price"] == pytest.approx(overall)
+
+
 def test_item_shown_twice_in_a_request_is_listed_twice(spark, tmp_path) -> None:
     def show_again(impressions: pd.DataFrame) -> pd.DataFrame:
         again = pd.DataFrame({"request_id": ["r01"], "item_id": ["iA"], "position": np.array([3], np.int32)})

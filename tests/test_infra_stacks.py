@@ -297,6 +297,7 @@ def test_deploy_lambda_environment_and_role(raw, outdir):
         "DATA_CAPTURE_URI": f"s3://{NAMES.bucket('capture')}/data-capture",
         "KMS_KEY_ID": env["KMS_KEY_ID"],
         "CHAMPION_PARAMETER": NAMES.champion_parameter, "CHALLENGER_PARAMETER": NAMES.challenger_parameter,
+        "PREVIOUS_PARAMETER": NAMES.previous_parameter,
         "CREATE_ENDPOINT": "false",  # the Serving stack creates the endpoint; the Lambda only changes variants
         "CHAMPION_URI": f"{config.champion_uri}model.tar.gz", "ENDPOINT_NAME": config.endpoint_name}
     assert "Fn::ImportValue" in env["KMS_KEY_ID"]  # the Data stack's key
@@ -315,7 +316,13 @@ def test_deploy_lambda_environment_and_role(raw, outdir):
                                     "detail": {"EndpointName": [NAMES.endpoint]}}
     assert rule["Targets"][0]["Arn"]["Fn::GetAtt"][0] == function_id
     assert stmts["PublishModels"]["Action"] == "ssm:PutParameter"
-    assert len(stmts["PublishModels"]["Resource"]) == 2  # the champion and the challenger parameters only
+    assert len(stmts["PublishModels"]["Resource"]) == 3  # the champion, challenger and rollback-target parameters
+    # the rollback target a `cdk deploy`'s config has no tag for: read from its parameter, and only that one
+    assert stmts["ReadRollbackTarget"]["Action"] == "ssm:GetParameter"
+    assert stmts["ReadRollbackTarget"]["Resource"] in stmts["PublishModels"]["Resource"]
+    parameters = {p["Properties"]["Name"]: p["Properties"]["Value"]
+                  for p in resources(template, "AWS::SSM::Parameter").values()}
+    assert parameters[NAMES.previous_parameter] == "none"
     assert stmts["WriteChampionObject"]["Resource"] == (
         f"arn:aws:s3:::{NAMES.bucket('artifacts')}/marketrank/champion/model.tar.gz")
     assert stmts["PassModelRole"]["Resource"] == NAMES.sagemaker_role_arn

@@ -86,6 +86,13 @@ def test_cold_start_user_gets_neutral_features():
     assert features["age_days"] == pytest.approx(3.0)
     assert features["like_rate"] == pytest.approx(2 / 19)
     assert features["log_price_index"] == pytest.approx(0.0)
+    # an item that lacks the attribute too: unknown on both sides is no match
+    bare = {**item, "size": None, "seller_country": None}
+    features = assemble_features(online_raw_frame("feed", None, 86_400_000 * 3, None, [bare])).iloc[0]
+    assert features["size_match"] == 0.0 and features["same_country"] == 0.0
+    known = {"user_country": "FR", "user_size": "M"}
+    features = assemble_features(online_raw_frame("feed", None, 86_400_000 * 3, known, [item, bare]))
+    assert features["size_match"].tolist() == [1.0, 0.0] and features["same_country"].tolist() == [1.0, 0.0]
 
 
 def test_catalogue_names_match_whatever_their_spelling():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
+from datetime import datetime, timedelta, timezone
 
 import boto3
 import httpx
@@ -178,3 +180,170 @@ def test_read_capture_takes_whole_lines_and_names_a_bad_one(tmp_path, caplog):
     assert shadow_report.read_capture(tmp_path, ENDPOINT, "challenger") == good
     assert f"{capture} line 2 is not a JSON record" in caplog.text
     assert "line 4" not in caplog.text  # the unfinished last line is not an error
+
+
+# ------------------------------------------------------------------- capture as SageMaker writes it, windowed
+
+T0 = datetime(2026, 11, 25, 12, 30, tzinfo=timezone.utc)
+
+
+def _record(inference_id: str, when: datetime, scores: list[float], request: dict | None = None,
+            latency_ms: float | None = None) -> dict:
+    """A capture record as SageMaker writes it (no latency in eventMetadata) or, with ``latency_ms``, as the local
+    endpoint does."""
+    request = request or {"inputs": {"x": [[float(i) for i in range(len(scores))]], "mask": [[True] * len(scores)]}}
+
+    def data(payload: dict, mode: str) -> dict:
+        return {"observedContentType": "application/json", "mode": mode, "data": json.dumps(payload),
+                "encoding": "JSON"}
+
+    meta = {"eventId": str(uuid.uuid4()), "inferenceId": inference_id,
+            "inferenceTime": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if latency_ms is not None:
+        meta["latencyMs"] = latency_ms
+    return {"captureData": {"endpointInput": data(request, "INPUT"),
+                            "endpointOutput": data({"outputs": [scores]}, "OUTPUT")},
+            "eventMetadata": meta, "eventVersion": "0"}
+
+
+def _key(variant: str, when: datetime) -> str:
+    return f"{ENDPOINT}/{variant}/{when:%Y/%m/%d/%H}/writer-{when:%H%M}.jsonl"
+
+
+def _write(root, variant: str, records: list[dict], when: datetime, extra: str = "") -> None:
+    path = root / _key(variant, when)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(extra + "".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_read_capture_reads_an_hour_before_since_and_no_earlier(tmp_path, caplog):
+    since = datetime(2026, 11, 25, 13, 0, tzinfo=timezone.utc)  # exactly on an hour
+    for hours, label in ((2, "h11"), (1, "h12"), (0, "h13")):
+        when = since - timedelta(hours=hours) + timedelta(minutes=30 if hours == 1 else 10)
+        _write(tmp_path, "champion", [_record(label, when, [1.0])], when, extra="{bad\n" if hours == 2 else "")
+    late = since + timedelta(minutes=5) - timedelta(hours=1)  # a record later than its file's hour says
+    _write(tmp_path, "champion", [_record("late", since + timedelta(minutes=5), [1.0])], late)
+    ids = [r["eventMetadata"]["inferenceId"] for r in shadow_report.read_capture(tmp_path, ENDPOINT, "champion",
+                                                                                 since)]
+    assert ids == ["late", "h13"] and "not a JSON record" not in caplog.text  # hour 11 never opened
+
+
+def test_read_capture_starts_at_since_and_skips_older_hours_unread(tmp_path, caplog):
+    old, before, after = T0 - timedelta(hours=3), T0 - timedelta(minutes=10), T0 + timedelta(minutes=5)
+    _write(tmp_path, "champion", [_record("old", old, [1.0])], old, extra="{not json\n")  # never opened
+    _write(tmp_path, "champion", [_record("before", before, [1.0]), _record("after", after, [1.0])], before)
+    _write(tmp_path, "champion", [_record("at", T0.replace(microsecond=0), [1.0])], after)
+    ids = [r["eventMetadata"]["inferenceId"] for r in shadow_report.read_capture(tmp_path, ENDPOINT, "champion",
+                                                                                 T0 + timedelta(microseconds=5))]
+    assert ids == ["after", "at"]  # to the second: a record at T0 is T0's even if the deploy was T0 + 5 us
+    assert "not a JSON record" not in caplog.text
+    everything = shadow_report.read_capture(tmp_path, ENDPOINT, "champion")
+    assert len(everything) == 4 and "not a JSON record" in caplog.text
+    assert shadow_report.read_capture(tmp_path, ENDPOINT, "challenger", T0) == []  # no shadow copies yet: none
+
+
+def test_reused_inference_ids_pair_one_to_one_with_the_same_request_only():
+    def request(n: int) -> dict:
+        return {"inputs": {"x": [[float(i) for i in range(n)]], "mask": [[True] * n]}}
+
+    production = [_record("a", T0, [3.0, 2.0, 1.0]), _record("a", T0, [4.0, 3.0, 2.0, 1.0]),
+                  _record("a", T0, [4.0, 3.0, 2.0, 1.0]), _record("b", T0, [1.0, 2.0, 3.0]),
+                  _record("c", T0, [1.0, 2.0, 3.0])]
+    # a: only the second request was copied (sampling), and once; b: the same id on another request (never
+    # compared); c: a copy whose answer does not line up with its request (skipped, counted)
+    shadow = [_record("a", T0, [4.0, 3.0, 2.0, 1.0]), _record("b", T0, [5.0, 4.0, 3.0, 2.0, 1.0]),
+              _record("c", T0, [5.0, 4.0, 3.0, 2.0, 1.0], request=request(3))]
+    pairs = shadow_report.pair(production, shadow)
+    assert [(p["eventMetadata"]["inferenceId"], p is production[1], s is shadow[0]) for p, s in pairs][:1] \
+        == [("a", True, True)]
+    assert [p["eventMetadata"]["inferenceId"] for p, _ in pairs] == ["a", "c"]
+    analysis = shadow_report.analyse(production, shadow, k=2)
+    assert analysis.pairs == 1 and analysis.skipped == 1 and analysis.per_list["overlap"] == [1.0]
+    report = shadow_report.build_report(production, shadow, 2, shadow_report.ShadowThresholds(min_pairs=1), 0.4,
+                                        analysis)
+    assert report["skipped_pairs"] == 1 and report["missing_shadow_share"] == 0.0  # 2 of the 40% of 5 answered
+
+
+def test_copies_are_expected_from_the_shadows_first_record_on():
+    """Production answers alone while the update that adds the shadow is under way: not missing copies."""
+    production = [_record(f"early{i}", T0 - timedelta(minutes=5), [2.0, 1.0]) for i in range(30)]
+    production += [_record(f"r{i}", T0 + timedelta(seconds=i), [2.0, 1.0]) for i in range(30)]
+    shadow = [_record(f"r{i}", T0 + timedelta(seconds=i), [2.0, 1.0]) for i in range(30)]
+    report = shadow_report.build_report(production, shadow, 2, shadow_report.ShadowThresholds(min_pairs=10), 1.0)
+    assert report["missing_shadow_share"] == 0.0 and report["recommendation"] == "promote"
+    none = shadow_report.build_report(production, [], 2, shadow_report.ShadowThresholds(min_pairs=10), 1.0)
+    assert none["missing_shadow_share"] == 1.0 and none["recommendation"] == "rollback"
+
+
+def test_without_latency_in_the_records_the_report_says_it_was_not_compared():
+    production = [_record(f"r{i}", T0, [3.0, 2.0, 1.0]) for i in range(5)]
+    thresholds = shadow_report.ShadowThresholds(min_pairs=5)
+    report = shadow_report.build_report(production, production, 2, thresholds, 1.0)
+    assert report["latency_ms"]["challenger"]["p95"] is None
+    assert report["recommendation"] == "promote" and "latency not compared" in report["reasons"][0]
+    timed = [_record(f"r{i}", T0, [3.0, 2.0, 1.0], latency_ms=2.0) for i in range(5)]
+    report = shadow_report.build_report(timed, timed, 2, thresholds, 1.0)
+    assert report["recommendation"] == "promote" and "latency within 1.5x" in report["reasons"][0]
+
+
+def test_shadow_share_is_the_shadow_weight_relative_to_production():
+    state = deploy.EndpointState(production=deploy.Variant("m1", weight=2.0), shadow=deploy.Variant("m2", weight=0.5))
+    assert shadow_report.shadow_share(state) == 0.25
+    assert shadow_report.shadow_share(deploy.EndpointState(production=deploy.Variant("m1"))) == 0.0
+    assert shadow_report.shadow_share(deploy.EndpointState(production=deploy.Variant("m1"),
+                                                           shadow=deploy.Variant("m2", weight=3.0))) == 1.0
+
+
+def test_report_on_sagemaker_capture_reads_the_live_challenger_only(tmp_path, monkeypatch, aws_env, caplog):
+    """S3 capture of a real endpoint (moto): its shadow share and start time come from the endpoint, records of an
+    earlier challenger under the same variant names are not read, and a challenger without copies is a rollback."""
+    from moto_sagemaker import sagemaker_extension
+
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    with mock_aws(), sagemaker_extension(transition_describes=0):
+        sm, s3 = boto3.client("sagemaker"), boto3.client("s3")
+        s3.create_bucket(Bucket="capture", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        for name in ("m1", "m2"):
+            sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::123456789012:role/model",
+                            PrimaryContainer={"Image": "rank:1", "ModelDataUrl": f"s3://capture/{name}.tar.gz"})
+        backend = deploy.SageMakerBackend(sm, ENDPOINT)
+        backend.apply(deploy.EndpointState(production=deploy.Variant("m1"), shadow=deploy.Variant("m2", weight=0.2)))
+        since = backend.live_since()
+        old, now = since - timedelta(hours=2), datetime.now(timezone.utc) + timedelta(seconds=1)
+
+        def put(variant: str, records: list[dict], when: datetime) -> None:
+            s3.put_object(Bucket="capture", Key=f"data-capture/{_key(variant, when)}",
+                          Body="".join(json.dumps(r) + "\n" for r in records).encode())
+
+        # an earlier, broken challenger under the same variant names, then the live one on 20% of requests
+        put("champion", [_record(f"old{i}", old, [3.0, 2.0, 1.0]) for i in range(30)], old)
+        put("challenger", [_record(f"old{i}", old, [1.0, 2.0, 3.0]) for i in range(30)], old)
+        s3.put_object(Bucket="capture", Key=f"data-capture/{_key('champion', old - timedelta(hours=1))}",
+                      Body=b"{not a record\n")  # listed from the start: its warning would show
+        put("champion", [_record(f"new{i}", now, [3.0, 2.0, 1.0]) for i in range(20)], now)
+        put("challenger", [_record(f"new{i}", now, [3.0, 2.0, 1.0]) for i in (0, 5, 10, 15)], now)
+        out = tmp_path / "report"
+        args = ["shadow", "report", "--capture", "s3://capture/data-capture", "--endpoint", ENDPOINT,
+                "--min-pairs", "2", "--k", "2", "--out", str(out)]
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "not a JSON record" not in caplog.text  # the old hours were not even listed
+        report = json.loads((out / shadow_report.REPORT_FILE).read_text())
+        assert report["pairs"] == 4 and report["production_records"] == 20 and report["shadow_share"] == 0.2
+        assert report["missing_shadow_share"] == 0.0 and report["since"] == since.isoformat()
+        assert report["recommendation"] == "promote" and "latency not compared" in report["reasons"][0]
+
+        everything = runner.invoke(app, [*args, "--since", "all", "--shadow-sampling", "20"])
+        assert everything.exit_code == 0 and json.loads((out / shadow_report.REPORT_FILE).read_text())["pairs"] == 34
+
+        s3.delete_object(Bucket="capture", Key=f"data-capture/{_key('challenger', now)}")
+        s3.delete_object(Bucket="capture", Key=f"data-capture/{_key('challenger', old)}")
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "overlap n/a" in result.output
+        report = json.loads((out / shadow_report.REPORT_FILE).read_text())
+        assert report["missing_shadow_share"] == 1.0 and report["recommendation"] == "rollback"
+
+        bad = runner.invoke(app, [*args, "--since", "yesterday"])
+        assert bad.exit_code == 1 and "--since 'yesterday' is not an ISO 8601 time" in bad.output

@@ -187,7 +187,11 @@ def _event_stream(tables: dict):
                               f"expected one of {list(EVENT_GRADES)}")
 
     medians = items.groupBy("category").agg(F.percentile_approx("price", 0.5).alias("category_median_price"))
-    items = (items.join(medians, "category")
+    overall = items.agg(F.percentile_approx("price", 0.5).alias("overall_median_price"))
+    # Left join: an item with no category keeps its impressions and clicks (priced against the whole catalogue).
+    items = (items.join(medians, "category", "left").crossJoin(overall)
+             .withColumn("category_median_price", F.coalesce("category_median_price", "overall_median_price"))
+             .drop("overall_median_price")
              .withColumn("listed_ms", _to_ms(items, "listed_ts"))
              .withColumn("lpi", F.log(F.greatest(F.col("price"), F.lit(0.01))
                                       / F.greatest(F.col("category_median_price"), F.lit(0.01)))))

@@ -126,8 +126,10 @@ NUMERIC_RAW_COLUMNS = frozenset({"ts_ms", "user_signup_ms", "user_clicks", "user
                                  "user_style_searches"})
 
 #: Bump when a feature's meaning (or the spec's position-bias estimate) changes but no name does: cached
-#: feature-job output is then rebuilt. 4: eta by binomial maximum likelihood.
-FEATURE_LOGIC_VERSION = 4
+#: feature-job output is then rebuilt. 4: eta by binomial maximum likelihood. 5: missing values (an item without a
+#: category is kept and priced against the catalogue; unknown on both sides is no size or country match): the
+#: simulator writes none, so its outputs are the same as version 4's.
+FEATURE_LOGIC_VERSION = 5
 
 
 def features_fingerprint() -> str:
@@ -226,6 +228,12 @@ def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
                     dtype=np.float32)
 
 
+def _same(left: np.ndarray, right: Any) -> np.ndarray:
+    """Equal and known on both sides: a cold-start user (no size, no country) matches no item, even one that has
+    none either."""
+    return (left == right) & pd.notna(left) & pd.notna(right)
+
+
 def _num(column: np.ndarray) -> np.ndarray:
     """A raw column as float64 with missing values as 0 (object columns are coerced: None, text -> 0)."""
     if column.dtype.kind not in "biuf":
@@ -276,8 +284,8 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         "photos": _num(col["photos"]),
         "seller_rating": _num(col["seller_rating"]),
         "seller_sales": _num(col["seller_sales"]),
-        "same_country": col["seller_country"] == country,
-        "size_match": col["size"] == col["user_size"],
+        "same_country": _same(col["seller_country"], country),
+        "size_match": _same(col["size"], col["user_size"]),
         "views": views,
         "likes": likes,
         "bags": _num(col["bags"]),

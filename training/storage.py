@@ -7,6 +7,7 @@ with boto3 (which honours ``AWS_ENDPOINT_URL``, so moto and LocalStack work unch
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,8 +22,11 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def stage_in(uri: str | Path, workdir: str | Path | None = None) -> Path:
-    """Return a local directory holding ``uri`` (downloaded first when it is an s3:// prefix)."""
+def stage_in(uri: str | Path, workdir: str | Path | None = None, keep: Callable[[str], bool] | None = None,
+             start_after: str | None = None) -> Path:
+    """Return a local directory holding ``uri`` (downloaded first when it is an s3:// prefix; with ``keep``, only
+    the objects whose key relative to the prefix it accepts, and with ``start_after`` only those listed after that
+    relative key)."""
     if not is_s3(uri):
         path = Path(uri)
         if not path.exists():
@@ -34,10 +38,13 @@ def stage_in(uri: str | Path, workdir: str | Path | None = None) -> Path:
     target = Path(workdir or tempfile.mkdtemp(prefix="marketrank-stage-"))
     s3 = boto3.client("s3")
     found = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+    listing = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else ""}
+    if start_after:
+        listing["StartAfter"] = f"{listing['Prefix']}{start_after}"
+    for page in s3.get_paginator("list_objects_v2").paginate(**listing):
         for obj in page.get("Contents", []):
             relative = obj["Key"][len(prefix):].lstrip("/")
-            if not relative or relative.endswith("/"):
+            if not relative or relative.endswith("/") or (keep is not None and not keep(relative)):
                 continue
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,9 @@ class MlPlatformStack(cdk.Stack):
         self.challenger_parameter = ssm.StringParameter(
             self, "ChallengerParameter", parameter_name=names.challenger_parameter, string_value=NO_MODEL,
             description="Shadow challenger's model data URL, or none")
+        self.previous_parameter = ssm.StringParameter(
+            self, "PreviousParameter", parameter_name=names.previous_parameter, string_value=NO_MODEL,
+            description="Champion before the last promotion (the rollback target), or none")
 
         # ---- Deploy Lambda: the pipeline's DeployShadow step, promote / rollback automation.
         self.deploy_log_group = logs.LogGroup(self, "DeployLogs", log_group_name=f"/aws/lambda/{names.deploy_function}",
@@ -205,7 +208,10 @@ class MlPlatformStack(cdk.Stack):
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}))
         deploy_role.add_to_policy(iam.PolicyStatement(
             sid="PublishModels", actions=["ssm:PutParameter"],
-            resources=[self.champion_parameter.parameter_arn, self.challenger_parameter.parameter_arn]))
+            resources=[self.champion_parameter.parameter_arn, self.challenger_parameter.parameter_arn,
+                       self.previous_parameter.parameter_arn]))
+        deploy_role.add_to_policy(iam.PolicyStatement(sid="ReadRollbackTarget", actions=["ssm:GetParameter"],
+                                                      resources=[self.previous_parameter.parameter_arn]))
         champion_key = names.champion_object_uri[len(f"s3://{artifacts}/"):]
         deploy_role.add_to_policy(iam.PolicyStatement(sid="ReadModelArtifacts", actions=["s3:GetObject"],
                                                       resources=[s3_arn(artifacts, pipeline_data)]))
@@ -243,6 +249,7 @@ class MlPlatformStack(cdk.Stack):
                 "KMS_KEY_ID": key.key_arn,
                 "CHAMPION_PARAMETER": names.champion_parameter,
                 "CHALLENGER_PARAMETER": names.challenger_parameter,
+                "PREVIOUS_PARAMETER": names.previous_parameter,
                 "CREATE_ENDPOINT": "false",  # the Serving stack creates the endpoint; the Lambda changes variants
                 "CHAMPION_URI": names.champion_object_uri,
                 "ENDPOINT_NAME": names.endpoint,

@@ -50,6 +50,10 @@ class ServingStack(cdk.Stack):
                                                                                  model_data_url=url),
                 enable_network_isolation=True)  # TF Serving needs no network; SageMaker stages the artifact
             resource.cfn_options.condition = condition
+            # A new model data URL replaces the model; the old one may still be the deploy Lambda's rollback target
+            # (a promotion from this stack's config records it), so CloudFormation keeps it instead of deleting it.
+            resource.cfn_options.deletion_policy = cdk.CfnDeletionPolicy.RETAIN
+            resource.cfn_options.update_replace_policy = cdk.CfnDeletionPolicy.RETAIN
             acknowledge(resource, "Network isolation is on: the container has no network at all, which is "
                         "stricter than a VPC; the ranking API reaches it through the SageMaker runtime API.",
                         "AwsSolutions-SM1")
