@@ -116,7 +116,7 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
         paired = [t / c for t, c in zip(rounds[name], rounds["cached"], strict=True)]
         assert pipe[name]["paired_ratios"] == pytest.approx(paired)
         assert pipe[name]["ratio"] == pytest.approx(statistics.median(paired))
-        assert pipe[name]["ratio_ci"] == pytest.approx(sorted(paired)[3:12:8])  # 4th and 12th of 15: ~96%
+        assert pipe[name]["ratio_ci"] == pytest.approx(sorted(paired)[9:22:12])  # 10th and 22nd of 31: ~97%
     memory = pipe["in_memory"]
     assert memory["epochs"] == epochs and memory["load_seconds"] > 0
     assert memory["epoch_steps"] == -(-tiny.train_lists // 64) >= pipe["steps"]
