@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -457,7 +457,18 @@ def shadow_report(
     else:
         share = shadow_sampling / 100
     analysis = shadow.analyse(production, challenger, k)
-    report = shadow.build_report(production, challenger, k, thresholds, share, analysis)
+    cloudwatch = None
+    if target == "sagemaker" and not any(analysis.latency.values()):  # SageMaker's records carry no latency
+        first = start or min(filter(None, map(shadow.event_time, production)), default=None)
+        if first is not None:
+            import boto3
+
+            try:
+                until = datetime.now(timezone.utc) + timedelta(minutes=1)  # the current minute's points too
+                cloudwatch = shadow.cloudwatch_latency(boto3.client("cloudwatch"), endpoint, first, until)
+            except (BotoCoreError, ClientError) as err:
+                logging.getLogger("marketrank").warning("no ModelLatency from CloudWatch: %s", err)
+    report = shadow.build_report(production, challenger, k, thresholds, share, analysis, cloudwatch)
     report["since"] = start.isoformat() if start else None
     saved = shadow.save_report(report, analysis, out or workspace.shadow_dir() / endpoint)
     agreement, latency = report["agreement"], report["latency_ms"]
@@ -468,9 +479,10 @@ def shadow_report(
     ui.console.print(f"{report['pairs']} paired requests{window} ({report['skipped_pairs']} skipped, "
                      f"{report['missing_shadow_share']:.0%} of the {share:.0%} copied missing); top-{k} overlap "
                      f"{value(agreement['overlap']['mean'])}, Spearman {value(agreement['spearman']['mean'])}, "
-                     f"drift {value(agreement['drift']['mean'])}; p95 latency champion "
-                     f"{value(latency['champion']['p95'], 1)} ms, challenger "
-                     f"{value(latency['challenger']['p95'], 1)} ms")
+                     f"drift {value(agreement['drift']['mean'])}; latency ({report['latency_source']}) p95 / mean "
+                     f"champion {value(latency['champion']['p95'], 1)} / {value(latency['champion']['mean'], 1)} ms, "
+                     f"challenger {value(latency['challenger']['p95'], 1)} / "
+                     f"{value(latency['challenger']['mean'], 1)} ms")
     ui.console.print(f"recommendation: [bold]{report['recommendation']}[/bold] ({'; '.join(report['reasons'])})")
     ui.console.print(f"report {saved}, chart {saved.rsplit('/', 1)[0]}/{shadow.CHART_FILE}")
 

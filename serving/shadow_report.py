@@ -7,9 +7,10 @@ deployment, so older records belong to other models). Records of the two variant
 ``eventMetadata.inferenceId`` (the ranking API sends its request id as the inference id; a reused id pairs its
 records in order), and a pair whose two requests differ is skipped and counted, never compared. For every pair
 the report measures how far the challenger's ranking departs from the champion's (top-k overlap, Spearman rank
-correlation, score drift of within-list standardised scores) and both variants' latency where the records carry
-it (``eventMetadata.latencyMs``: the local endpoint's; SageMaker's records have none, and the report says the
-latency was not compared rather than passing it: the variants' ``ModelLatency`` is in CloudWatch).
+correlation, score drift of within-list standardised scores) and both variants' latency: from the records where
+they carry it (``eventMetadata.latencyMs``: the local endpoint's), else from CloudWatch's ``ModelLatency`` per
+variant over the same window (``cloudwatch_latency``: SageMaker's records have none); with neither, the report
+says the latency was not compared rather than passing it.
 
 Shadow traffic has no feedback on the challenger's ranking (users only saw the champion's), so the offline gate
 judges quality; the shadow phase checks that the challenger behaves in production: it answers, it is not slower
@@ -282,10 +283,42 @@ def _stats(values: list[float]) -> dict[str, float | None]:
             "p95": float(np.percentile(array, 95)), "p99": float(np.percentile(array, 99))}
 
 
+#: SageMaker's ModelLatency metric (microseconds), per endpoint and variant.
+LATENCY_METRIC = {"Namespace": "AWS/SageMaker", "MetricName": "ModelLatency"}
+MAX_DATAPOINTS = 1440  # GetMetricStatistics answers at most this many per call
+
+
+def cloudwatch_latency(cloudwatch, endpoint: str, since: datetime, until: datetime) -> dict[str, dict[str, Any]]:
+    """Both variants' ``ModelLatency`` over ``[since, until)`` from CloudWatch, in ms: the sample-weighted mean of
+    the period averages, and of the period p95s where CloudWatch computes them (``p95`` None otherwise); a variant
+    without samples is left out. Periods are whole minutes, as few as keep one call under ``MAX_DATAPOINTS``."""
+    minutes = max(1, int((until - since).total_seconds() // 60) + 1)
+    period = 60 * -(-minutes // MAX_DATAPOINTS)
+    out = {}
+    for variant in (PRODUCTION, SHADOW):
+        points = cloudwatch.get_metric_statistics(
+            **LATENCY_METRIC, Dimensions=[{"Name": "EndpointName", "Value": endpoint},
+                                          {"Name": "VariantName", "Value": variant}],
+            StartTime=since, EndTime=until, Period=period, Statistics=["Average", "SampleCount"],
+            ExtendedStatistics=["p95"])["Datapoints"]
+        points = [p for p in points if p.get("SampleCount")]
+        samples = sum(p["SampleCount"] for p in points)
+        if not samples:
+            continue
+        p95s = [(p["ExtendedStatistics"]["p95"], p["SampleCount"]) for p in points
+                if "p95" in (p.get("ExtendedStatistics") or {})]
+        out[variant] = {"mean": sum(p["Average"] * p["SampleCount"] for p in points) / samples / 1000,
+                        "p95": sum(v * n for v, n in p95s) / sum(n for _, n in p95s) / 1000 if p95s else None,
+                        "p50": None, "p99": None, "samples": int(samples), "period_s": period}
+    return out
+
+
 def build_report(production: list[dict], shadow: list[dict], k: int = 10,
                  thresholds: ShadowThresholds = ShadowThresholds(), shadow_share: float = 1.0,
-                 analysis: Analysis | None = None) -> dict[str, Any]:
-    """The comparison and the recommendation (see the module docstring)."""
+                 analysis: Analysis | None = None,
+                 latency: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The comparison and the recommendation (see the module docstring). ``latency``: the variants' latency
+    from elsewhere (``cloudwatch_latency``), used when the records carry none."""
     analysis = analysis or analyse(production, shadow, k)
     # Copies are expected from the shadow's first record on: between a config's creation and the end of the update
     # that puts the shadow live, production answers alone (minutes that must not read as failed copies).
@@ -298,9 +331,13 @@ def build_report(production: list[dict], shadow: list[dict], k: int = 10,
         "shadow_records": len(shadow), "shadow_share": shadow_share, "k": k,
         "agreement": {name: _stats(values) for name, values in analysis.per_list.items()},
         "latency_ms": {variant: _stats(values) for variant, values in analysis.latency.items()},
+        "latency_source": "capture",
         "missing_shadow_share": missing_share,
         "thresholds": dataclasses.asdict(thresholds),
     }
+    if latency and not any(analysis.latency.values()):
+        result["latency_ms"] = {v: latency.get(v) or _stats([]) for v in (PRODUCTION, SHADOW)}
+        result["latency_source"] = "cloudwatch"
     result["recommendation"], result["reasons"] = recommend(result, thresholds)
     return result
 
@@ -316,17 +353,20 @@ def shadow_share(state: Any) -> float:
 def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str, list[str]]:
     reasons = []
     overlap = report["agreement"]["overlap"]["mean"]
-    champion_p95, challenger_p95 = (report["latency_ms"][v]["p95"] for v in (PRODUCTION, SHADOW))
+    # p95 where both variants have it; CloudWatch without percentiles gives means, compared the same way
+    statistic = next((s for s in ("p95", "mean") if all((report["latency_ms"][v] or {}).get(s)
+                                                        for v in (PRODUCTION, SHADOW))), None)
     if report["missing_shadow_share"] > thresholds.max_missing_share and report["production_records"] >= 20:
         reasons.append(f"{report['missing_shadow_share']:.0%} of shadow copies have no response "
                        f"(> {thresholds.max_missing_share:.0%})")
-    latency_compared = bool(champion_p95 and challenger_p95)
-    if latency_compared:
-        allowed = max(thresholds.max_latency_ratio * champion_p95, champion_p95 + thresholds.latency_slack_ms)
-        if challenger_p95 > allowed:
-            reasons.append(f"challenger p95 latency {challenger_p95:.1f} ms > {allowed:.1f} ms allowed "
-                           f"({thresholds.max_latency_ratio}x or +{thresholds.latency_slack_ms:g} ms over the "
-                           f"champion's {champion_p95:.1f} ms)")
+    source = report.get("latency_source", "capture")
+    if statistic is not None:
+        champion, challenger = (report["latency_ms"][v][statistic] for v in (PRODUCTION, SHADOW))
+        allowed = max(thresholds.max_latency_ratio * champion, champion + thresholds.latency_slack_ms)
+        if challenger > allowed:
+            reasons.append(f"challenger {statistic} latency {challenger:.1f} ms ({source}) > {allowed:.1f} ms "
+                           f"allowed ({thresholds.max_latency_ratio}x or +{thresholds.latency_slack_ms:g} ms over "
+                           f"the champion's {champion:.1f} ms)")
     if overlap is not None and report["pairs"] >= 20 and overlap < thresholds.min_overlap:
         reasons.append(f"mean top-{report['k']} overlap {overlap:.2f} < {thresholds.min_overlap}: rankings look "
                        f"unrelated to the champion's")
@@ -334,9 +374,9 @@ def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str
         return "rollback", reasons
     if report["pairs"] < thresholds.min_pairs:
         return "keep-watching", [f"{report['pairs']} paired requests < {thresholds.min_pairs}"]
-    latency = (f"latency within {thresholds.max_latency_ratio}x" if latency_compared else
-               "latency not compared (the capture records carry none: compare the variants' ModelLatency in "
-               "CloudWatch)")
+    latency = (f"{statistic} latency within {thresholds.max_latency_ratio}x ({source})" if statistic else
+               "latency not compared (neither the capture records nor CloudWatch had both variants': compare "
+               "their ModelLatency by hand)")
     return "promote", [f"{report['pairs']} paired requests, overlap {overlap:.2f}, {latency}"]
 
 
@@ -353,7 +393,10 @@ def plot(report: dict[str, Any], analysis: Analysis, path: str | Path) -> Path:
         axes[2].boxplot([analysis.latency[PRODUCTION], analysis.latency[SHADOW]], showfliers=False)
         axes[2].set_xticks([1, 2], [PRODUCTION, SHADOW])
     else:
-        axes[2].text(0.5, 0.5, "no latency in the capture records\n(see ModelLatency in CloudWatch)",
+        cells = {v: report["latency_ms"].get(v) or {} for v in (PRODUCTION, SHADOW)}
+        text = "\n".join(f"{v}: mean {c['mean']:.1f} ms" + (f", p95 {c['p95']:.1f} ms" if c.get("p95") else "")
+                         for v, c in cells.items() if c.get("mean") is not None)
+        axes[2].text(0.5, 0.5, f"{report.get('latency_source')}:\n{text}" if text else "no latency measured",
                      ha="center", va="center", transform=axes[2].transAxes)
     axes[2].set_title("model latency (ms)")
     figure.suptitle(f"shadow report: {report['pairs']} paired requests -> {report['recommendation']}")

@@ -278,6 +278,17 @@ def test_lambda_on_an_endpoint_cloudformation_made(world):
     assert champion(world) == (world.urls[0], world.bodies[0])
 
 
+def cloudformation_config(w: World, suffix: str, package: int) -> str:
+    """What the Serving stack deploys from the champion parameter: its own model and config, with no tags."""
+    model = f"Serving-ChampionModel-{suffix}"
+    w.sm.create_model(ModelName=model, ExecutionRoleArn=w.env["MODEL_EXECUTION_ROLE_ARN"],
+                      PrimaryContainer={"Image": "tensorflow-inference:2.14.1-cpu", "ModelDataUrl": w.urls[package]})
+    w.sm.create_endpoint_config(EndpointConfigName=f"EndpointConfig-{suffix}", ProductionVariants=[{
+        "VariantName": deploy.PRODUCTION, "ModelName": model, "InstanceType": "ml.m5.large",
+        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
+    return f"EndpointConfig-{suffix}"
+
+
 def test_rollback_after_a_cdk_deploy_still_restores_the_previous_champion(world):
     """A `cdk deploy` after a promotion puts the endpoint on CloudFormation's config, which carries no
     previous-champion tag: the rollback target comes from the SSM parameter the Lambda keeps."""
@@ -292,13 +303,8 @@ def test_rollback_after_a_cdk_deploy_still_restores_the_previous_champion(world)
     invoke(world, "sync")  # what EventBridge starts when the update has finished
     champion_v1 = deploy.variant_from_tag(endpoint_tag(world, deploy.PREVIOUS_TAG))
     assert champion_v1.model_name.endswith("-v1") and previous() == deploy.variant_tag(champion_v1)
-    # what the Serving stack deploys from the champion parameter: its own model and config, no tags
-    world.sm.create_model(ModelName="Serving-ChampionModel-9Z", ExecutionRoleArn=world.env["MODEL_EXECUTION_ROLE_ARN"],
-                          PrimaryContainer={"Image": "tensorflow-inference:2.14.1-cpu", "ModelDataUrl": world.urls[1]})
-    world.sm.create_endpoint_config(EndpointConfigName="EndpointConfig-9Z", ProductionVariants=[{
-        "VariantName": deploy.PRODUCTION, "ModelName": "Serving-ChampionModel-9Z", "InstanceType": "ml.m5.large",
-        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
-    world.sm.update_endpoint(EndpointName=ENDPOINT, EndpointConfigName="EndpointConfig-9Z")
+    # a `cdk deploy` after the promotion: the endpoint on the Serving stack's config
+    world.sm.update_endpoint(EndpointName=ENDPOINT, EndpointConfigName=cloudformation_config(world, "9Z", 1))
     wait_in_service(world.sm)
     assert invoke(world, "sync")["action"] == "sync" and previous() == deploy.variant_tag(champion_v1)  # kept
 
@@ -313,12 +319,7 @@ def test_rollback_after_a_cdk_deploy_still_restores_the_previous_champion(world)
 def test_rollback_on_a_cloudformation_config_without_a_known_target_changes_nothing(world):
     """No tag and no parameter (a CLI without PREVIOUS_PARAMETER, or a parameter never written): an error, not a
     silent `reject` that would drop the challenger instead of restoring a champion."""
-    world.sm.create_model(ModelName="Serving-ChampionModel-1A", ExecutionRoleArn=world.env["MODEL_EXECUTION_ROLE_ARN"],
-                          PrimaryContainer={"Image": "tensorflow-inference:2.14.1-cpu", "ModelDataUrl": world.urls[0]})
-    world.sm.create_endpoint_config(EndpointConfigName="EndpointConfig-1A", ProductionVariants=[{
-        "VariantName": deploy.PRODUCTION, "ModelName": "Serving-ChampionModel-1A", "InstanceType": "ml.m5.large",
-        "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}])
-    world.sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName="EndpointConfig-1A")
+    world.sm.create_endpoint(EndpointName=ENDPOINT, EndpointConfigName=cloudformation_config(world, "1A", 0))
     wait_in_service(world.sm)
     configs = n_configs(world.sm)
     with pytest.raises(DeployError, match="no rollback target is known"):

@@ -345,5 +345,47 @@ def test_report_on_sagemaker_capture_reads_the_live_challenger_only(tmp_path, mo
         report = json.loads((out / shadow_report.REPORT_FILE).read_text())
         assert report["missing_shadow_share"] == 1.0 and report["recommendation"] == "rollback"
 
+        # SageMaker's records carry no latency: CloudWatch's ModelLatency per variant over the window (moto keeps
+        # the data points but computes no percentiles: the means are compared)
+        cloudwatch = boto3.client("cloudwatch")
+        for variant, microseconds in (("champion", 2_000.0), ("challenger", 50_000.0)):
+            cloudwatch.put_metric_data(Namespace="AWS/SageMaker", MetricData=[{
+                "MetricName": "ModelLatency", "Value": microseconds, "Unit": "Microseconds",
+                "Dimensions": [{"Name": "EndpointName", "Value": ENDPOINT},
+                               {"Name": "VariantName", "Value": variant}]}])
+        put("challenger", [_record(f"new{i}", now, [3.0, 2.0, 1.0]) for i in (0, 5, 10, 15)], now)
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / shadow_report.REPORT_FILE).read_text())
+        assert report["latency_source"] == "cloudwatch" and report["latency_ms"]["challenger"]["mean"] == 50.0
+        assert report["recommendation"] == "rollback" and "challenger mean latency 50.0 ms" in report["reasons"][0]
+
         bad = runner.invoke(app, [*args, "--since", "yesterday"])
         assert bad.exit_code == 1 and "--since 'yesterday' is not an ISO 8601 time" in bad.output
+
+
+def test_cloudwatch_latency_weights_period_statistics_by_their_samples(aws_env):
+    """GetMetricStatistics as the service answers it (request checked against the service model): per-period
+    averages and p95s in microseconds, combined over the window weighted by sample counts."""
+    from botocore.stub import Stubber
+
+    cloudwatch = boto3.client("cloudwatch")
+    since, until = T0, T0 + timedelta(days=2)  # 2,881 minutes: 3-minute periods keep one call under 1,440 points
+    answers = {"champion": [{"Average": 2000.0, "SampleCount": 30.0, "ExtendedStatistics": {"p95": 3000.0}},
+                            {"Average": 4000.0, "SampleCount": 10.0, "ExtendedStatistics": {"p95": 7000.0}}],
+               "challenger": []}
+    with Stubber(cloudwatch) as stub:
+        for variant, points in answers.items():
+            stub.add_response("get_metric_statistics", {"Datapoints": [{**p, "Timestamp": T0} for p in points]}, {
+                "Namespace": "AWS/SageMaker", "MetricName": "ModelLatency", "StartTime": since, "EndTime": until,
+                "Period": 180, "Statistics": ["Average", "SampleCount"], "ExtendedStatistics": ["p95"],
+                "Dimensions": [{"Name": "EndpointName", "Value": ENDPOINT}, {"Name": "VariantName", "Value": variant}]})
+        latency = shadow_report.cloudwatch_latency(cloudwatch, ENDPOINT, since, until)
+    assert set(latency) == {"champion"}  # no samples: left out, so the report says latency was not compared
+    assert latency["champion"]["mean"] == pytest.approx(2.5) and latency["champion"]["p95"] == pytest.approx(4.0)
+    assert latency["champion"]["samples"] == 40 and latency["champion"]["period_s"] == 180
+    production = [_record(f"r{i}", T0, [2.0, 1.0]) for i in range(5)]
+    report = shadow_report.build_report(production, production, 2, shadow_report.ShadowThresholds(min_pairs=5), 1.0,
+                                        latency=latency)
+    assert report["latency_source"] == "cloudwatch" and report["latency_ms"]["champion"]["p95"] == pytest.approx(4.0)
+    assert "latency not compared" in report["reasons"][0]
