@@ -459,7 +459,10 @@ def shadow_report(
     analysis = shadow.analyse(production, challenger, k)
     cloudwatch = None
     if target == "sagemaker" and not any(analysis.latency.values()):  # SageMaker's records carry no latency
-        first = start or min(filter(None, map(shadow.event_time, production)), default=None)
+        # from the challenger's first record: until the update that added it finished, the variant names served
+        # the previous config's models (a rolled-back challenger's latency must not count)
+        first = min(filter(None, map(shadow.event_time, challenger)), default=None) or start or min(
+            filter(None, map(shadow.event_time, production)), default=None)
         if first is not None:
             import boto3
 

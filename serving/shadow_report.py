@@ -288,25 +288,38 @@ LATENCY_METRIC = {"Namespace": "AWS/SageMaker", "MetricName": "ModelLatency"}
 MAX_DATAPOINTS = 1440  # GetMetricStatistics answers at most this many per call
 
 
-def cloudwatch_latency(cloudwatch, endpoint: str, since: datetime, until: datetime) -> dict[str, dict[str, Any]]:
+def metric_window(since: datetime, until: datetime, now: datetime) -> tuple[datetime, int]:
+    """(StartTime, Period) for GetMetricStatistics over ``[since, until)``: the period a multiple of what
+    CloudWatch keeps for data that old (60 s up to 15 days, 300 s up to 63, 3600 s beyond; other periods return
+    nothing there), large enough for one call's ``MAX_DATAPOINTS``, counted from the start rounded down to it."""
+    age = now - since
+    unit = 3600 if age > timedelta(days=63) else 300 if age > timedelta(days=15) else 60
+    start = datetime.fromtimestamp(since.timestamp() // unit * unit, timezone.utc)
+    span = max((until - start).total_seconds(), unit)
+    return start, unit * int(-(-span // (unit * MAX_DATAPOINTS)))
+
+
+def cloudwatch_latency(cloudwatch, endpoint: str, since: datetime, until: datetime,
+                       now: datetime | None = None) -> dict[str, dict[str, Any]]:
     """Both variants' ``ModelLatency`` over ``[since, until)`` from CloudWatch, in ms: the sample-weighted mean of
-    the period averages, and of the period p95s where CloudWatch computes them (``p95`` None otherwise); a variant
-    without samples is left out. Periods are whole minutes, as few as keep one call under ``MAX_DATAPOINTS``."""
-    minutes = max(1, int((until - since).total_seconds() // 60) + 1)
-    period = 60 * -(-minutes // MAX_DATAPOINTS)
+    the period averages, and ``p95``: the sample-weighted mean of the period p95s (an approximation of the
+    window's p95, the periods' lengths in ``period_s``; None where CloudWatch has none). A variant without samples
+    is left out. Two calls per variant: CloudWatch takes Statistics or ExtendedStatistics in a call, not both."""
+    start, period = metric_window(since, until, now or datetime.now(timezone.utc))
     out = {}
     for variant in (PRODUCTION, SHADOW):
-        points = cloudwatch.get_metric_statistics(
-            **LATENCY_METRIC, Dimensions=[{"Name": "EndpointName", "Value": endpoint},
-                                          {"Name": "VariantName", "Value": variant}],
-            StartTime=since, EndTime=until, Period=period, Statistics=["Average", "SampleCount"],
-            ExtendedStatistics=["p95"])["Datapoints"]
-        points = [p for p in points if p.get("SampleCount")]
+        query = {**LATENCY_METRIC, "Dimensions": [{"Name": "EndpointName", "Value": endpoint},
+                                                  {"Name": "VariantName", "Value": variant}],
+                 "StartTime": start, "EndTime": until, "Period": period}
+        points = [p for p in cloudwatch.get_metric_statistics(**query, Statistics=["Average", "SampleCount"])
+                  ["Datapoints"] if p.get("SampleCount")]
         samples = sum(p["SampleCount"] for p in points)
         if not samples:
             continue
-        p95s = [(p["ExtendedStatistics"]["p95"], p["SampleCount"]) for p in points
-                if "p95" in (p.get("ExtendedStatistics") or {})]
+        counts = {p["Timestamp"]: p["SampleCount"] for p in points}
+        p95s = [(p["ExtendedStatistics"]["p95"], counts[p["Timestamp"]])
+                for p in cloudwatch.get_metric_statistics(**query, ExtendedStatistics=["p95"])["Datapoints"]
+                if "p95" in (p.get("ExtendedStatistics") or {}) and p["Timestamp"] in counts]
         out[variant] = {"mean": sum(p["Average"] * p["SampleCount"] for p in points) / samples / 1000,
                         "p95": sum(v * n for v, n in p95s) / sum(n for _, n in p95s) / 1000 if p95s else None,
                         "p50": None, "p99": None, "samples": int(samples), "period_s": period}
@@ -360,11 +373,13 @@ def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str
         reasons.append(f"{report['missing_shadow_share']:.0%} of shadow copies have no response "
                        f"(> {thresholds.max_missing_share:.0%})")
     source = report.get("latency_source", "capture")
+    cloudwatch_p95 = source == "cloudwatch" and statistic == "p95"
+    statistic_label = "p95 (mean of per-period p95s)" if cloudwatch_p95 else statistic
     if statistic is not None:
         champion, challenger = (report["latency_ms"][v][statistic] for v in (PRODUCTION, SHADOW))
         allowed = max(thresholds.max_latency_ratio * champion, champion + thresholds.latency_slack_ms)
         if challenger > allowed:
-            reasons.append(f"challenger {statistic} latency {challenger:.1f} ms ({source}) > {allowed:.1f} ms "
+            reasons.append(f"challenger {statistic_label} latency {challenger:.1f} ms ({source}) > {allowed:.1f} ms "
                            f"allowed ({thresholds.max_latency_ratio}x or +{thresholds.latency_slack_ms:g} ms over "
                            f"the champion's {champion:.1f} ms)")
     if overlap is not None and report["pairs"] >= 20 and overlap < thresholds.min_overlap:
@@ -374,7 +389,7 @@ def recommend(report: dict[str, Any], thresholds: ShadowThresholds) -> tuple[str
         return "rollback", reasons
     if report["pairs"] < thresholds.min_pairs:
         return "keep-watching", [f"{report['pairs']} paired requests < {thresholds.min_pairs}"]
-    latency = (f"{statistic} latency within {thresholds.max_latency_ratio}x ({source})" if statistic else
+    latency = (f"{statistic_label} latency within {thresholds.max_latency_ratio}x ({source})" if statistic else
                "latency not compared (neither the capture records nor CloudWatch had both variants': compare "
                "their ModelLatency by hand)")
     return "promote", [f"{report['pairs']} paired requests, overlap {overlap:.2f}, {latency}"]

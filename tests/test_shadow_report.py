@@ -365,27 +365,55 @@ def test_report_on_sagemaker_capture_reads_the_live_challenger_only(tmp_path, mo
 
 
 def test_cloudwatch_latency_weights_period_statistics_by_their_samples(aws_env):
-    """GetMetricStatistics as the service answers it (request checked against the service model): per-period
-    averages and p95s in microseconds, combined over the window weighted by sample counts."""
+    """GetMetricStatistics as the service answers it (requests checked against the service model): Statistics and
+    ExtendedStatistics in separate calls (CloudWatch takes one or the other), per-period averages and p95s in
+    microseconds, combined over the window weighted by the periods' sample counts."""
     from botocore.stub import Stubber
 
     cloudwatch = boto3.client("cloudwatch")
-    since, until = T0, T0 + timedelta(days=2)  # 2,881 minutes: 3-minute periods keep one call under 1,440 points
-    answers = {"champion": [{"Average": 2000.0, "SampleCount": 30.0, "ExtendedStatistics": {"p95": 3000.0}},
-                            {"Average": 4000.0, "SampleCount": 10.0, "ExtendedStatistics": {"p95": 7000.0}}],
-               "challenger": []}
+    since, until = T0, T0 + timedelta(days=2)  # 2,880 minutes: 2-minute periods are exactly 1,440 points
+    t1, t2 = T0, T0 + timedelta(minutes=2)
+    answers = {"champion": ([{"Timestamp": t1, "Average": 2000.0, "SampleCount": 30.0},
+                             {"Timestamp": t2, "Average": 4000.0, "SampleCount": 10.0}],
+                            [{"Timestamp": t1, "ExtendedStatistics": {"p95": 3000.0}},
+                             {"Timestamp": t2, "ExtendedStatistics": {"p95": 7000.0}}]),
+               "challenger": ([], None)}
     with Stubber(cloudwatch) as stub:
-        for variant, points in answers.items():
-            stub.add_response("get_metric_statistics", {"Datapoints": [{**p, "Timestamp": T0} for p in points]}, {
-                "Namespace": "AWS/SageMaker", "MetricName": "ModelLatency", "StartTime": since, "EndTime": until,
-                "Period": 180, "Statistics": ["Average", "SampleCount"], "ExtendedStatistics": ["p95"],
-                "Dimensions": [{"Name": "EndpointName", "Value": ENDPOINT}, {"Name": "VariantName", "Value": variant}]})
-        latency = shadow_report.cloudwatch_latency(cloudwatch, ENDPOINT, since, until)
+        for variant, (basic, extended) in answers.items():
+            query = {"Namespace": "AWS/SageMaker", "MetricName": "ModelLatency", "StartTime": since,
+                     "EndTime": until, "Period": 120,
+                     "Dimensions": [{"Name": "EndpointName", "Value": ENDPOINT},
+                                    {"Name": "VariantName", "Value": variant}]}
+            stub.add_response("get_metric_statistics", {"Datapoints": basic},
+                              {**query, "Statistics": ["Average", "SampleCount"]})
+            if extended is not None:  # no samples: no second call
+                stub.add_response("get_metric_statistics", {"Datapoints": extended},
+                                  {**query, "ExtendedStatistics": ["p95"]})
+        latency = shadow_report.cloudwatch_latency(cloudwatch, ENDPOINT, since, until, now=until)
+        stub.assert_no_pending_responses()
     assert set(latency) == {"champion"}  # no samples: left out, so the report says latency was not compared
     assert latency["champion"]["mean"] == pytest.approx(2.5) and latency["champion"]["p95"] == pytest.approx(4.0)
-    assert latency["champion"]["samples"] == 40 and latency["champion"]["period_s"] == 180
+    assert latency["champion"]["samples"] == 40 and latency["champion"]["period_s"] == 120
     production = [_record(f"r{i}", T0, [2.0, 1.0]) for i in range(5)]
     report = shadow_report.build_report(production, production, 2, shadow_report.ShadowThresholds(min_pairs=5), 1.0,
                                         latency=latency)
     assert report["latency_source"] == "cloudwatch" and report["latency_ms"]["champion"]["p95"] == pytest.approx(4.0)
     assert "latency not compared" in report["reasons"][0]
+    both = {**latency, "challenger": {**latency["champion"], "p95": 30.0}}
+    slow = shadow_report.build_report(production, production, 2, shadow_report.ShadowThresholds(min_pairs=5), 1.0,
+                                      latency=both)
+    assert slow["recommendation"] == "rollback" and "p95 (mean of per-period p95s)" in slow["reasons"][0]
+
+
+@pytest.mark.parametrize("age_days,unit", [(1, 60), (16, 300), (70, 3600)])
+def test_metric_window_uses_the_periods_cloudwatch_keeps_for_data_that_old(age_days, unit):
+    now = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    since = now - timedelta(days=age_days, seconds=59)  # not on a period boundary
+    start, period = shadow_report.metric_window(since, now, now)
+    assert period % unit == 0 and start <= since and start.timestamp() % unit == 0
+    assert -(-(now - start).total_seconds() // period) <= shadow_report.MAX_DATAPOINTS  # one call's worth
+    assert period < unit * (shadow_report.MAX_DATAPOINTS // 100) or age_days == 70
+    exact = now - timedelta(seconds=1440 * 60)  # exactly 1,440 one-minute periods
+    assert shadow_report.metric_window(exact, now, now) == (exact, 60)
+    late = exact + timedelta(seconds=59)  # rounded down to the minute: still 1,440
+    assert shadow_report.metric_window(late, now, now) == (exact, 60)
