@@ -150,8 +150,9 @@ def run(event: dict[str, Any], sm, s3=None, ssm=None, env: dict[str, str] | None
     # (or a `sync`) puts them right, and `cdk deploy` never reads a stale champion.
     champion_url = publish_champion(sm, s3, ssm, production["model_name"], env) if production else None
     publish_challenger(sm, ssm, ((state or {}).get("shadow") or {}).get("model_name"), env)
-    settled = action == "sync" or result["action"] == "noop"
-    if state is not None and settled and backend.describe_extra()["status"] not in deploy.BUSY_STATUSES:
+    # Settled: a noop was planned on a settled endpoint (``deploy._plan``); a sync described the status already.
+    settled = result["action"] == "noop" or (action == "sync" and result.get("status") not in deploy.BUSY_STATUSES)
+    if state is not None and settled:
         publish_previous(ssm, state.get("previous"), env)
     changed = production and (before is None or before.production is None
                               or before.production.model_name != production["model_name"])

@@ -378,9 +378,12 @@ def _stats(values: Sequence[float], percentiles: Sequence[int] = (50, 95, 99)) -
     return out
 
 
-def _timed(fn: Callable[[int], Any], calls: int) -> list[float]:
+def _timed(fn: Callable[[int], Any], calls: int, pauses: Sequence[float] | None = None) -> list[float]:
+    """ms per call of ``fn(i)``; with ``pauses``, call i waits ``pauses[i]`` seconds first (not timed)."""
     times = []
     for i in range(calls):
+        if pauses is not None:
+            time.sleep(pauses[i])
         started = time.perf_counter()
         fn(i)
         times.append((time.perf_counter() - started) * 1000)
@@ -389,14 +392,7 @@ def _timed(fn: Callable[[int], Any], calls: int) -> list[float]:
 
 def _paced(fn: Callable[[int], Any], calls: int, rate: float, seed: int = 0) -> list[float]:
     """``fn`` timed after idle pauses like the open-loop load's gaps (exponential, mean ``1 / rate``)."""
-    gaps = np.random.default_rng(seed).exponential(1 / rate, calls)
-    times = []
-    for i, gap in enumerate(gaps):
-        time.sleep(gap)
-        started = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+    return _timed(fn, calls, np.random.default_rng(seed).exponential(1 / rate, calls))
 
 
 def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
