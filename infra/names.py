@@ -25,6 +25,8 @@ CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 PIPELINE_PREFIX = "marketrank"
 #: Shadow reports live under this prefix of the capture bucket, beside the capture they summarise.
 SHADOW_REPORT_PREFIX = "shadow-reports"
+#: The endpoint's data capture lives under this prefix of the capture bucket.
+DATA_CAPTURE_PREFIX = "data-capture"
 #: The bucket kinds of the Data stack (``Names.bucket``).
 BUCKETS = ("raw", "features", "artifacts", "capture", "access-logs", "alb-logs")
 
@@ -56,6 +58,15 @@ class Names:
     @property
     def kms_alias(self) -> str:
         return f"alias/{self.base}"
+
+    @property
+    def kms_alias_arn(self) -> str:
+        """The stage key by its alias: SageMaker takes it wherever a KmsKeyId goes (the stack passes the key's ARN)."""
+        return self.arn("kms", self.kms_alias)
+
+    @property
+    def data_capture_uri(self) -> str:
+        return f"s3://{self.bucket('capture')}/{DATA_CAPTURE_PREFIX}"
 
     @property
     def alarm_topic(self) -> str:
@@ -151,6 +162,24 @@ class Names:
         """The object the deploy Lambda copies the live champion's artifact to (``CHAMPION_URI``): inside the
         prefix the pipeline's Evaluate step mounts as the champion (``PipelineConfig.champion_uri``)."""
         return f"{self.pipeline_config().champion_uri}model.tar.gz"
+
+    def deploy_environment(self, kms_key_id: str | None = None) -> dict[str, str]:
+        """The deploy handler's environment (``pipelines.deploy_lambda``): the Lambda's, set by the MlPlatform
+        stack, and the CLI's ``endpoint promote|reject|rollback --target sagemaker``, so a change made from a
+        laptop creates the same configs (data capture, KMS) and moves the same parameters as the Lambda."""
+        return {
+            "MODEL_EXECUTION_ROLE_ARN": self.sagemaker_role_arn,
+            "INSTANCE_TYPE": self.stage.endpoint_instance_type,
+            "INSTANCE_COUNT": str(self.stage.endpoint_instance_count),
+            "DATA_CAPTURE_URI": self.data_capture_uri,
+            "KMS_KEY_ID": kms_key_id or self.kms_alias_arn,
+            "CHAMPION_PARAMETER": self.champion_parameter,
+            "CHALLENGER_PARAMETER": self.challenger_parameter,
+            "PREVIOUS_PARAMETER": self.previous_parameter,
+            "CREATE_ENDPOINT": "false",  # the Serving stack creates the endpoint; the handler changes variants
+            "CHAMPION_URI": self.champion_object_uri,
+            "ENDPOINT_NAME": self.endpoint,
+        }
 
     def pipeline_env(self) -> dict[str, str]:
         """``PipelineConfig.from_env`` variables that reproduce ``pipeline_config()``."""

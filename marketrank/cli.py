@@ -230,6 +230,11 @@ def report_show(run_id: Annotated[str, typer.Argument(help="run id or 'latest'")
 
 
 Target = Annotated[str, typer.Option(help="local (the workspace's endpoint) or sagemaker (boto3, AWS_* env)")]
+LOCAL_ENDPOINT = "marketrank"
+ActionEndpoint = Annotated[str | None, typer.Option(
+    "--endpoint", help=f"endpoint name (default: {LOCAL_ENDPOINT} locally, the stage's on SageMaker)")]
+Stage = Annotated[str | None, typer.Option(
+    help="with --target sagemaker: the cdk.json stage whose deploy settings apply (default: cdk.json's)")]
 EndpointName = Annotated[str, typer.Option("--endpoint", help="endpoint name")]
 CaptureUri = Annotated[str | None, typer.Option(help="SageMaker data capture S3 URI for new endpoint configs")]
 
@@ -246,19 +251,39 @@ def _backend(target: str, endpoint: str, data_capture_uri: str | None):
     raise ValueError(f"unknown target {target!r}: use local or sagemaker")
 
 
-def _endpoint_action(action: str, target: str, endpoint: str, data_capture_uri: str | None) -> None:
+def _stage_names(stage: str | None):
+    """``infra.names.Names`` of a cdk.json stage (default: cdk.json's)."""
+    from infra.config import stage_config
+    from infra.names import Names, cdk_context
+
+    return Names(stage_config(cdk_context(), stage))
+
+
+def deploy_environment(stage: str | None, data_capture_uri: str | None) -> dict[str, str]:
+    """The deploy Lambda's environment for ``stage``, so a change made from the CLI creates the same endpoint
+    configs (data capture, the stage's KMS key) and moves the same SSM parameters (the champion `cdk deploy`
+    redeploys, the rollback target) as the Lambda's."""
+    env = _stage_names(stage).deploy_environment()
+    if data_capture_uri:
+        env["DATA_CAPTURE_URI"] = data_capture_uri
+    return env
+
+
+def _endpoint_action(action: str, target: str, endpoint: str | None, data_capture_uri: str | None,
+                     stage: str | None = None) -> None:
     from pipelines import deploy
 
-    backend = _backend(target, endpoint, data_capture_uri)
     if target == "sagemaker":
         import boto3
 
         from pipelines import deploy_lambda
 
-        result = deploy_lambda.run({"action": action, "endpoint_name": endpoint}, boto3.client("sagemaker"),
-                                   boto3.client("s3"), boto3.client("ssm"))
+        env = deploy_environment(stage, data_capture_uri)
+        result = deploy_lambda.run({"action": action, "endpoint_name": endpoint or env["ENDPOINT_NAME"]},
+                                   boto3.client("sagemaker"), boto3.client("s3"), boto3.client("ssm"), env)
         result["state"] = json.loads(result["state"])
     else:
+        backend = _backend(target, endpoint or LOCAL_ENDPOINT, data_capture_uri)
         result = {"promote": deploy.promote, "rollback": deploy.rollback, "reject": deploy.reject}[action](backend)
         from pipelines.local import sync_aliases
         from pipelines.registry import LocalRegistry
@@ -285,19 +310,29 @@ def endpoint_describe(target: Target = "local", endpoint: EndpointName = "market
 
 @endpoint_app.command("promote")
 @_one_line_errors
-def endpoint_promote(target: Target = "local", endpoint: EndpointName = "marketrank",
+def endpoint_promote(target: Target = "local", endpoint: ActionEndpoint = None, stage: Stage = None,
                      data_capture_uri: CaptureUri = None,
                      force: Annotated[bool, typer.Option(help="promote even if the shadow report disagrees")] = False,
                      report: Annotated[str | None, typer.Option(
                          help="the shadow report to act on: latest.json path or s3:// URI (default: the "
-                              "workspace's shadow/<endpoint>/latest.json)")] = None,
+                              "workspace's shadow/<endpoint>/latest.json; on SageMaker the stage's, "
+                              "s3://<capture bucket>/shadow-reports/<endpoint>/latest.json)")] = None,
                      ) -> None:
     """Make the shadow challenger the production champion (the old champion is kept for rollback).
 
     Acts on the latest `marketrank shadow report` for the endpoint: refused unless it recommends promote."""
     from serving.shadow_report import REPORT_FILE, load_report
 
-    report_path = report or str(workspace.shadow_dir() / endpoint / REPORT_FILE)
+    if target == "sagemaker":
+        names = _stage_names(stage)
+        endpoint = endpoint or names.endpoint
+        report_path = report or (names.shadow_report_uri if endpoint == names.endpoint else None)
+        if report_path is None and not force:
+            raise ValueError(f"endpoint {endpoint!r} is not stage {names.stage.name!r}'s ({names.endpoint}): "
+                             "name its shadow report with --report, or pass --force")
+    else:
+        endpoint = endpoint or LOCAL_ENDPOINT
+        report_path = report or str(workspace.shadow_dir() / endpoint / REPORT_FILE)
     if not force:
         try:
             shadow = load_report(report_path)
@@ -307,23 +342,23 @@ def endpoint_promote(target: Target = "local", endpoint: EndpointName = "marketr
         if shadow["recommendation"] != "promote":
             raise ValueError(f"the shadow report ({report_path}) recommends {shadow['recommendation']}: "
                              f"{'; '.join(shadow['reasons'])} (use --force to override)")
-    _endpoint_action("promote", target, endpoint, data_capture_uri)
+    _endpoint_action("promote", target, endpoint, data_capture_uri, stage)
 
 
 @endpoint_app.command("reject")
 @_one_line_errors
-def endpoint_reject(target: Target = "local", endpoint: EndpointName = "marketrank",
+def endpoint_reject(target: Target = "local", endpoint: ActionEndpoint = None, stage: Stage = None,
                     data_capture_uri: CaptureUri = None) -> None:
     """Drop the shadow challenger; the live champion stays (what a shadow report's rollback means)."""
-    _endpoint_action("reject", target, endpoint, data_capture_uri)
+    _endpoint_action("reject", target, endpoint, data_capture_uri, stage)
 
 
 @endpoint_app.command("rollback")
 @_one_line_errors
-def endpoint_rollback(target: Target = "local", endpoint: EndpointName = "marketrank",
+def endpoint_rollback(target: Target = "local", endpoint: ActionEndpoint = None, stage: Stage = None,
                       data_capture_uri: CaptureUri = None) -> None:
     """Back to the previous champion (or stop shadowing when nothing was promoted yet)."""
-    _endpoint_action("rollback", target, endpoint, data_capture_uri)
+    _endpoint_action("rollback", target, endpoint, data_capture_uri, stage)
 
 
 def _pipeline_config(name: str | None, region: str | None, bucket: str | None, role_arn: str | None):

@@ -3,6 +3,8 @@ held in memory as preprocessed tensors (what ``training.train`` picks when it fi
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,6 +106,29 @@ def test_training_keeps_data_in_memory_only_within_the_budget(split):
     assert not in_memory(HParams(data_cache_mb=0), spec, train_dir)
     too_small = max(1, estimated // 2**20 // 2)
     assert estimated > too_small * 2**20 and not in_memory(HParams(data_cache_mb=too_small), spec, train_dir)
+
+
+def test_default_data_budget_is_a_quarter_of_the_memory_a_container_allows(tmp_path, monkeypatch) -> None:
+    from training import train
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(train, "CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    limit.write_text("max\n")  # cgroup v2 without a limit: the machine's memory
+    assert train.memory_budget_mb() == int(physical / 4 / 2**20)
+    limit.write_text(f"{512 * 2**20}\n")  # a container allowed 512 MiB
+    assert train.memory_budget_mb() == 128
+
+
+def test_default_budget_streams_data_beyond_it(split, monkeypatch) -> None:
+    from training import train
+
+    spec, train_dir, _ = split
+    estimated_mb = data.estimated_bytes(train_dir, spec) / 2**20
+    monkeypatch.setattr(train, "memory_budget_mb", lambda: int(estimated_mb) + 1)
+    assert HParams().data_cache_mb is None and in_memory(HParams(), spec, train_dir)
+    monkeypatch.setattr(train, "memory_budget_mb", lambda: int(estimated_mb / 2))
+    assert not in_memory(HParams(), spec, train_dir)
 
 
 def test_streaming_source_reshuffles_every_epoch_reproducibly(split) -> None:

@@ -334,6 +334,47 @@ def test_rollback_on_a_cloudformation_config_without_a_known_target_changes_noth
     assert invoke(world, "reject")["action"] == "drop-shadow"  # our own config: its tags decide, the value unread
 
 
+def test_cli_changes_a_stage_endpoint_as_its_lambda_does(world):
+    """`marketrank endpoint promote|rollback --target sagemaker` runs the handler with the stage's Lambda
+    environment (``infra.names.Names.deploy_environment``), not the caller's shell: its configs carry the stage's
+    data capture and KMS key, the champion parameter `cdk deploy` reads follows at once, and after a `cdk deploy`
+    the rollback target comes from the stage's parameter."""
+    from typer.testing import CliRunner
+
+    from marketrank.cli import _stage_names, app
+
+    names = _stage_names(None)
+    env = {**names.deploy_environment(), "MODEL_EXECUTION_ROLE_ARN": world.env["MODEL_EXECUTION_ROLE_ARN"],
+           "CREATE_ENDPOINT": "true"}  # the Serving stack's first endpoint, made here by the handler
+    for kind in ("artifacts", "capture"):
+        world.s3.create_bucket(Bucket=names.bucket(kind), CreateBucketConfiguration={"LocationConstraint": REGION})
+    world.ssm.put_parameter(Name=names.previous_parameter, Value=deploy_lambda.NO_MODEL, Type="String")
+    for package in world.packages[:2]:
+        deploy_lambda.run({"action": "deploy_shadow", "endpoint_name": names.endpoint, "model_package_arn": package,
+                           "shadow_sampling_percentage": 20}, world.sm, world.s3, world.ssm, env)
+        wait_in_service(world.sm, names.endpoint)
+
+    def cli(*args: str) -> None:
+        result = CliRunner().invoke(app, ["endpoint", *args, "--target", "sagemaker"])
+        assert result.exit_code == 0, result.output
+        wait_in_service(world.sm, names.endpoint)
+
+    cli("promote", "--force")  # no --endpoint: the stage's
+    config = endpoint_config(world.sm, names.endpoint)
+    assert models(config["ProductionVariants"]) == [(M2, 1.0)] and not config.get("ShadowProductionVariants")
+    assert config["KmsKeyId"] == names.kms_alias_arn
+    assert config["DataCaptureConfig"]["DestinationS3Uri"] == names.data_capture_uri
+    assert world.ssm.get_parameter(Name=names.champion_parameter)["Parameter"]["Value"] == world.urls[1]
+    deploy_lambda.run({"action": "sync"}, world.sm, world.s3, world.ssm, env)  # EventBridge, once InService
+    # a `cdk deploy`: the endpoint on the Serving stack's untagged config
+    world.sm.update_endpoint(EndpointName=names.endpoint, EndpointConfigName=cloudformation_config(world, "7C", 1))
+    wait_in_service(world.sm, names.endpoint)
+
+    cli("rollback")
+    assert models(endpoint_config(world.sm, names.endpoint)["ProductionVariants"]) == [(M1, 1.0)]
+    assert world.ssm.get_parameter(Name=names.champion_parameter)["Parameter"]["Value"] == world.urls[0]
+
+
 def endpoint_tag(w: World, key: str) -> str:
     return tags(w.sm, endpoint_config(w.sm)).get(key, "")
 

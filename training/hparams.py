@@ -31,7 +31,9 @@ class HParams:
     ipw_eta: float | None = None
     #: Hold the training and validation data in memory as tensors when their estimated size fits this budget
     #: (MiB): parsed once, reshuffled every epoch. 0 streams Parquet every epoch (bounded memory, slower steps).
-    data_cache_mb: int = 2048
+    #: None: a quarter of the memory this process may use (``training.train.memory_budget_mb``), so a bigger
+    #: training instance holds bigger data without a flag; loading peaks at about twice the estimate.
+    data_cache_mb: int | None = None
     #: Ablation / sanity check: permute the training labels within each list (a model that must not ship).
     shuffle_labels: bool = False
     seed: int = 42

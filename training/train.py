@@ -130,14 +130,32 @@ def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
     size to check and stream) and their estimated size fits ``hparams.data_cache_mb``."""
     from training import data
 
-    if hparams.data_cache_mb <= 0 or any(callable(s) for s in sources):
+    budget = memory_budget_mb() if hparams.data_cache_mb is None else hparams.data_cache_mb
+    if budget <= 0 or any(callable(s) for s in sources):
         return False
     needed = sum(data.estimated_bytes(s, spec) for s in sources)
-    if needed > hparams.data_cache_mb * 2**20:
-        log.info("data ~%.0f MiB > data_cache_mb=%d: streamed from Parquet every epoch", needed / 2**20,
-                 hparams.data_cache_mb)
+    if needed > budget * 2**20:
+        log.info("data ~%.0f MiB > data_cache_mb=%d: streamed from Parquet every epoch", needed / 2**20, budget)
         return False
     return True
+
+
+#: cgroup v2 / v1 files holding a container's memory limit ("max" or a huge number: none).
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_budget_mb(share: float = 0.25) -> int:
+    """``share`` of the memory this process may use: the machine's RAM, or a container's cgroup limit when lower
+    (a SageMaker training container sees its instance's memory; a laptop's Docker may see less)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return int(share * total / 2**20)
 
 
 def batch_source(src, spec: FeatureSpec, hparams, *, shuffle: bool, columns_extra: tuple[str, ...] = (),
@@ -270,6 +288,10 @@ def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() in ("", "none", "auto", "null") else float(text)
 
 
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "auto", "null") else int(text)
+
+
 def hparams_parser(parser: argparse.ArgumentParser) -> None:
     """One flag per HParams field (SageMaker passes hyperparameters as ``--name value``)."""
     from training.hparams import HParams
@@ -280,6 +302,9 @@ def hparams_parser(parser: argparse.ArgumentParser) -> None:
         if field.name == "ipw_eta":
             parser.add_argument(flag, type=_optional_float, default=field.default,
                                 help="position-bias exponent for IPW; 'auto' = the feature job's estimate")
+        elif field.name == "data_cache_mb":
+            parser.add_argument(flag, type=_optional_int, default=field.default,
+                                help="MiB of data held in memory (0: stream); 'auto' = a quarter of the memory")
         elif field.name == "hidden":
             parser.add_argument(flag, type=_int_tuple, default=field.default, help="hidden layer widths, e.g. 128,64")
         else:

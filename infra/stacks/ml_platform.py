@@ -26,14 +26,13 @@ from infra.config import StageConfig
 from infra.images import Images
 from infra.lambda_bundle import HANDLER, deploy_lambda_code
 from infra.nag import acknowledge
-from infra.names import PIPELINE_PREFIX, Names, partition
+from infra.names import DATA_CAPTURE_PREFIX, PIPELINE_PREFIX, Names, partition
 from infra.stacks import retention
 from pipelines.deploy_lambda import NO_MODEL
 
 #: ``pipelines.definition.upsert``'s description: the same, so an upsert after ``cdk deploy`` changes nothing.
 PIPELINE_DESCRIPTION = "marketrank: features -> train -> evaluate -> quality gate -> register -> shadow deploy"
 #: Where data capture goes in the capture bucket.
-DATA_CAPTURE_PREFIX = "data-capture"
 
 
 class MlPlatformStack(cdk.Stack):
@@ -46,7 +45,7 @@ class MlPlatformStack(cdk.Stack):
         def s3_arn(bucket: str, key: str = "") -> str:
             return f"arn:{partition(stage.region)}:s3:::{bucket}" + (f"/{key}" if key else "")
 
-        self.data_capture_uri = f"s3://{capture}/{DATA_CAPTURE_PREFIX}"
+        self.data_capture_uri = names.data_capture_uri
 
         # ---- SageMaker execution role: the pipeline's steps, the pipeline itself (upsert passes one role for both,
         # so a separate pipeline role would be replaced by this one on every upsert), and the endpoint's models.
@@ -241,19 +240,7 @@ class MlPlatformStack(cdk.Stack):
             handler=HANDLER, code=lambda_.Code.from_asset(str(deploy_lambda_code())), role=deploy_role,
             log_group=self.deploy_log_group, timeout=cdk.Duration.minutes(1), memory_size=256,
             description="marketrank: shadow deploy / promote / rollback on the SageMaker endpoint",
-            environment={
-                "MODEL_EXECUTION_ROLE_ARN": names.sagemaker_role_arn,
-                "INSTANCE_TYPE": stage.endpoint_instance_type,
-                "INSTANCE_COUNT": str(stage.endpoint_instance_count),
-                "DATA_CAPTURE_URI": self.data_capture_uri,
-                "KMS_KEY_ID": key.key_arn,
-                "CHAMPION_PARAMETER": names.champion_parameter,
-                "CHALLENGER_PARAMETER": names.challenger_parameter,
-                "PREVIOUS_PARAMETER": names.previous_parameter,
-                "CREATE_ENDPOINT": "false",  # the Serving stack creates the endpoint; the Lambda changes variants
-                "CHAMPION_URI": names.champion_object_uri,
-                "ENDPOINT_NAME": names.endpoint,
-            })
+            environment=names.deploy_environment(kms_key_id=key.key_arn))
         self.deploy_function.node.add_dependency(deploy_role)
         # Every state change of the endpoint (an update finished, failed or was rolled back, by the Lambda or by
         # CloudFormation) re-publishes the live variants to the parameters `cdk deploy` reads (action "sync").
