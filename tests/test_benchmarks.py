@@ -237,6 +237,27 @@ def test_letor_sample_runs_lambdamart():
 # ---------------------------------------------------------------- hand-made results of the other benchmarks
 
 
+def test_report_flags_results_of_an_earlier_preset_and_rates_the_largest_training_time():
+    from marketrank.simulator import SIZE_PRESETS
+
+    preset = SIZE_PRESETS["small"]
+    sim = {k: getattr(preset, k) for k in ("users", "items", "requests", "days", "seed")}
+    result = {"dataset": "small", "simulator": sim, "sizes": {"train": {"lists": 10, "items": 400}}}
+    assert "Stale" not in report._sizes(result)
+    earlier = {**result, "simulator": {**sim, "requests": sim["requests"] // 2}}
+    assert f"requests {sim['requests'] // 2:,} (now {sim['requests']:,})" in report._sizes(earlier)
+
+    def largest_row(result: dict) -> str:
+        return next(line for line in report.goals_section({"throughput": result})
+                    if line.startswith("| the largest data trains"))
+
+    measured = _throughput()  # `small` is its largest: 40 s
+    assert "`small`: 0.7 min (3,500 training lists)" in largest_row(measured)
+    assert largest_row(measured).endswith("| **NOT met** |")
+    measured["sizes"][1]["train_seconds"] = 600.0
+    assert largest_row(measured).endswith("| **met** |")
+
+
 def _throughput() -> dict:
     def size(name: str, lists: int, seconds: float, ratio: float, ci: tuple[float, float]) -> dict:
         return {"dataset": name, "train_lists": lists, "train_items": lists * 40, "train_seconds": seconds,
