@@ -46,18 +46,12 @@ def marketplace(size: str, seed: int = 7, cache: Path | None = None) -> Dataset:
 
     The cache defaults to the workspace's dataset dir, the one ``marketrank run`` uses, so both share the data.
     """
-    from marketrank import simulator, workspace
-    from pipelines.local import ensure_features, generate_data
+    from marketrank import workspace
+    from pipelines.local import ensure_simulated
 
     root = (cache / f"{size}-seed{seed}") if cache else workspace.dataset_dir(f"{size}-seed{seed}")
-    raw, features = root / "raw", root / "features"
-    root.mkdir(parents=True, exist_ok=True)
-    if not raw.exists():
-        generate_data(raw, size, seed)
-    ensure_features(raw, features)
-    config = dataclasses.replace(simulator.SIZE_PRESETS[size], seed=seed)
-    return from_features(features, size, simulator={k: getattr(config, k) for k in (
-        "users", "items", "requests", "days", "seed", "position_bias", "randomized_share")})
+    config = ensure_simulated(root, size, seed)
+    return from_features(root / "features", size, simulator=config)
 
 
 def from_features(features: Path, name: str, simulator: dict[str, Any] | None = None) -> Dataset:

@@ -63,13 +63,18 @@ def _sizes(result: dict[str, Any]) -> str:
 
 def _stale(result: dict[str, Any]) -> str:
     """A warning when a result ran on a preset that has changed since (``marketrank.simulator.SIZE_PRESETS``)."""
+    import dataclasses
+
     from marketrank.simulator import SIZE_PRESETS
 
     sim, preset = result.get("simulator"), SIZE_PRESETS.get(result.get("dataset", ""))
     if not sim or preset is None:
         return ""
-    changed = [f"{k} {sim[k]:,} (now {getattr(preset, k):,})" for k in ("users", "items", "requests", "days")
-               if k in sim and sim[k] != getattr(preset, k)]
+    def text(value: Any) -> str:
+        return "unrecorded" if value is None else f"{value:,}"
+
+    changed = [f"{k} {text(sim.get(k))} (now {text(v)})" for k, v in dataclasses.asdict(preset).items()
+               if k != "seed" and sim.get(k) != v]
     return (f" **Stale: measured on an earlier `{result['dataset']}` preset**: {', '.join(changed)}; re-run "
             "its benchmark to refresh." if changed else "")
 

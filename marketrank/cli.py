@@ -239,38 +239,39 @@ EndpointName = Annotated[str, typer.Option("--endpoint", help="endpoint name")]
 CaptureUri = Annotated[str | None, typer.Option(help="SageMaker data capture S3 URI for new endpoint configs")]
 
 
-def _backend(target: str, endpoint: str, data_capture_uri: str | None):
+def _backend(target: str, endpoint: str | None, stage: str | None = None):
     from pipelines import deploy
 
     if target == "local":
-        return deploy.LocalBackend(workspace.endpoints_dir(), endpoint)
+        return deploy.LocalBackend(workspace.endpoints_dir(), endpoint or LOCAL_ENDPOINT)
     if target == "sagemaker":
         import boto3
 
-        return deploy.SageMakerBackend(boto3.client("sagemaker"), endpoint, data_capture_uri=data_capture_uri)
+        names = _stage_names(stage)
+        return deploy.SageMakerBackend(boto3.client("sagemaker", region_name=names.stage.region),
+                                       endpoint or names.endpoint)
     raise ValueError(f"unknown target {target!r}: use local or sagemaker")
 
 
-def _stage_names(stage: str | None):
-    """``infra.names.Names`` of a cdk.json stage (default: cdk.json's)."""
+def _stage_names(stage: str | None, endpoint: str | None = None):
+    """``infra.names.Names`` of a cdk.json stage (default: cdk.json's); with ``endpoint``, it must be the stage's:
+    the stage's deploy settings and SSM parameters belong to that endpoint alone."""
     from infra.config import stage_config
     from infra.names import Names, cdk_context
 
-    return Names(stage_config(cdk_context(), stage))
-
-
-def deploy_environment(stage: str | None, data_capture_uri: str | None) -> dict[str, str]:
-    """The deploy Lambda's environment for ``stage``, so a change made from the CLI creates the same endpoint
-    configs (data capture, the stage's KMS key) and moves the same SSM parameters (the champion `cdk deploy`
-    redeploys, the rollback target) as the Lambda's."""
-    env = _stage_names(stage).deploy_environment()
-    if data_capture_uri:
-        env["DATA_CAPTURE_URI"] = data_capture_uri
-    return env
+    names = Names(stage_config(cdk_context(), stage))
+    if endpoint is not None and endpoint != names.endpoint:
+        raise ValueError(f"endpoint {endpoint!r} is not stage {names.stage.name!r}'s ({names.endpoint}): name its "
+                         "stage with --stage (the stage's parameters and capture belong to its own endpoint)")
+    return names
 
 
 def _endpoint_action(action: str, target: str, endpoint: str | None, data_capture_uri: str | None,
                      stage: str | None = None) -> None:
+    """On SageMaker: the deploy Lambda's handler with the Lambda's environment for the stage
+    (``Names.deploy_environment``), so a change made here creates the same endpoint configs (data capture, the
+    stage's KMS key) and moves the same SSM parameters (the champion `cdk deploy` redeploys, the rollback
+    target) as the Lambda's."""
     from pipelines import deploy
 
     if target == "sagemaker":
@@ -278,12 +279,18 @@ def _endpoint_action(action: str, target: str, endpoint: str | None, data_captur
 
         from pipelines import deploy_lambda
 
-        env = deploy_environment(stage, data_capture_uri)
-        result = deploy_lambda.run({"action": action, "endpoint_name": endpoint or env["ENDPOINT_NAME"]},
-                                   boto3.client("sagemaker"), boto3.client("s3"), boto3.client("ssm"), env)
+        names = _stage_names(stage, endpoint)
+        env = names.deploy_environment()
+        if data_capture_uri:
+            env["DATA_CAPTURE_URI"] = data_capture_uri
+        region = names.stage.region
+        result = deploy_lambda.run({"action": action, "endpoint_name": names.endpoint},
+                                   boto3.client("sagemaker", region_name=region),
+                                   boto3.client("s3", region_name=region), boto3.client("ssm", region_name=region),
+                                   env)
         result["state"] = json.loads(result["state"])
     else:
-        backend = _backend(target, endpoint or LOCAL_ENDPOINT, data_capture_uri)
+        backend = _backend(target, endpoint)
         result = {"promote": deploy.promote, "rollback": deploy.rollback, "reject": deploy.reject}[action](backend)
         from pipelines.local import sync_aliases
         from pipelines.registry import LocalRegistry
@@ -301,11 +308,11 @@ def _endpoint_action(action: str, target: str, endpoint: str | None, data_captur
 
 @endpoint_app.command("describe")
 @_one_line_errors
-def endpoint_describe(target: Target = "local", endpoint: EndpointName = "marketrank") -> None:
+def endpoint_describe(target: Target = "local", endpoint: ActionEndpoint = None, stage: Stage = None) -> None:
     """Show the endpoint's production (champion) and shadow (challenger) variants."""
     from pipelines import deploy
 
-    ui.console.print(json.dumps(deploy.describe(_backend(target, endpoint, None)), indent=2))
+    ui.console.print(json.dumps(deploy.describe(_backend(target, endpoint, stage)), indent=2))
 
 
 @endpoint_app.command("promote")
@@ -324,12 +331,8 @@ def endpoint_promote(target: Target = "local", endpoint: ActionEndpoint = None, 
     from serving.shadow_report import REPORT_FILE, load_report
 
     if target == "sagemaker":
-        names = _stage_names(stage)
-        endpoint = endpoint or names.endpoint
-        report_path = report or (names.shadow_report_uri if endpoint == names.endpoint else None)
-        if report_path is None and not force:
-            raise ValueError(f"endpoint {endpoint!r} is not stage {names.stage.name!r}'s ({names.endpoint}): "
-                             "name its shadow report with --report, or pass --force")
+        names = _stage_names(stage, endpoint)
+        endpoint, report_path = names.endpoint, report or names.shadow_report_uri
     else:
         endpoint = endpoint or LOCAL_ENDPOINT
         report_path = report or str(workspace.shadow_dir() / endpoint / REPORT_FILE)
@@ -452,11 +455,13 @@ def pipeline_status(
 @_one_line_errors
 def shadow_report(
     capture: Annotated[str | None, typer.Option(help="data capture root: local dir or s3:// prefix "
-                                                     "(default: the local endpoint's)")] = None,
-    endpoint: EndpointName = "marketrank",
+                                                     "(default: the local endpoint's; on SageMaker the stage's)")
+                       ] = None,
+    endpoint: ActionEndpoint = None,
     target: Annotated[str | None, typer.Option(
         help="where the endpoint runs, for its shadow share and start time: local or sagemaker (default: "
              "sagemaker for an s3:// capture, else local)")] = None,
+    stage: Stage = None,
     since: Annotated[str | None, typer.Option(
         help="read records from this UTC time on (ISO 8601), or 'all' (default: when the endpoint's live "
              "variants were configured: older records belong to earlier challengers)")] = None,
@@ -473,9 +478,15 @@ def shadow_report(
 
     from serving import shadow_report as shadow
 
-    root = capture or str(workspace.capture_dir())
-    target = target or ("sagemaker" if root.startswith("s3://") else "local")
-    backend = _backend(target, endpoint, None)
+    target = target or ("sagemaker" if (capture or "").startswith("s3://") else "local")
+    region = None
+    if target == "sagemaker":
+        names = _stage_names(stage)
+        endpoint, region = endpoint or names.endpoint, names.stage.region
+        root = capture or names.data_capture_uri
+    else:
+        endpoint, root = endpoint or LOCAL_ENDPOINT, capture or str(workspace.capture_dir())
+    backend = _backend(target, endpoint, stage)
     start = _since(since, backend) if since != "all" else None
     production = shadow.read_capture(root, endpoint, shadow.PRODUCTION, start)
     challenger = shadow.read_capture(root, endpoint, shadow.SHADOW, start)
@@ -503,7 +514,8 @@ def shadow_report(
 
             try:
                 until = datetime.now(timezone.utc) + timedelta(minutes=1)  # the current minute's points too
-                cloudwatch = shadow.cloudwatch_latency(boto3.client("cloudwatch"), endpoint, first, until)
+                cloudwatch = shadow.cloudwatch_latency(boto3.client("cloudwatch", region_name=region), endpoint,
+                                                        first, until)
             except (BotoCoreError, ClientError) as err:
                 logging.getLogger("marketrank").warning("no ModelLatency from CloudWatch: %s", err)
     report = shadow.build_report(production, challenger, k, thresholds, share, analysis, cloudwatch)

@@ -246,7 +246,8 @@ class SageMakerBackend:
         return {t["Key"]: t["Value"] for t in self.sm.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]}
 
     def _current_capture(self) -> dict[str, Any] | None:
-        """The live config's DataCaptureConfig, kept when this backend was not given one (CLI promote)."""
+        """The live config's DataCaptureConfig, kept when this backend was not given one (a caller without
+        ``DATA_CAPTURE_URI``, e.g. tests or a hand-made account)."""
         endpoint = self._endpoint()
         if endpoint is None:
             return None

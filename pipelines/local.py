@@ -46,16 +46,53 @@ class LocalRunConfig:
         return self.dataset or f"{self.size}-seed{self.seed}"
 
 
-def generate_data(raw_dir: Path, size: str, seed: int) -> dict[str, int]:
+#: Beside the tables in ``raw/``: the ``SimConfig`` that simulated them.
+SIMULATOR_FILE = "simulator.json"
+
+
+def simulator_config(size: str, seed: int) -> dict[str, Any]:
     if size not in simulator.SIZE_PRESETS:
         raise ValueError(f"unknown data size {size!r}; choose one of {', '.join(simulator.SIZE_PRESETS)}")
-    config = dataclasses.replace(simulator.SIZE_PRESETS[size], seed=seed)
+    return dataclasses.asdict(dataclasses.replace(simulator.SIZE_PRESETS[size], seed=seed))
+
+
+def generate_data(raw_dir: Path, size: str, seed: int) -> dict[str, int]:
+    config = simulator.SimConfig(**simulator_config(size, seed))
     with ui.step(f"simulate marketplace logs ({size}: {config.requests:,} requests)", total=config.requests) as s:
         tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
         tmp = raw_dir.with_name(raw_dir.name + ".tmp")
         simulator.write_tables(tables, tmp)
+        (tmp / SIMULATOR_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
         tmp.rename(raw_dir)
     return {name: len(frame) for name, frame in tables.items()}
+
+
+def ensure_simulated(data_dir: Path, size: str, seed: int) -> dict[str, Any]:
+    """``data_dir``'s ``raw/`` logs and ``features/`` for the ``size`` preset and ``seed`` as the preset is now.
+
+    Logs simulated with another config (an earlier preset, or from before the config was recorded) are
+    simulated again and their features rebuilt, so a cache named ``<size>-seed<seed>`` never passes off old data
+    as today's preset. Returns the config the logs were simulated with."""
+    import shutil
+
+    raw_dir, features_dir = data_dir / "raw", data_dir / "features"
+    wanted = simulator_config(size, seed)
+    if raw_dir.exists():
+        recorded = raw_dir / SIMULATOR_FILE
+        built = json.loads(recorded.read_text()) if recorded.exists() else None
+        if built == wanted:
+            ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")
+        else:
+            ui.console.print(f"[yellow]raw logs in {raw_dir} were simulated with "
+                             f"{built or 'an unrecorded config'}; the {size!r} preset is now {wanted}: "
+                             "simulating again[/yellow]")
+            shutil.rmtree(raw_dir)
+            shutil.rmtree(features_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not raw_dir.exists():
+        generate_data(raw_dir, size, seed)
+    ensure_features(raw_dir, features_dir)
+    return wanted
 
 
 def build_features(raw_dir: Path, features_dir: Path) -> dict[str, Any]:
@@ -130,11 +167,14 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
 
         shutil.rmtree(raw_dir, ignore_errors=True)
         shutil.rmtree(features_dir, ignore_errors=True)
-    if not raw_dir.exists():
-        generate_data(raw_dir, config.size, config.seed)
-    else:
-        ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")
-    ensure_features(raw_dir, features_dir)
+    if config.dataset is None:  # the preset's own dataset: kept only while it matches the preset
+        ensure_simulated(data_dir, config.size, config.seed)
+    else:  # a dataset named by the user (perhaps their own logs): simulated only when it is not there
+        if not raw_dir.exists():
+            generate_data(raw_dir, config.size, config.seed)
+        else:
+            ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")
+        ensure_features(raw_dir, features_dir)
 
     registry = LocalRegistry(workspace.mlflow_uri(), workspace.models_dir())
     champion = registry.get(CHAMPION)

@@ -240,12 +240,13 @@ def test_letor_sample_runs_lambdamart():
 def test_report_flags_results_of_an_earlier_preset_and_rates_the_largest_training_time():
     from marketrank.simulator import SIZE_PRESETS
 
-    preset = SIZE_PRESETS["small"]
-    sim = {k: getattr(preset, k) for k in ("users", "items", "requests", "days", "seed")}
+    sim = dataclasses.asdict(SIZE_PRESETS["small"])  # what `benchmarks.datasets.marketplace` records
     result = {"dataset": "small", "simulator": sim, "sizes": {"train": {"lists": 10, "items": 400}}}
     assert "Stale" not in report._sizes(result)
     earlier = {**result, "simulator": {**sim, "requests": sim["requests"] // 2}}
     assert f"requests {sim['requests'] // 2:,} (now {sim['requests']:,})" in report._sizes(earlier)
+    unrecorded = {**result, "simulator": {k: v for k, v in sim.items() if k != "randomized_share"}}
+    assert f"randomized_share unrecorded (now {sim['randomized_share']:,})" in report._sizes(unrecorded)
 
     def largest_row(result: dict) -> str:
         return next(line for line in report.goals_section({"throughput": result})

@@ -373,6 +373,11 @@ def test_cli_changes_a_stage_endpoint_as_its_lambda_does(world):
     cli("rollback")
     assert models(endpoint_config(world.sm, names.endpoint)["ProductionVariants"]) == [(M1, 1.0)]
     assert world.ssm.get_parameter(Name=names.champion_parameter)["Parameter"]["Value"] == world.urls[0]
+    # another endpoint with this stage's parameters would move the stage's champion: refused, nothing changed
+    configs = n_configs(world.sm)
+    refused = CliRunner().invoke(app, ["endpoint", "reject", "--target", "sagemaker", "--endpoint", ENDPOINT])
+    assert refused.exit_code != 0 and f"is not stage {names.stage.name!r}'s" in refused.output
+    assert n_configs(world.sm) == configs
 
 
 def endpoint_tag(w: World, key: str) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from pandas.api import types as ptypes
 
@@ -253,3 +255,29 @@ def test_write_tables_round_trip(tiny: dict[str, pd.DataFrame], tmp_path) -> Non
         pd.testing.assert_frame_equal(back, tiny[name], obj=name)
     back_users = pd.read_parquet(paths["users"])
     assert [list(v) for v in back_users["fav_brands"]] == list(tiny["users"]["fav_brands"])
+
+
+def test_a_preset_dataset_is_simulated_again_when_its_preset_changes(tmp_path, monkeypatch):
+    """A cache named ``<size>-seed<seed>`` holds what the preset gives today: logs recorded with another config
+    are simulated again and their features dropped (the feature job is not this test's subject)."""
+    from pipelines import local
+
+    built = []
+    monkeypatch.setattr(local, "ensure_features", lambda raw, features: built.append(raw))
+    root = tmp_path / "tiny-seed3"
+    config = local.ensure_simulated(root, "tiny", 3)
+    raw = root / "raw"
+    assert config == dataclasses.asdict(dataclasses.replace(SIZE_PRESETS["tiny"], seed=3))
+    assert json.loads((raw / local.SIMULATOR_FILE).read_text()) == config and built == [raw]
+    requests = raw / "requests" / "part-0.parquet"
+    written = requests.stat().st_mtime_ns
+    assert local.ensure_simulated(root, "tiny", 3) == config and requests.stat().st_mtime_ns == written  # reused
+
+    (root / "features").mkdir()
+    (root / "features" / "stats.json").write_text("{}")
+    monkeypatch.setitem(SIZE_PRESETS, "tiny", dataclasses.replace(SIZE_PRESETS["tiny"], requests=300))
+    assert local.ensure_simulated(root, "tiny", 3)["requests"] == 300
+    assert pq.ParquetFile(requests).metadata.num_rows == 300 and not (root / "features").exists()
+    (raw / local.SIMULATOR_FILE).unlink()  # logs from before the config was recorded: not trusted either
+    local.ensure_simulated(root, "tiny", 3)
+    assert json.loads((raw / local.SIMULATOR_FILE).read_text())["requests"] == 300

@@ -130,7 +130,7 @@ def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
     size to check and stream) and their estimated size fits ``hparams.data_cache_mb``."""
     from training import data
 
-    budget = memory_budget_mb() if hparams.data_cache_mb is None else hparams.data_cache_mb
+    budget = data_budget_mb(hparams)
     if budget <= 0 or any(callable(s) for s in sources):
         return False
     needed = sum(data.estimated_bytes(s, spec) for s in sources)
@@ -138,6 +138,11 @@ def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
         log.info("data ~%.0f MiB > data_cache_mb=%d: streamed from Parquet every epoch", needed / 2**20, budget)
         return False
     return True
+
+
+def data_budget_mb(hparams) -> int:
+    """``hparams.data_cache_mb``, or the default budget when it is None (``memory_budget_mb``)."""
+    return memory_budget_mb() if hparams.data_cache_mb is None else hparams.data_cache_mb
 
 
 #: cgroup v2 / v1 files holding a container's memory limit ("max" or a huge number: none).
@@ -212,7 +217,8 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     tracker = Tracker.start(tracking_uri, experiment, run_name, artifact_location)
     if tracker is not None:
         tracker.params({**dataclasses.asdict(hparams), "features": len(spec.features), "list_size": spec.list_size,
-                        "source": spec.source, "ipw_eta_used": eta})
+                        "source": spec.source, "ipw_eta_used": eta, "data_cache_mb_used": data_budget_mb(hparams),
+                        "data_in_memory": bool(batch_size)})
     status = "FAILED"
     try:
         epoch_logger = _EpochLogger(tracker, progress)

@@ -32,7 +32,6 @@ from pipelines.deploy_lambda import NO_MODEL
 
 #: ``pipelines.definition.upsert``'s description: the same, so an upsert after ``cdk deploy`` changes nothing.
 PIPELINE_DESCRIPTION = "marketrank: features -> train -> evaluate -> quality gate -> register -> shadow deploy"
-#: Where data capture goes in the capture bucket.
 
 
 class MlPlatformStack(cdk.Stack):
