@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -103,8 +104,6 @@ def run(
 ) -> None:
     """The local pipeline: data -> Spark features -> TF-Ranking -> evaluation vs champion -> gate -> registry
     -> shadow deployment on the local endpoint -> report."""
-    import dataclasses
-
     _quiet_logs(verbose)
     from pipelines.local import LocalRunConfig, run_local
 
@@ -130,13 +129,12 @@ def data_generate(
     from marketrank import simulator
     from training import storage
 
-    if size not in simulator.SIZE_PRESETS:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(simulator.SIZE_PRESETS)}")
-    config = simulator.SIZE_PRESETS[size].__class__(**{**simulator.SIZE_PRESETS[size].__dict__, "seed": seed})
+    config = simulator.preset(size, seed)
     with ui.step(f"simulate {config.requests:,} requests", total=config.requests) as s:
         tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
     target = Path(tempfile.mkdtemp()) if storage.is_s3(out) else Path(out)
     simulator.write_tables(tables, target)
+    (target / simulator.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     if storage.is_s3(out):
         storage.stage_out(target, out)
     ui.console.print(json.dumps({name: len(frame) for name, frame in tables.items()}))
@@ -474,8 +472,6 @@ def shadow_report(
                                                  "(default: the workspace's shadow/<endpoint>)")] = None,
 ) -> None:
     """Compare champion and challenger responses from data capture; recommend promote / keep-watching / rollback."""
-    import dataclasses
-
     from serving import shadow_report as shadow
 
     target = target or ("sagemaker" if (capture or "").startswith("s3://") else "local")

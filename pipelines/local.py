@@ -46,23 +46,13 @@ class LocalRunConfig:
         return self.dataset or f"{self.size}-seed{self.seed}"
 
 
-#: Beside the tables in ``raw/``: the ``SimConfig`` that simulated them.
-SIMULATOR_FILE = "simulator.json"
-
-
-def simulator_config(size: str, seed: int) -> dict[str, Any]:
-    if size not in simulator.SIZE_PRESETS:
-        raise ValueError(f"unknown data size {size!r}; choose one of {', '.join(simulator.SIZE_PRESETS)}")
-    return dataclasses.asdict(dataclasses.replace(simulator.SIZE_PRESETS[size], seed=seed))
-
-
 def generate_data(raw_dir: Path, size: str, seed: int) -> dict[str, int]:
-    config = simulator.SimConfig(**simulator_config(size, seed))
+    config = simulator.preset(size, seed)
     with ui.step(f"simulate marketplace logs ({size}: {config.requests:,} requests)", total=config.requests) as s:
         tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
         tmp = raw_dir.with_name(raw_dir.name + ".tmp")
         simulator.write_tables(tables, tmp)
-        (tmp / SIMULATOR_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (tmp / simulator.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
         tmp.rename(raw_dir)
     return {name: len(frame) for name, frame in tables.items()}
 
@@ -76,9 +66,9 @@ def ensure_simulated(data_dir: Path, size: str, seed: int) -> dict[str, Any]:
     import shutil
 
     raw_dir, features_dir = data_dir / "raw", data_dir / "features"
-    wanted = simulator_config(size, seed)
+    wanted = dataclasses.asdict(simulator.preset(size, seed))
     if raw_dir.exists():
-        recorded = raw_dir / SIMULATOR_FILE
+        recorded = raw_dir / simulator.CONFIG_FILE
         built = json.loads(recorded.read_text()) if recorded.exists() else None
         if built == wanted:
             ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")

@@ -268,7 +268,7 @@ def test_a_preset_dataset_is_simulated_again_when_its_preset_changes(tmp_path, m
     config = local.ensure_simulated(root, "tiny", 3)
     raw = root / "raw"
     assert config == dataclasses.asdict(dataclasses.replace(SIZE_PRESETS["tiny"], seed=3))
-    assert json.loads((raw / local.SIMULATOR_FILE).read_text()) == config and built == [raw]
+    assert json.loads((raw / simulator.CONFIG_FILE).read_text()) == config and built == [raw]
     requests = raw / "requests" / "part-0.parquet"
     written = requests.stat().st_mtime_ns
     assert local.ensure_simulated(root, "tiny", 3) == config and requests.stat().st_mtime_ns == written  # reused
@@ -278,6 +278,6 @@ def test_a_preset_dataset_is_simulated_again_when_its_preset_changes(tmp_path, m
     monkeypatch.setitem(SIZE_PRESETS, "tiny", dataclasses.replace(SIZE_PRESETS["tiny"], requests=300))
     assert local.ensure_simulated(root, "tiny", 3)["requests"] == 300
     assert pq.ParquetFile(requests).metadata.num_rows == 300 and not (root / "features").exists()
-    (raw / local.SIMULATOR_FILE).unlink()  # logs from before the config was recorded: not trusted either
+    (raw / simulator.CONFIG_FILE).unlink()  # logs from before the config was recorded: not trusted either
     local.ensure_simulated(root, "tiny", 3)
-    assert json.loads((raw / local.SIMULATOR_FILE).read_text())["requests"] == 300
+    assert json.loads((raw / simulator.CONFIG_FILE).read_text())["requests"] == 300
