@@ -250,11 +250,15 @@ def goals_section(results: dict[str, Any]) -> list[str]:
         pipe = largest["input_pipeline"]
         rows.append([f"input pipeline step time <= 1.1x cached batches (`{largest['dataset']}`)",
                      throughput.describe_ratio(pipe), _pipeline_status(pipe)])
-        minutes = largest["train_seconds"] / 60
+        large = next((s for s in results["throughput"]["sizes"] if s["dataset"] == "large"), None)
         low, high = LARGE_TRAIN_MINUTES
-        rows.append([f"the largest data trains in ~10 min on this machine ({low:g} to {high:g} min)",
-                     f"`{largest['dataset']}`: {minutes:.1f} min ({largest['train_lists']:,} training lists)"
-                     + _stale(largest), _yes(low <= minutes <= high)])
+        goal = f"`large` trains in ~10 min on this machine ({low:g} to {high:g} min)"
+        if large is None:
+            rows.append([goal, "not measured (`marketrank bench train --sizes ...,large`)", _yes(None)])
+        else:
+            minutes = large["train_seconds"] / 60
+            rows.append([goal, f"{minutes:.1f} min ({large['train_lists']:,} training lists)" + _stale(large),
+                         _yes(low <= minutes <= high)])
     if "serving" in results and results["serving"].get("target"):
         target = results["serving"]["target"]
         rows.append([f"serving p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, "

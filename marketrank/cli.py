@@ -469,7 +469,9 @@ def shadow_report(
         help="% of requests copied to the shadow (default: the endpoint's shadow weight relative to its "
              "production weight)")] = None,
     out: Annotated[str | None, typer.Option(help="directory or s3:// prefix for latest.json and shadow.png "
-                                                 "(default: the workspace's shadow/<endpoint>)")] = None,
+                                                 "(default: the workspace's shadow/<endpoint>; on SageMaker, for "
+                                                 "the stage's endpoint, where the API and promote read it)")
+                   ] = None,
 ) -> None:
     """Compare champion and challenger responses from data capture; recommend promote / keep-watching / rollback."""
     from serving import shadow_report as shadow
@@ -480,6 +482,8 @@ def shadow_report(
         names = _stage_names(stage)
         endpoint, region = endpoint or names.endpoint, names.stage.region
         root = capture or names.data_capture_uri
+        if out is None and endpoint == names.endpoint:  # published: the API's gauges and promote read it there
+            out = names.shadow_report_uri.rsplit("/", 1)[0]
     else:
         endpoint, root = endpoint or LOCAL_ENDPOINT, capture or str(workspace.capture_dir())
     backend = _backend(target, endpoint, stage)

@@ -60,26 +60,33 @@ def generate_data(raw_dir: Path, size: str, seed: int) -> dict[str, int]:
 def ensure_simulated(data_dir: Path, size: str, seed: int) -> dict[str, Any]:
     """``data_dir``'s ``raw/`` logs and ``features/`` for the ``size`` preset and ``seed`` as the preset is now.
 
-    Logs simulated with another config (an earlier preset, or from before the config was recorded) are
-    simulated again and their features rebuilt, so a cache named ``<size>-seed<seed>`` never passes off old data
-    as today's preset. Returns the config the logs were simulated with."""
+    Logs simulated with another config (an earlier preset) are simulated again and their features rebuilt, so a
+    cache named ``<size>-seed<seed>`` never passes off old data as today's preset. Logs with no readable record
+    of their config (from before it was recorded, or not the simulator's) are moved aside, not deleted.
+    Returns the config the logs were simulated with."""
     import shutil
 
     raw_dir, features_dir = data_dir / "raw", data_dir / "features"
     wanted = dataclasses.asdict(simulator.preset(size, seed))
     if raw_dir.exists():
-        recorded = raw_dir / simulator.CONFIG_FILE
-        built = json.loads(recorded.read_text()) if recorded.exists() else None
+        try:
+            built = json.loads((raw_dir / simulator.CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            built = None
         if built == wanted:
             ui.console.print(f"[dim]using raw logs in {raw_dir}[/dim]")
-        else:
-            ui.console.print(f"[yellow]raw logs in {raw_dir} were simulated with "
-                             f"{built or 'an unrecorded config'}; the {size!r} preset is now {wanted}: "
-                             "simulating again[/yellow]")
+        elif built is not None:
+            ui.console.print(f"[yellow]raw logs in {raw_dir} were simulated with {built}; the {size!r} preset is "
+                             f"now {wanted}: simulating again[/yellow]")
             shutil.rmtree(raw_dir)
-            shutil.rmtree(features_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            aside = raw_dir.with_name(f"raw.unrecorded-{time.strftime('%Y%m%d-%H%M%S')}")
+            raw_dir.rename(aside)
+            ui.console.print(f"[yellow]raw logs in {raw_dir} do not record the simulator config they came from: "
+                             f"moved to {aside}, simulating the {size!r} preset[/yellow]")
     if not raw_dir.exists():
+        shutil.rmtree(features_dir, ignore_errors=True)  # built from other logs, or of unknown origin
+        data_dir.mkdir(parents=True, exist_ok=True)
         generate_data(raw_dir, size, seed)
     ensure_features(raw_dir, features_dir)
     return wanted
@@ -159,7 +166,7 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
         shutil.rmtree(features_dir, ignore_errors=True)
     if config.dataset is None:  # the preset's own dataset: kept only while it matches the preset
         ensure_simulated(data_dir, config.size, config.seed)
-    else:  # a dataset named by the user (perhaps their own logs): simulated only when it is not there
+    else:  # a dataset named by the user (perhaps their own logs): simulated only when absent (or with --fresh)
         if not raw_dir.exists():
             generate_data(raw_dir, config.size, config.seed)
         else:

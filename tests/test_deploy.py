@@ -344,6 +344,7 @@ def test_cli_changes_a_stage_endpoint_as_its_lambda_does(world):
     from marketrank.cli import _stage_names, app
 
     names = _stage_names(None)
+    assert names.stage.region == REGION  # the CLI calls the stage's region: cdk.json's `dev` is where moto serves
     env = {**names.deploy_environment(), "MODEL_EXECUTION_ROLE_ARN": world.env["MODEL_EXECUTION_ROLE_ARN"],
            "CREATE_ENDPOINT": "true"}  # the Serving stack's first endpoint, made here by the handler
     for kind in ("artifacts", "capture"):

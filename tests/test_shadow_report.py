@@ -418,3 +418,42 @@ def test_metric_window_uses_the_periods_cloudwatch_keeps_for_data_that_old(age_d
     assert shadow_report.metric_window(exact, now, now) == (exact, 60)
     late = exact + timedelta(seconds=59)  # rounded down to the minute: still 1,440
     assert shadow_report.metric_window(late, now, now) == (exact, 60)
+
+
+def test_on_sagemaker_the_stage_report_is_published_where_promote_reads_it(tmp_path, monkeypatch, aws_env):
+    """`shadow report --target sagemaker` and `endpoint promote --target sagemaker` with no paths: the stage's
+    endpoint and capture are read, the report lands at ``Names.shadow_report_uri``, and promote acts on it. (The
+    stage's region, cdk.json's `dev`, is the one moto serves here: eu-west-1.)"""
+    from moto_sagemaker import sagemaker_extension
+
+    from marketrank.cli import _stage_names
+
+    names = _stage_names(None)
+    assert names.stage.region == "eu-west-1"
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    with mock_aws(), sagemaker_extension(transition_describes=0):
+        sm, s3 = boto3.client("sagemaker"), boto3.client("s3")
+        bucket, prefix = names.data_capture_uri.removeprefix("s3://").split("/", 1)
+        for kind in ("capture", "artifacts"):  # the champion's artifact is copied where the pipeline reads it
+            s3.create_bucket(Bucket=names.bucket(kind), CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        for name in ("m1", "m2"):
+            s3.put_object(Bucket=bucket, Key=f"{name}.tar.gz", Body=name.encode())
+            sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::123456789012:role/model",
+                            PrimaryContainer={"Image": "rank:1", "ModelDataUrl": f"s3://{bucket}/{name}.tar.gz"})
+        deploy.SageMakerBackend(sm, names.endpoint).apply(
+            deploy.EndpointState(production=deploy.Variant("m1"), shadow=deploy.Variant("m2", weight=1.0)))
+        now = datetime.now(timezone.utc) + timedelta(seconds=1)
+        for variant in ("champion", "challenger"):
+            key = f"{prefix}/{_key(variant, now).replace(ENDPOINT, names.endpoint, 1)}"
+            records = [_record(f"r{i}", now, [3.0, 2.0, 1.0]) for i in range(5)]
+            s3.put_object(Bucket=bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in records).encode())
+
+        result = runner.invoke(app, ["shadow", "report", "--target", "sagemaker", "--min-pairs", "5"])
+        assert result.exit_code == 0, result.output
+        published = shadow_report.load_report(names.shadow_report_uri)
+        assert published["pairs"] == 5 and published["recommendation"] == "promote", published["reasons"]
+        assert not (tmp_path / "shadow").exists()  # not the workspace's
+
+        result = runner.invoke(app, ["endpoint", "promote", "--target", "sagemaker"])
+        assert result.exit_code == 0, result.output
+        assert deploy.SageMakerBackend(sm, names.endpoint).current().production.model_name == "m2"

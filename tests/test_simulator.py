@@ -278,6 +278,10 @@ def test_a_preset_dataset_is_simulated_again_when_its_preset_changes(tmp_path, m
     monkeypatch.setitem(SIZE_PRESETS, "tiny", dataclasses.replace(SIZE_PRESETS["tiny"], requests=300))
     assert local.ensure_simulated(root, "tiny", 3)["requests"] == 300
     assert pq.ParquetFile(requests).metadata.num_rows == 300 and not (root / "features").exists()
-    (raw / simulator.CONFIG_FILE).unlink()  # logs from before the config was recorded: not trusted either
+    (raw / simulator.CONFIG_FILE).unlink()  # logs that do not say where they came from: kept aside, not deleted
+    (root / "features").mkdir()
     local.ensure_simulated(root, "tiny", 3)
     assert json.loads((raw / simulator.CONFIG_FILE).read_text())["requests"] == 300
+    [aside] = root.glob("raw.unrecorded-*")
+    assert pq.ParquetFile(aside / "requests" / "part-0.parquet").metadata.num_rows == 300
+    assert not (root / "features").exists()  # features of the moved logs are not this preset's
