@@ -61,6 +61,9 @@ def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(s
     second = _rows(memory)[1]
     assert all(len(b["label"]) <= BATCH for b in first_batches)
     assert not np.array_equal(first["label"], second["label"])  # a new order every epoch
+    rebuilt = data.make_dataset(source, spec, preprocessor, in_memory_batch_size=BATCH, shuffle_seed=3)
+    np.testing.assert_array_equal(_rows(rebuilt)[1]["label"], first["label"])  # a re-run repeats the orders
+    np.testing.assert_array_equal(_rows(rebuilt)[1]["label"], second["label"])
     for rows in (first, second):
         rows = _sorted(rows)
         assert rows.keys() == streamed.keys() == {"context_dense", "context_ids", "item_dense", "item_ids", MASK,

@@ -329,11 +329,25 @@ def _in_memory(tensors: dict, arrays: dict[str, np.ndarray], spec: FeatureSpec, 
         valid = tf.reduce_sum(tf.cast(features[MASK], tf.float32))
         return features, labels, tf.where(total > 0, weights * (valid / total), weights)
 
-    dataset = tf.data.Dataset.range(rows)
-    if shuffle_seed is not None:  # a new order every epoch: a permutation of indices, not of the data
-        dataset = dataset.shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = tf.data.Dataset.range(rows) if shuffle_seed is None else _permutations(rows, shuffle_seed)
     dataset = dataset.batch(batch_size).map(take, num_parallel_calls=PARALLEL_BATCHES)
     return _without_autotune(dataset.prefetch(PREFETCH_BATCHES))
+
+
+def _permutations(rows: int, seed: int):
+    """The indices ``0..rows-1`` in a new order on every iteration (epoch), the same sequence of orders for the
+    same seed: a permutation of indices, not of the data. One stateless shuffle of the index tensor per epoch
+    instead of ``Dataset.shuffle(rows)``, whose buffer fills element by element before the first batch (0.17 s
+    at 455k lists, each epoch, against 0.015 s)."""
+    import tensorflow as tf
+
+    def permutation(draw):
+        key = tf.stack([draw, tf.constant(0, tf.int64)])
+        return tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(tf.range(rows, dtype=tf.int64), seed=key))
+
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    return draws.flat_map(permutation)
 
 
 def _without_autotune(dataset):
