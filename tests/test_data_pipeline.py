@@ -50,9 +50,12 @@ def _sorted(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("load", ["loading_batches", "batches"])
-def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(split, preprocessor, load):
+@pytest.mark.parametrize("permute_above", [data.PERMUTE_ABOVE_ROWS, 0], ids=["buffer", "permutation"])
+def test_in_memory_holds_the_same_lists_as_streaming_and_reshuffles_each_epoch(split, preprocessor, load,
+                                                                               permute_above, monkeypatch):
     """The same packed inputs whether strings are looked up per batch (streaming) or per distinct value of a chunk
     read with string codes (``loading_batches``, what training uses) or of plain string batches."""
+    monkeypatch.setattr(data, "PERMUTE_ABOVE_ROWS", permute_above)
     spec, train_dir, batches = split
     streamed = _sorted(_rows(data.make_dataset(batches, spec, preprocessor))[1])
     source = data.loading_batches(train_dir, spec) if load == "loading_batches" else batches
