@@ -114,16 +114,16 @@ def test_training_keeps_data_in_memory_only_within_the_budget(split):
     assert estimated > too_small * 2**20 and not in_memory(HParams(data_cache_mb=too_small), spec, train_dir)
 
 
-def test_default_data_budget_is_a_quarter_of_the_memory_a_container_allows(tmp_path, monkeypatch) -> None:
+def test_default_data_budget_is_a_fifth_of_the_memory_a_container_allows(tmp_path, monkeypatch) -> None:
     from training import train
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = tmp_path / "memory.max"
     monkeypatch.setattr(train, "CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
     limit.write_text("max\n")  # cgroup v2 without a limit: the machine's memory
-    assert train.memory_budget_mb() == int(physical / 4 / 2**20)
+    assert train.memory_budget_mb() == int(physical / 5 / 2**20)
     limit.write_text(f"{512 * 2**20}\n")  # a container allowed 512 MiB
-    assert train.memory_budget_mb() == 128
+    assert train.memory_budget_mb() == int(512 / 5)
 
 
 def test_default_budget_streams_data_beyond_it(split, monkeypatch) -> None:

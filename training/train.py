@@ -149,7 +149,7 @@ def data_budget_mb(hparams) -> int:
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def memory_budget_mb(share: float = 0.25) -> int:
+def memory_budget_mb(share: float = 0.2) -> int:
     """``share`` of the memory this process may use: the machine's RAM, or a container's cgroup limit when lower
     (a SageMaker training container sees its instance's memory; a laptop's Docker may see less)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -310,7 +310,7 @@ def hparams_parser(parser: argparse.ArgumentParser) -> None:
                                 help="position-bias exponent for IPW; 'auto' = the feature job's estimate")
         elif field.name == "data_cache_mb":
             parser.add_argument(flag, type=_optional_int, default=field.default,
-                                help="MiB of data held in memory (0: stream); 'auto' = a quarter of the memory")
+                                help="MiB of data held in memory (0: stream); 'auto' = a fifth of the memory")
         elif field.name == "hidden":
             parser.add_argument(flag, type=_int_tuple, default=field.default, help="hidden layer widths, e.g. 128,64")
         else:
