@@ -133,8 +133,7 @@ def data_generate(
     with ui.step(f"simulate {config.requests:,} requests", total=config.requests) as s:
         tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
     target = Path(tempfile.mkdtemp()) if storage.is_s3(out) else Path(out)
-    simulator.write_tables(tables, target)
-    (target / simulator.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    simulator.write_tables(tables, target, config)
     if storage.is_s3(out):
         storage.stage_out(target, out)
     ui.console.print(json.dumps({name: len(frame) for name, frame in tables.items()}))

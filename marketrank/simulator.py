@@ -10,6 +10,7 @@ impressions by popularity and recency only, and feedback is position-biased: exa
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -326,8 +327,10 @@ def _arrow_schemas() -> dict[str, pa.Schema]:
     }
 
 
-def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[str, Path]:
-    """Write each table as ``<out_dir>/<table>/part-0.parquet`` (the layout the feature job reads).
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path,
+                 config: SimConfig | None = None) -> dict[str, Path]:
+    """Write each table as ``<out_dir>/<table>/part-0.parquet`` (the layout the feature job reads), and
+    ``config``, the one that simulated them, as ``<out_dir>/CONFIG_FILE``.
 
     The five simulator tables get their explicit schema; any other table (or a table whose columns a caller
     changed, e.g. a test) is written as pandas infers it.
@@ -344,4 +347,6 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> dict[s
             table = pa.Table.from_pandas(frame, preserve_index=False)
         pq.write_table(table, path, coerce_timestamps="ms", allow_truncated_timestamps=True)
         paths[name] = path
+    if config is not None:
+        (Path(out_dir) / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     return paths

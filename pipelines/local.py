@@ -51,8 +51,7 @@ def generate_data(raw_dir: Path, size: str, seed: int) -> dict[str, int]:
     with ui.step(f"simulate marketplace logs ({size}: {config.requests:,} requests)", total=config.requests) as s:
         tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
         tmp = raw_dir.with_name(raw_dir.name + ".tmp")
-        simulator.write_tables(tables, tmp)
-        (tmp / simulator.CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        simulator.write_tables(tables, tmp, config)
         tmp.rename(raw_dir)
     return {name: len(frame) for name, frame in tables.items()}
 
