@@ -334,11 +334,12 @@ def _in_memory(tensors: dict, arrays: dict[str, np.ndarray], spec: FeatureSpec, 
         valid = tf.reduce_sum(tf.cast(features[MASK], tf.float32))
         return features, labels, tf.where(total > 0, weights * (valid / total), weights)
 
-    dataset = tf.data.Dataset.range(rows)
-    if shuffle_seed is not None and rows <= PERMUTE_ABOVE_ROWS:  # a new order every epoch
-        dataset = dataset.shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=True)
-    elif shuffle_seed is not None:
+    if shuffle_seed is None:
+        dataset = tf.data.Dataset.range(rows)
+    elif rows > PERMUTE_ABOVE_ROWS:  # a new order every epoch, in either case
         dataset = _permutations(rows, shuffle_seed)
+    else:
+        dataset = tf.data.Dataset.range(rows).shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(take, num_parallel_calls=PARALLEL_BATCHES)
     return _without_autotune(dataset.prefetch(PREFETCH_BATCHES))
 
