@@ -16,14 +16,15 @@ materialised first when it is empty. Then, per candidate count:
   ``[brand] [style] category`` words, candidates sampled from the store's items (on search, the query's
   category first). Per request: HTTP status, client-side latency (from the send, and from the scheduled send),
   the API's ``timings_ms`` and its ``fallback`` flag.
-* **Floor**: the production SavedModel loaded with ``tf.saved_model.load`` and its ``serving_default``
-  signature called on batches that ``build_inputs`` made from the same requests (``floor_calls`` calls), plus
-  the in-process cost of every other step of the model stage (store fetch, ``build_inputs``, predict-body
-  encoding, the endpoint's own decode + predict + encode, response decoding), measured with no load running,
-  back to back; then the signature and the endpoint's predict path again, *paced*: each call after an idle
+* **Floor**: the production SavedModel's ``serving_default`` signature run as the local endpoint (and TF
+  Serving) runs it, in a session with the endpoint's thread settings (``Servable.call``), on batches that
+  ``build_inputs`` made from the same requests (``floor_calls`` calls), plus the in-process cost of every
+  other step of the model stage (store fetch, ``build_inputs``, predict-body encoding, the endpoint's own
+  decode + predict + encode, response decoding), measured with no load running, back to back; then the
+  signature and the endpoint's predict path again, *paced*: each call after an idle
   pause drawn like the load's arrival gaps (``floor.paced``, and the API's ``ratio_to_paced_floor``). Under
-  open-loop load every request finds the cores idle, and on the 2-core dev VM such a call takes ~1.5-2x as
-  long as one right after another (a waking vCPU, colder caches).
+  open-loop load every request finds the cores idle, and on the 2-core dev VM such a call takes longer than
+  one right after another (a waking vCPU, colder caches).
 
 The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
 count the latency percentiles of all answers (and of model-ranked and fallback answers apart), the achieved
@@ -395,22 +396,20 @@ def _paced(fn: Callable[[int], Any], calls: int, rate: float, seed: int = 0) -> 
     return _timed(fn, calls, np.random.default_rng(seed).exponential(1 / rate, calls))
 
 
-def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
+def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
                   calls: int = 200, rate: float | None = None) -> dict[str, Any]:
-    """The SavedModel signature's own time on ``build_inputs`` batches of ``requests`` (cycled), and the in-process
-    cost of the model stage's other steps on the same batches, all called back to back.
+    """The SavedModel's own time (``servable.call``: its ``serving_default`` signature run in a session, as TF
+    Serving runs it) on ``build_inputs`` batches of ``requests`` (cycled), and the in-process cost of the model
+    stage's other steps on the same batches, all called back to back.
 
     With ``rate``, the signature and the endpoint's predict path are also timed *paced*: each call after an idle
     pause drawn like the load's arrival gaps. On this class of machine a call that finds the core idle runs
     slower than one right after another (a waking vCPU, colder caches), and under open-loop load at ``rate``
     every request does: the paced floor is the model's cost as the load meets it."""
-    import tensorflow as tf
-
     from serving import wire
     from serving.backends import scores_from_body
     from serving.feature_store import RequestContext, build_inputs
 
-    specs = dict(signature.structured_input_signature[1])
     meta = store.meta() or {}  # the API's clock: the online state's as-of time plus the time since materialising
     offset = int(meta["as_of_ms"]) - int(meta["materialized_ms"]) if meta.get("as_of_ms") and meta.get(
         "materialized_ms") else 0
@@ -421,18 +420,18 @@ def measure_floor(signature: Any, servable: Any, store: Any, spec: Any, requests
         known = fetched.known_items()
         context = RequestContext(request["surface"], request.get("query"), now_ms)
         inputs = build_inputs(spec, context, fetched.user, known)
-        tensors = {name: tf.constant(np.asarray(inputs[name]), dtype=s.dtype) for name, s in specs.items()}
+        arrays = {name: np.asarray(inputs[name], dtype=object if s.dtype.name == "string" else s.dtype.as_numpy_dtype)
+                  for name, s in servable.inputs.items()}
         raw = wire.encode(wire.predict_request(inputs))
         batches.append({"request": request, "context": context, "user": fetched.user, "known": known,
-                        "inputs": inputs, "tensors": tensors, "raw": raw,
+                        "inputs": inputs, "arrays": arrays, "raw": raw,
                         "response": wire.encode(servable.predict(wire.decode(raw)))})
     if not batches:
         raise ValueError("no requests to measure the floor on")
     n = len(batches)
 
     def signature_call(i: int) -> None:
-        for value in signature(**batches[i % n]["tensors"]).values():
-            value.numpy()
+        servable.call(batches[i % n]["arrays"])
 
     for i in range(2 * n):  # traced and allocated before timing
         signature_call(i)
@@ -808,10 +807,10 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
     if arrivals not in ("poisson", "uniform"):
         raise ValueError(f"arrivals: expected 'poisson' or 'uniform', got {arrivals!r}")
 
-    import tensorflow as tf
-
     from serving import app as api
     from serving import heap, local_endpoint
+
+    endpoint_env = _endpoint_environ(model_server)
     from serving.feature_store import open_store
 
     started = time.time()
@@ -844,12 +843,11 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             _wait_ready(api_url)
             # the endpoint's predict path, in process, for the breakdown; and the raw SavedModel for the floor
             servable = local_endpoint.Servable.load(workspace.model_name, int(workspace.model_dir.name),
-                                                    workspace.model_dir)
-            floor_model = tf.saved_model.load(str(workspace.model_dir), tags=["serve"])
+                                                    workspace.model_dir, local_endpoint.session_config(endpoint_env))
             # The API runs in this process, which now holds TensorFlow for the floor (the real API never does):
             # freeze it too, or full GC passes over TF's objects (~200 ms) would land inside the API's requests.
             heap.settle("loading the floor models")
-            servers = _Servers(api_url, api_app, servable, floor_model.signatures["serving_default"], store, spec,
+            servers = _Servers(api_url, api_app, servable, store, spec,
                                catalogue, tmp, client_process, note, model_pid, sidecar_pids)
             for requested in candidates:
                 n = min(requested, len(catalogue.items), settings.max_candidates)
@@ -869,8 +867,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
         "where_time_goes": _where_time_goes(results),
         "machine": {**machine_info(), "loadavg_before": [round(x, 2) for x in loadavg_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                    "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (0)",
-                    "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default (0)"},
+                    "tf_model_threads": local_endpoint.thread_settings(endpoint_env) or "TensorFlow's defaults"},
         "versions": versions(),
         "settings": {
             "candidates": list(candidates), "rate_rps": rate, "seconds": seconds, "warmup_seconds": warmup_seconds,
@@ -920,7 +917,6 @@ class _Servers:
     api_url: str
     api_app: Any
     servable: Any
-    signature: Any
     store: Any
     spec: Any
     catalogue: Catalogue
@@ -961,7 +957,7 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
     breaker = servers.api_app.state.runtime.breaker.state
     quiet = _wait_quiet()  # cancelled model calls and queued data capture finish before the floor is timed
     note(f"{n} candidates: floor ({floor_calls} signature calls)")
-    floor = measure_floor(servers.signature, servers.servable, servers.store, servers.spec,
+    floor = measure_floor(servers.servable, servers.store, servers.spec,
                           plan.requests[plan.warmup:], floor_calls, plan.rate)
     result = summarize_phase(plan, requested, records, floor, servers.catalogue, unloaded)
     result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
@@ -982,6 +978,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+
+#: The endpoint process's TensorFlow threads unless the environment says otherwise (``local_endpoint.thread_settings``).
+ENDPOINT_THREADS = {"SAGEMAKER_TFS_INTRA_OP_PARALLELISM": "1", "SAGEMAKER_TFS_INTER_OP_PARALLELISM": "1"}
+
+
+def _endpoint_environ(model_server: str) -> dict[str, str]:
+    """The environment the local endpoint runs with: in its own process, ``ENDPOINT_THREADS`` under this one's;
+    in a thread of this process, this one's."""
+    return {**ENDPOINT_THREADS, **os.environ} if model_server == "process" else dict(os.environ)
+
+
 @contextlib.contextmanager
 def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float = 180.0
                       ) -> Iterator[tuple[str, int]]:
@@ -992,7 +999,7 @@ def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float 
     code = ("import sys, uvicorn; from pathlib import Path; from serving.local_endpoint import create_app; "
             "uvicorn.run(create_app(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), host=sys.argv[4], "
             "port=int(sys.argv[5]), log_level='warning', access_log=False)")
-    env = {"SAGEMAKER_TFS_INTRA_OP_PARALLELISM": "1", "SAGEMAKER_TFS_INTER_OP_PARALLELISM": "1", **os.environ,
+    env = {**_endpoint_environ("process"),
            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-c", code, str(workspace.home / "models"), str(workspace.manifest),
