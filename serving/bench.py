@@ -433,7 +433,7 @@ def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[
     def signature_call(i: int) -> None:
         servable.call(batches[i % n]["arrays"])
 
-    for i in range(2 * n):  # traced and allocated before timing
+    for i in range(2 * n):  # allocated and cached before timing
         signature_call(i)
     floor = _stats(_timed(signature_call, calls))
     parts = max(20, calls // 4)
@@ -841,7 +841,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             api_app = api.create_app(settings)
             api_url = stack.enter_context(local_endpoint.running(api_app, HOST, 0))
             _wait_ready(api_url)
-            # the endpoint's predict path, in process, for the breakdown; and the raw SavedModel for the floor
+            # the endpoint's predict path in process, for the breakdown; its model call alone is the floor
             servable = local_endpoint.Servable.load(workspace.model_name, int(workspace.model_dir.name),
                                                     workspace.model_dir, local_endpoint.session_config(endpoint_env))
             # The API runs in this process, which now holds TensorFlow for the floor (the real API never does):

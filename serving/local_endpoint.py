@@ -115,7 +115,7 @@ class Unavailable(RuntimeError):
 @dataclasses.dataclass
 class Servable:
     """One loaded SavedModel version, run the way TF Serving runs it: the ``serve`` MetaGraph in a session of
-    its own, ``serving_default``'s feeds and fetches bound once (``Session.make_callable``), NumPy in and out.
+    its own, ``serving_default``'s feeds and fetches bound once into a Session::Run callable, NumPy in and out.
 
     The eager ``tf.saved_model.load`` signature gives the same scores but costs a tensor per input and a function
     dispatch: on the 2-core dev VM, a 300-item call after an idle gap (as open-loop load finds the model) took
@@ -148,10 +148,11 @@ class Servable:
             signature = meta.signature_def[wire.SIGNATURE]
             inputs = {key: _spec(info) for key, info in sorted(signature.inputs.items())}
             outputs = tuple(sorted(signature.outputs))
-            # A callable made from options takes the arrays straight to Session::Run. ``make_callable`` with a
-            # feed list goes through ``Session.run``'s per-feed Python instead: 0.6 ms against 0.2 ms for a
-            # 300-item call back to back, 1.4 against 0.6 ms after an idle gap (2-core dev VM). Inputs are
-            # checked (``_array``) before they get here.
+            # A callable made from options (private, but what Keras' TF1 backend builds on) takes the arrays
+            # straight to Session::Run; the public ``make_callable`` with a feed list goes through
+            # ``Session.run``'s per-feed Python: 0.6 ms against 0.2 ms for a 300-item call back to back, 1.4
+            # against 0.6 ms after an idle gap (2-core dev VM). ``_array`` checks the inputs before they get here.
+            # (A signature that outputs one of its inputs fails here: "both fed and fetched".)
             run = session._make_callable_from_options(config_pb2.CallableOptions(
                 feed=[signature.inputs[k].name for k in inputs], fetch=[signature.outputs[k].name for k in outputs]))
             servable = cls(name, version, path, session, inputs, outputs, _signature_def(signature), run)
@@ -165,7 +166,8 @@ class Servable:
         """One request before serving (TF Serving's model warmup): the first call allocates, and would otherwise
         show up as a latency outlier of whichever variant happens to take it."""
         def dummy(spec: tf.TensorSpec) -> np.ndarray:
-            shape = [1 if i == 0 else (d or 2) for i, d in enumerate(spec.shape.as_list())]
+            dims = spec.shape.as_list() if spec.shape.rank is not None else [None]  # unknown rank: try a vector
+            shape = [d if d is not None else 1 if i == 0 else 2 for i, d in enumerate(dims)]
             if spec.dtype == tf.string:
                 return np.full(shape, "", dtype=object)
             return np.full(shape, spec.dtype == tf.bool, dtype=spec.dtype.as_numpy_dtype)
@@ -209,8 +211,8 @@ def _spec(info: Any) -> tf.TensorSpec:
 def _signature_def(signature: Any) -> dict[str, dict]:
     """A SignatureDef as TF Serving's metadata API shows it."""
     def infos(tensors) -> dict[str, dict]:
-        return {key: wire.tensor_info(t.name, types_pb2.DataType.Name(t.dtype), [d.size for d in t.tensor_shape.dim])
-                for key, t in sorted(tensors.items())}
+        return {key: wire.tensor_info(t.name, types_pb2.DataType.Name(t.dtype), None if t.tensor_shape.unknown_rank
+                                      else [d.size for d in t.tensor_shape.dim]) for key, t in sorted(tensors.items())}
 
     return {"inputs": infos(signature.inputs), "outputs": infos(signature.outputs)}
 
@@ -247,16 +249,18 @@ class InputCheck:
 
 
 def _array(value: Any, check: InputCheck) -> np.ndarray:
-    """One JSON input as an array of the signature's dtype and shape, or a WireError naming the input. Numbers
-    follow TF Serving's JSON rules: an integer input takes integers only (in its range), a float input any number."""
+    """One JSON input as an array of the signature's dtype and shape, or a WireError naming the input. As TF
+    Serving's JSON rules: an integer input takes integers only (in its range), a float input any number, a bool
+    input true/false, and empty lists fit any dtype. (Unlike TF Serving, ``true`` among numbers reads as 1, and
+    integers past float32's exact range are rounded rather than refused: a scan per value would cost more.)"""
     try:
         if check.kind == "string":
             array = np.asarray(value, dtype=object)
             ok = set(map(type, array.flat)) <= {str}  # C-level loop: ~20x faster than isinstance per value
         else:
             array = np.asarray(value)
-            ok = array.dtype == np.bool_ if check.kind == "bool" else array.dtype.kind in (
-                "iu" if check.integer else "iuf")
+            ok = array.size == 0 or (array.dtype == np.bool_ if check.kind == "bool" else array.dtype.kind in (
+                "iu" if check.integer else "iuf"))
     except (TypeError, ValueError):  # ragged nested lists
         ok = False
     if not ok:
@@ -265,9 +269,12 @@ def _array(value: Any, check: InputCheck) -> np.ndarray:
         raise check.error(array.shape)
     if check.kind == "string":
         return array
-    converted = array.astype(check.dtype.as_numpy_dtype, copy=False)
+    with np.errstate(over="ignore"):
+        converted = array.astype(check.dtype.as_numpy_dtype, copy=False)
     if check.integer and not np.array_equal(converted, array):  # wrapped around: out of the dtype's range
         raise check.error()
+    if not check.integer and converted is not array and np.isinf(converted).any() and not np.isinf(array).any():
+        raise check.error()  # past the float dtype's range
     return converted
 
 
@@ -604,7 +611,7 @@ def _sidecar_main(models_dir: str, capture_dir: str | None, endpoint: str, answe
     variant's model, so a slow shadow drops shadow copies (counted, logged) but never production captures."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the endpoint, which then stops this process
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[sidecar]: %(message)s")
-    threads = thread_settings()
+    threads = apply_thread_settings()
     server = ModelServer(models_dir, names=set(shadow_models))  # only the shadow models, loaded before answers
     _poll(server)
     writer = CaptureWriter(Path(capture_dir), endpoint) if capture_dir else None
@@ -815,9 +822,23 @@ def thread_settings(environ: dict[str, str] | None = None) -> dict[str, int]:
     return settings
 
 
+def apply_thread_settings() -> dict[str, int]:
+    """``thread_settings()``, also given to TensorFlow's eager context before anything else runs: TensorFlow
+    sizes its process-wide pools from whichever comes first, a session or the eager context, so both must agree
+    (each model's session gets them from ``session_config``). Returns the settings; logs when it is too late."""
+    settings = thread_settings()
+    setters = {INTRA_OP_THREADS: tf.config.threading.set_intra_op_parallelism_threads,
+               INTER_OP_THREADS: tf.config.threading.set_inter_op_parallelism_threads}
+    for name, value in settings.items():
+        try:
+            setters[name](value)
+        except RuntimeError:  # TensorFlow already ran something in this process: its pools are fixed
+            log.warning("%s=%s may not apply: TensorFlow is already initialised in this process", name, value)
+    return settings
+
+
 def session_config(environ: dict[str, str] | None = None) -> tf.compat.v1.ConfigProto:
-    """A model session's config from ``thread_settings``. (TensorFlow sizes its process-wide inter-op pool from
-    the first session; every session here uses the same settings.)"""
+    """A model session's config from ``thread_settings`` (see ``apply_thread_settings``)."""
     settings = thread_settings(environ)
     return tf.compat.v1.ConfigProto(intra_op_parallelism_threads=settings.get(INTRA_OP_THREADS, 0),
                                     inter_op_parallelism_threads=settings.get(INTER_OP_THREADS, 0))
@@ -826,7 +847,7 @@ def session_config(environ: dict[str, str] | None = None) -> tf.compat.v1.Config
 def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, capture_dir: Path | None = None,
                poll_seconds: float = 2.0) -> Starlette:
     """The local endpoint as an ASGI app (``app.state.server``: the ModelServer, ``app.state.endpoint``)."""
-    thread_settings()  # a bad value fails here, at start-up, not at the first model load
+    apply_thread_settings()  # before any model loads; a bad value fails here, at start-up
     server = ModelServer(models_dir)
     endpoint = Endpoint(endpoint_manifest, server, capture_dir)
 

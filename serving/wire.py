@@ -152,9 +152,10 @@ def model_status(versions: list[tuple[int | str, str]]) -> dict[str, Any]:
         for version, state in versions]}
 
 
-def tensor_info(name: str, dtype: str, shape: list[int]) -> dict[str, Any]:
-    return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in shape],
-                                             "unknown_rank": False}, "name": name}
+def tensor_info(name: str, dtype: str, shape: list[int] | None) -> dict[str, Any]:
+    """A TensorInfo as TF Serving's metadata shows it (``shape`` None: unknown rank)."""
+    return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in shape or []],
+                                             "unknown_rank": shape is None}, "name": name}
 
 
 def metadata(model_name: str, version: int | str, inputs: dict[str, dict], outputs: dict[str, dict]) -> dict:

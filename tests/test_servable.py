@@ -65,6 +65,7 @@ def test_session_outputs_match_the_eager_signature(saved) -> None:
     ("price", [["1", "2", "3"]], "input 'price' must be a rectangular array of DT_FLOAT"),
     ("tag", [[1, 2, 3]], "input 'tag' must be a rectangular array of DT_STRING"),
     ("mask", [[1, 0, 1]], "input 'mask' must be a rectangular array of DT_BOOL"),
+    ("price", [[1e300, 1, 2]], "input 'price' must be a rectangular array of DT_FLOAT"),  # past float32's range
     ("price", [0.5, 1, 2], r"input 'price' must have shape \[-1, -1\] \(-1: any size\), got \[3\]"),
     ("price", [[0.5, 1]], "the model rejected the inputs"),  # rows of another length than the other inputs'
 ])
@@ -78,6 +79,28 @@ def test_ints_for_a_float_input_are_accepted(saved) -> None:
     servable = local_endpoint.Servable.load("mixed", 3, saved)
     body = servable.predict({"inputs": {**INPUTS, "price": [[0, 1, 2]]}})
     assert body["outputs"]["scores"] == [[15.0, 27.5, -1.0]]
+
+
+def test_empty_lists_fit_every_dtype(saved) -> None:
+    servable = local_endpoint.Servable.load("mixed", 3, saved)
+    empty = {name: [[]] for name in ("count", "price", "tag", "mask")}
+    assert servable.predict({"inputs": {**INPUTS, **empty}})["outputs"]["scores"] == [[]]
+
+
+class AnyShape(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="x")])
+    def serve(self, x):
+        return {"scores": 2.0 * x}
+
+
+def test_an_unknown_rank_input_loads_and_takes_any_shape(tmp_path) -> None:
+    module = AnyShape()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={wire.SIGNATURE: module.serve})
+    servable = local_endpoint.Servable.load("any", 1, tmp_path / "1")
+    assert servable.predict({"inputs": {"x": [[1.0, 2.0]]}})["outputs"] == [[2.0, 4.0]]
+    assert servable.predict({"inputs": {"x": 3}})["outputs"] == 6.0
+    shape = servable.signature_def["inputs"]["x"]["tensor_shape"]
+    assert shape == {"dim": [], "unknown_rank": True}
 
 
 def test_thread_settings_come_from_the_container_variables() -> None:
