@@ -214,8 +214,9 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
     lines = ["## Serving", "", _machine(machine, result["created"]), "",
              f"`marketrank bench serve`: ranking API + local model endpoint on loopback, open-loop "
              f"{settings.get('arrivals', '')} arrivals at {settings.get('rate_rps')} req/s for "
-             f"{settings.get('seconds')} s per candidate count. Raw model floor: the SavedModel signature called "
-             "in process on the same inputs, back to back, and *paced* (each call after an idle pause drawn like "
+             f"{settings.get('seconds')} s per candidate count. Raw model floor: the SavedModel signature run in "
+             "process on the same inputs as the local endpoint (and TF Serving) runs it, in a session, back to "
+             "back, and *paced* (each call after an idle pause drawn like "
              "the load's arrival gaps, as every request under the load finds the cores idle).", ""]
     lines += _table(header, rows)
     if target:
