@@ -168,3 +168,29 @@ def test_both_pipelines_run_without_the_autotuner_whose_iterators_stall_on_delet
                                       in_memory_batch_size=BATCH)):
         assert dataset.options().autotune.enabled is False
         assert len(list(dataset.take(2))) == 2
+
+
+def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_when_closed() -> None:
+    import threading
+
+    assert list(data.read_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise KeyError("part-0.parquet: columns ['brand_ctr'] are in the feature spec but not in the data")
+
+    with pytest.raises(KeyError, match="brand_ctr"):
+        list(data.read_ahead(failing()))
+
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    ahead = data.read_ahead(endless(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()  # the consumer stopped early (e.g. list sizes differ): the producer must stop too
+    assert not any(t.name == "read-ahead" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # consumed, queued, and the one in hand
