@@ -215,7 +215,7 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              f"`marketrank bench serve`: ranking API + local model endpoint on loopback, open-loop "
              f"{settings.get('arrivals', '')} arrivals at {settings.get('rate_rps')} req/s for "
              f"{settings.get('seconds')} s per candidate count. Raw model floor: the SavedModel signature run in "
-             "process on the same inputs as the local endpoint (and TF Serving) runs it, in a session, back to "
+             "process on the same inputs, in a session as the local endpoint (and TF Serving) runs it, back to "
              "back, and *paced* (each call after an idle pause drawn like "
              "the load's arrival gaps, as every request under the load finds the cores idle).", ""]
     lines += _table(header, rows)

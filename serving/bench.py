@@ -559,7 +559,7 @@ BREAKDOWN = {
     "parse": "API: body read, JSON parse and validation (timings total - stages)",
     "features": "API features stage: store fetch + build_inputs",
     "model_signature": "model stage: the SavedModel signature itself (floor mean, no load)",
-    "model_wire": "model stage: predict JSON encode, endpoint JSON decode/tensors/encode, response decode "
+    "model_wire": "model stage: predict JSON encode, endpoint JSON decode/arrays/encode, response decode "
                   "(in-process means, no load)",
     "model_http": "model stage residual: HTTP hop to the endpoint, event loops, thread pools, GIL contention",
     "rank": "API rank stage: sort and response items",
@@ -809,9 +809,9 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
 
     from serving import app as api
     from serving import heap, local_endpoint
+    from serving.feature_store import open_store
 
     endpoint_env = _endpoint_environ(model_server)
-    from serving.feature_store import open_store
 
     started = time.time()
     loadavg_before = os.getloadavg()
@@ -976,7 +976,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
 
 
 #: The endpoint process's TensorFlow threads unless the environment says otherwise (``local_endpoint.thread_settings``).

@@ -172,7 +172,11 @@ class Servable:
                 return np.full(shape, "", dtype=object)
             return np.full(shape, spec.dtype == tf.bool, dtype=spec.dtype.as_numpy_dtype)
 
-        self.call({name: dummy(spec) for name, spec in self.inputs.items()})
+        try:
+            self.call({name: dummy(spec) for name, spec in self.inputs.items()})
+        except Exception as err:  # noqa: BLE001 - made-up inputs a valid model may refuse: only time is lost
+            log.warning("model %s version %s: warm-up call refused (%s); the first request will be slower",
+                        self.name, self.version, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
     def call(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model alone (TF Serving's ``Session::Run``): each signature input as an array, each output back."""
@@ -271,7 +275,7 @@ def _array(value: Any, check: InputCheck) -> np.ndarray:
         return array
     with np.errstate(over="ignore"):
         converted = array.astype(check.dtype.as_numpy_dtype, copy=False)
-    if check.integer and not np.array_equal(converted, array):  # wrapped around: out of the dtype's range
+    if check.integer and converted is not array and not np.array_equal(converted, array):  # wrapped around
         raise check.error()
     if not check.integer and converted is not array and np.isinf(converted).any() and not np.isinf(array).any():
         raise check.error()  # past the float dtype's range

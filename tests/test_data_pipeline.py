@@ -182,15 +182,22 @@ def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_when_closed()
     with pytest.raises(KeyError, match="brand_ctr"):
         list(data.read_ahead(failing()))
 
-    produced = []
+    produced, closed = [], []
 
     def endless():
-        for i in range(10**9):
-            produced.append(i)
-            yield i
+        try:
+            for i in range(10**9):
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
 
     ahead = data.read_ahead(endless(), depth=2)
     assert [next(ahead) for _ in range(3)] == [0, 1, 2]
     ahead.close()  # the consumer stopped early (e.g. list sizes differ): the producer must stop too
     assert not any(t.name == "read-ahead" and t.is_alive() for t in threading.enumerate())
     assert len(produced) <= 3 + 2 + 1  # consumed, queued, and the one in hand
+    assert closed == [True]  # the source (a Parquet reader) is released at once
+
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        next(data.read_ahead(iter(range(3)), depth=0))

@@ -7,6 +7,7 @@ with pyarrow and padded to ``list_size`` in NumPy, so memory is bounded by the c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import random
 import threading
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 
 from training.feature_spec import LABEL_PAD, MASK, STRING, FeatureSpec
 
+log = logging.getLogger(__name__)
+
 #: Rows read per chunk; a chunk is shuffled in memory before it is cut into batches.
 CHUNK_ROWS = 4096
 #: Batches made ahead of the training step, and batches cut in parallel from in-memory data (fixed: see
@@ -32,6 +35,7 @@ PARALLEL_BATCHES = 2
 #: 455k (about 0.3 us a list); the shuffle a fixed ~4 to 6 ms (a function per iteration), 15 ms at 100k, 20 ms
 #: at 455k. Both orders are the same for the same seed on every run.
 PERMUTE_ABOVE_ROWS = 50_000
+READ_AHEAD_JOIN_S = 30.0  # how long an early stop waits for the reading thread
 
 
 def shard_paths(split_dir: str | Path) -> list[Path]:
@@ -312,11 +316,13 @@ def _load_packed(batches, spec: FeatureSpec, preprocessor, columns: list[str]):
 
 
 def read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
-    """``batches`` produced by a background thread, at most ``depth`` ahead. Reading and padding a chunk is
-    Parquet and NumPy work, mostly outside the GIL, so it overlaps the consumer's TensorFlow preprocessing of the
-    previous one: loading ``large``'s training split (455k lists) on the 2-core dev VM took 12.5 s in one thread
-    (7.0 s of it reading and padding) and 10.2 s this way. The producer's exception is raised here; closing this
-    generator early (the consumer stopped) stops the producer."""
+    """``batches`` produced by a background thread: ``depth`` queued, plus the one the thread holds. Reading and
+    padding a chunk is Parquet and NumPy work, mostly outside the GIL, so it overlaps the consumer's TensorFlow
+    preprocessing of the previous one: loading ``large``'s training split (455k lists) on the 2-core dev VM took
+    12.5 s in one thread (7.0 s of it reading and padding) and 10.2 s this way. The producer's exception is raised
+    here; closing this generator early (the consumer stopped) stops the producer and closes ``batches``."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
     handoff: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     done = object()
@@ -342,13 +348,27 @@ def read_ahead(batches: Iterator, depth: int = 2) -> Iterator:
     producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
     producer.start()
     try:
-        while (item := handoff.get()) is not done:
+        while True:
+            try:
+                item = handoff.get(timeout=1.0)
+            except queue.Empty:
+                if not producer.is_alive() and handoff.empty():  # died before it could hand anything over
+                    raise RuntimeError("the read-ahead thread ended without a result") from None
+                continue
+            if item is done:
+                return
             if isinstance(item, _Failed):
-                raise item.error
+                error = item.error
+                del item  # no cycle through this frame keeping the batches alive
+                raise error
             yield item
     finally:
         stop.set()
-        producer.join()
+        producer.join(timeout=READ_AHEAD_JOIN_S)
+        if producer.is_alive():  # stuck inside the source (a stalled read): it exits after it, as a daemon
+            log.warning("the read-ahead thread is still reading after %.0f s; left to finish", READ_AHEAD_JOIN_S)
+        elif hasattr(batches, "close"):
+            batches.close()  # an early stop: release the Parquet reader now, not at garbage collection
 
 
 @dataclasses.dataclass(frozen=True)
