@@ -420,18 +420,16 @@ def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[
         known = fetched.known_items()
         context = RequestContext(request["surface"], request.get("query"), now_ms)
         inputs = build_inputs(spec, context, fetched.user, known)
-        arrays = {name: np.asarray(inputs[name], dtype=object if s.dtype.name == "string" else s.dtype.as_numpy_dtype)
-                  for name, s in servable.inputs.items()}
         raw = wire.encode(wire.predict_request(inputs))
         batches.append({"request": request, "context": context, "user": fetched.user, "known": known,
-                        "inputs": inputs, "arrays": arrays, "raw": raw,
+                        "inputs": inputs, "raw": raw,
                         "response": wire.encode(servable.predict(wire.decode(raw)))})
     if not batches:
         raise ValueError("no requests to measure the floor on")
     n = len(batches)
 
     def signature_call(i: int) -> None:
-        servable.call(batches[i % n]["arrays"])
+        servable.call(batches[i % n]["inputs"])  # build_inputs gives the signature's dtypes and shapes
 
     for i in range(2 * n):  # allocated and cached before timing
         signature_call(i)
@@ -978,14 +976,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-#: The endpoint process's TensorFlow threads unless the environment says otherwise (``local_endpoint.thread_settings``).
-ENDPOINT_THREADS = {"SAGEMAKER_TFS_INTRA_OP_PARALLELISM": "1", "SAGEMAKER_TFS_INTER_OP_PARALLELISM": "1"}
-
-
 def _endpoint_environ(model_server: str) -> dict[str, str]:
-    """The environment the local endpoint runs with: in its own process, ``ENDPOINT_THREADS`` under this one's;
-    in a thread of this process, this one's."""
-    return {**ENDPOINT_THREADS, **os.environ} if model_server == "process" else dict(os.environ)
+    """The environment the local endpoint runs with: in its own process, one TensorFlow thread per pool
+    (``local_endpoint.thread_settings``) unless this one's says otherwise; in a thread of this process, this one's."""
+    from serving.local_endpoint import INTER_OP_THREADS, INTRA_OP_THREADS
+
+    one_thread = {INTRA_OP_THREADS: "1", INTER_OP_THREADS: "1"}
+    return {**one_thread, **os.environ} if model_server == "process" else dict(os.environ)
 
 
 @contextlib.contextmanager
