@@ -35,6 +35,8 @@ class Dataset:
     sizes: dict[str, Any]
     #: Simulator settings (marketplace only): users, items, requests, position bias.
     simulator: dict[str, Any] | None = None
+    #: ``training.features.features_fingerprint()`` of the feature job that built the data (None: LETOR).
+    features_fingerprint: str | None = None
 
     @property
     def train_lists(self) -> int:
@@ -71,7 +73,8 @@ def from_features(features: Path, name: str, simulator: dict[str, Any] | None = 
         return evaluate.parquet_batches(features / split, spec, extra_labels=(spec.eval_label,))
 
     return Dataset(name=name, spec=spec, train_source=features / "train", valid_source=features / "valid",
-                   batches=batches, sizes={**stats["splits"], "path": str(features)}, simulator=simulator)
+                   batches=batches, sizes={**stats["splits"], "path": str(features)}, simulator=simulator,
+                   features_fingerprint=stats.get("features_fingerprint"))
 
 
 def letor(directory: Path, batch_size: int = 64, seed: int = 42) -> Dataset:

@@ -110,6 +110,7 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple[str, st
     valid_primary = {name: float(np.nanmean(valid["per_list"][name][PRIMARY])) for name in scorers}
     result = {
         "benchmark": "quality", "created": common.now(), "dataset": dataset.name, "sizes": dataset.sizes,
+        "features_fingerprint": dataset.features_fingerprint,
         "simulator": dataset.simulator, "eval_label": dataset.spec.eval_label, "label": dataset.spec.label,
         "propensity_eta": dataset.spec.propensity_eta, "machine": machine,
         "rankers": {name: {"kind": _kind(name), "valid_ndcg@10": valid_primary[name], **trained.get(name, {}),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from benchmarks import common, plots, throughput
+from marketrank.simulator import SIZE_PRESETS
+from training.features import features_fingerprint
 
 REPORT = common.RESULTS_DIR.parent.parent / "BENCHMARKS.md"
 SERVING_PLOT = "serving_latency.png"
@@ -62,13 +65,28 @@ def _sizes(result: dict[str, Any]) -> str:
 
 
 def _stale(result: dict[str, Any]) -> str:
-    """A warning when a result ran on a preset that has changed since (``marketrank.simulator.SIZE_PRESETS``)."""
-    import dataclasses
-
-    from marketrank.simulator import SIZE_PRESETS
-
+    """A warning when a result on simulated data ran on a preset that has changed since
+    (``marketrank.simulator.SIZE_PRESETS``), or on features another feature code built
+    (``training.features.features_fingerprint``)."""
     sim, preset = result.get("simulator"), SIZE_PRESETS.get(result.get("dataset", ""))
-    if not sim or preset is None:
+    if not sim:
+        return ""
+    return _stale_preset(result, sim, preset) + _stale_features(result)
+
+
+def _stale_features(result: dict[str, Any]) -> str:
+    built, now = result.get("features_fingerprint"), features_fingerprint()
+    if built == now:
+        return ""
+    if built is None:
+        return (" *Feature code not recorded* (the result predates the record): it may differ from today's; re-run "
+                "its benchmark to compare.")
+    return (f" **Stale: measured on features from other feature code** (fingerprint {built}, now {now}); re-run its "
+            "benchmark to refresh.")
+
+
+def _stale_preset(result: dict[str, Any], sim: dict[str, Any], preset: Any) -> str:
+    if preset is None:
         return ""
     def text(value: Any) -> str:
         return "unrecorded" if value is None else f"{value:,}"
@@ -185,6 +203,8 @@ def throughput_section(result: dict[str, Any], out_dir: Path) -> list[str]:
         "same CPU, so what counts is how little of it is left per step.", ""]
     spreads = ", ".join(f"`{s['dataset']}` {s['input_pipeline']['cached_spread']:.0%}" for s in result["sizes"])
     lines += [f"Machine noise: the cached step time varied across rounds by {spreads} ((max - min) / median).", ""]
+    stale = [f"- `{s['dataset']}`:{_stale(s)}" for s in result["sizes"] if _stale(s)]
+    lines += [*stale, ""] if stale else []
     lines += [f"![scaling]({scaling.name}) ![time to quality]({curves.name})", ""]
     return lines
 

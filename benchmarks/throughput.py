@@ -169,6 +169,7 @@ def measure_size(dataset: Dataset, work_dir: Path, hparams: HParams,
     note(f"{dataset.name}: input pipeline vs cached batches")
     return {
         "dataset": dataset.name, "simulator": dataset.simulator, "sizes": dataset.sizes,
+        "features_fingerprint": dataset.features_fingerprint,
         "train_lists": dataset.train_lists, "train_items": dataset.sizes["train"]["items"],
         "train_seconds": info["train_seconds"], "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
         "seconds_per_epoch": info["train_seconds"] / info["epochs_run"],

@@ -56,6 +56,7 @@ def run_unbiased(dataset: Dataset, work_dir: Path, *, hparams: HParams = HParams
     gap = value["oracle"] - value[NAIVE]
     return {
         "benchmark": "unbiased", "created": common.now(), "dataset": dataset.name, "sizes": dataset.sizes,
+        "features_fingerprint": dataset.features_fingerprint,
         "simulator": dataset.simulator, "eval_label": spec.eval_label, "label": spec.label,
         "machine": machine,
         "propensity": {"eta_estimated": spec.propensity_eta, "source": "randomised bucket of the training period",

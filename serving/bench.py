@@ -808,6 +808,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
     from serving import app as api
     from serving import heap, local_endpoint
     from serving.feature_store import open_store
+    from serving.servers import running, running_process
 
     endpoint_env = _endpoint_environ(model_server)
 
@@ -826,18 +827,19 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
         with tempfile.TemporaryDirectory(prefix="marketrank-bench-") as tmp_name, contextlib.ExitStack() as stack:
             tmp = Path(tmp_name)
             stack.enter_context(_api_log(tmp / "api.log"))
-            if model_server == "thread":  # as `marketrank serve`
+            if model_server == "thread":  # as `marketrank serve --model-server thread`
                 model_app = local_endpoint.create_app(workspace.home / "models", workspace.manifest, tmp / "capture")
-                model_url, model_pid = stack.enter_context(local_endpoint.running(model_app, HOST, 0)), None
+                model_url, model_pid = stack.enter_context(running(model_app, HOST, 0)), None
                 sidecar = model_app.state.endpoint.sidecar
                 sidecar_pids = (sidecar.pid,) if sidecar else ()
             else:  # as production: the model server is another process
-                model_url, model_pid = stack.enter_context(_endpoint_process(workspace, tmp / "capture"))
+                model_url, model_pid = stack.enter_context(running_process(
+                    workspace.home / "models", workspace.manifest, tmp / "capture", HOST))
                 sidecar_pids = _child_pids(model_pid)  # the endpoint's sidecar
             settings = api.Settings(feature_store="embedded", store_path=str(workspace.store_path),
                                     model_url=model_url, model_name=endpoint, budget_ms=budget_ms)
             api_app = api.create_app(settings)
-            api_url = stack.enter_context(local_endpoint.running(api_app, HOST, 0))
+            api_url = stack.enter_context(running(api_app, HOST, 0))
             _wait_ready(api_url)
             # the endpoint's predict path in process, for the breakdown; its model call alone is the floor
             servable = local_endpoint.Servable.load(workspace.model_name, int(workspace.model_dir.name),
@@ -968,59 +970,12 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
     return result
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _endpoint_environ(model_server: str) -> dict[str, str]:
-    """The environment the local endpoint runs with: in its own process, one TensorFlow thread per pool
-    (``local_endpoint.thread_settings``) unless this one's says otherwise; in a thread of this process, this one's."""
-    from serving.local_endpoint import INTER_OP_THREADS, INTRA_OP_THREADS
+    """The environment the local endpoint runs with: in its own process ``servers.process_environ()``; in a thread
+    of this process, this one's."""
+    from serving.servers import process_environ
 
-    one_thread = {INTRA_OP_THREADS: "1", INTER_OP_THREADS: "1"}
-    return {**one_thread, **os.environ} if model_server == "process" else dict(os.environ)
-
-
-@contextlib.contextmanager
-def _endpoint_process(workspace: Workspace, capture_dir: Path, timeout_s: float = 180.0
-                      ) -> Iterator[tuple[str, int]]:
-    """The local endpoint in a child process on 127.0.0.1 (a free port); yields (base URL, pid) once /ping is 200."""
-    import httpx
-
-    port = _free_port()
-    code = ("import sys, uvicorn; from pathlib import Path; from serving.local_endpoint import create_app; "
-            "uvicorn.run(create_app(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), host=sys.argv[4], "
-            "port=int(sys.argv[5]), log_level='warning', access_log=False)")
-    env = {**_endpoint_environ("process"),
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-c", code, str(workspace.home / "models"), str(workspace.manifest),
-                                str(capture_dir), HOST, str(port)], cwd=REPO_ROOT, env=env)
-    url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=url, trust_env=False, timeout=2.0) as client:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the local endpoint process exited with {process.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get("/ping").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the local endpoint process did not become ready in {timeout_s:.0f} s")
-                time.sleep(0.2)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    return process_environ() if model_server == "process" else dict(os.environ)
 
 
 def _wait_ready(api_url: str, timeout_s: float = 30.0) -> None:

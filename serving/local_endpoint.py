@@ -53,6 +53,7 @@ runs in a thread; shadow copies and data capture in the sidecar process.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -66,7 +67,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -808,7 +808,7 @@ def _error_handler(status: int):
 
 #: The SageMaker TF Serving container's thread settings (unset or 0: TensorFlow picks), honoured here the same way:
 #: each model's session gets them (``session_config``).
-INTRA_OP_THREADS, INTER_OP_THREADS = "SAGEMAKER_TFS_INTRA_OP_PARALLELISM", "SAGEMAKER_TFS_INTER_OP_PARALLELISM"
+INTRA_OP_THREADS, INTER_OP_THREADS = wire.INTRA_OP_THREADS, wire.INTER_OP_THREADS
 
 
 def thread_settings(environ: dict[str, str] | None = None) -> dict[str, int]:
@@ -938,37 +938,36 @@ def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, ca
     return app
 
 
-@contextlib.contextmanager
-def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a background thread (port 0: a free one); yields its base URL."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m serving.local_endpoint``: serve until stopped (``serving.servers.running_process`` starts it
+    this way, on a socket it bound). No access log: a line per request is CPU the model's answers would wait on."""
+    import socket
+
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="local-endpoint", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the local endpoint did not start on {host}:{port} (see the log above)")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
+    from serving.servers import stop_with_parent
+
+    parser = argparse.ArgumentParser(prog="python -m serving.local_endpoint",
+                                     description="The local endpoint: TF Serving REST, SageMaker /ping, /invocations")
+    parser.add_argument("--models", type=Path, required=True, help="models dir: <name>/<version>/saved_model.pb")
+    parser.add_argument("--manifest", type=Path, help="endpoint manifest (variants); without: a plain model server")
+    parser.add_argument("--capture", type=Path, help="data-capture dir")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8501)
+    parser.add_argument("--fd", type=int, help="serve on this inherited listening socket instead of --host/--port")
+    parser.add_argument("--parent-pid", type=int, help="stop when this process is no longer the parent")
+    parser.add_argument("--poll-seconds", type=float, default=2.0, help="how often new model versions are looked for")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[endpoint]: %(message)s")
+    if args.parent_pid:
+        stop_with_parent(args.parent_pid)
+    app = create_app(args.models, args.manifest, args.capture, args.poll_seconds)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    sockets = [socket.socket(fileno=args.fd)] if args.fd is not None else None
+    uvicorn.Server(config).run(sockets=sockets)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, models_dir: str | Path | None = None,
-          endpoint_manifest: Path | None = None, capture_dir: Path | None = None, poll_seconds: float = 2.0,
-          endpoint: str = "marketrank") -> None:
-    """Run the local endpoint over the workspace (models/, endpoints/<endpoint>.json, data-capture/)."""
-    import uvicorn
-
-    from marketrank import workspace
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(models_dir or workspace.models_dir(),
-                     endpoint_manifest or workspace.endpoints_dir() / f"{endpoint}.json",
-                     capture_dir or workspace.capture_dir(), poll_seconds)
-    uvicorn.run(app, host=host, port=port)
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,8 @@ CONTENT_TYPE = "application/json"
 INFERENCE_ID_HEADER = "X-Amzn-SageMaker-Inference-Id"
 VARIANT_HEADER = "X-Amzn-Invoked-Production-Variant"
 PREDICT_METHOD = "tensorflow/serving/predict"
+#: The SageMaker TF Serving container's thread settings for the model's session (unset or 0: TensorFlow picks).
+INTRA_OP_THREADS, INTER_OP_THREADS = "SAGEMAKER_TFS_INTRA_OP_PARALLELISM", "SAGEMAKER_TFS_INTER_OP_PARALLELISM"
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?P<verb>:predict|/metadata)?$")
 DTYPES = {np.dtype(np.float32): "DT_FLOAT", np.dtype(np.float64): "DT_DOUBLE", np.dtype(np.int64): "DT_INT64",

@@ -485,6 +485,7 @@ def test_online_assemble_features_matches_spark_row(handmade_job) -> None:
     assert online["user_tenure_days"] == pytest.approx(10 + 4 / 24, rel=1e-6)
     assert (online["brand_ctr"], online["style_ctr"]) == pytest.approx((3 / 4, 2 / 5))
     assert (online["brand_searched"], online["style_searched"]) == pytest.approx((0.0, 1 / 2))
+    assert (online["followed_brands"], online["declared_styles"]) == (1, 1)
     flags = ("fav_brand", "fav_style", "same_country", "size_match")
     assert [online[name] for name in flags] == [1, 1, 1, 1]
     assert_features_equal(handmade_job["items"].loc[("r04", "iA")], online, where="r04/iA")

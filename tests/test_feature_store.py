@@ -34,10 +34,10 @@ from training.features import DAY_MS, FEATURES, ITEM_STATE_COLUMNS, USER_STATE_C
 
 #: Features computed only from the request (surface, query, time) and static catalogue / profile attributes:
 #: identical online and offline for the same request. The rest depend on counters that grow after the request.
-STATIC = {"surface", "user_country", "user_tenure_days", "item_category", "item_style", "item_condition",
-          "item_brand_tier", "log_price_index", "age_days", "photos", "seller_rating", "seller_sales",
-          "same_country", "size_match", "fav_brand", "fav_style", "query_category_match", "query_brand_match",
-          "query_style_match", "query_title_overlap"}
+STATIC = {"surface", "user_country", "user_tenure_days", "followed_brands", "declared_styles", "item_category",
+          "item_style", "item_condition", "item_brand_tier", "log_price_index", "age_days", "photos", "seller_rating",
+          "seller_sales", "same_country", "size_match", "fav_brand", "fav_style", "query_category_match",
+          "query_brand_match", "query_style_match", "query_title_overlap"}
 COUNTERS = {"user_history", "views", "likes", "bags"}  # only grow between the request and the end of the logs
 DERIVED = {"price_gap", "like_rate", "brand_affinity", "style_affinity", "category_affinity", "brand_ctr", "style_ctr",
            "brand_searched", "style_searched"}

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from pipelines import deploy
-from serving import local_endpoint, wire
+from serving import local_endpoint, servers, wire
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_hot_reload_swaps_in_new_versions_without_dropping_requests(model, tmp_p
     models, version = tmp_path / "models", model["version"]
     install(model["a"], models, "ranker", version)
     app = local_endpoint.create_app(models, None, None, poll_seconds=0.2)
-    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with servers.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         assert status_version(http, "ranker") == str(version)
         assert close(scores(http.post(wire.predict_path("ranker"), content=model["request"])), model["a_scores"])
 
@@ -141,7 +141,7 @@ def served(model, tmp_path_factory):
     models = tmp_path_factory.mktemp("served")
     install(model["a"], models, "ranker", model["version"])
     app = local_endpoint.create_app(models, None, None, poll_seconds=30)
-    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with servers.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         yield http
 
 
@@ -203,7 +203,7 @@ def test_variants_follow_the_manifest_with_shadow_capture_and_live_promotion(mod
     deploy.deploy_shadow(backend, deploy.Variant("model-a"))
     deploy.deploy_shadow(backend, deploy.Variant("model-b", weight=1.0))
     app = local_endpoint.create_app(models, backend.path, capture, poll_seconds=0.2)
-    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with servers.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         ping = http.get("/ping")
         assert ping.status_code == 200 and ping.json()[deploy.PRODUCTION]["model_name"] == "model-a"
 
@@ -259,7 +259,7 @@ def test_ping_is_503_until_the_production_model_is_loaded(model, tmp_path) -> No
     models.mkdir()
     backend = deploy.LocalBackend(tmp_path / "endpoints", ENDPOINT)
     app = local_endpoint.create_app(models, backend.path, None, poll_seconds=0.2)
-    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with servers.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         assert http.get("/ping").status_code == 503  # no manifest yet
         deploy.deploy_shadow(backend, deploy.Variant("late"))
         response = http.get("/ping")
@@ -295,7 +295,7 @@ def test_shadow_failures_stalls_and_crashes_never_reach_production(model, tmp_pa
     def captured(variant: str) -> int:
         return len(local_endpoint.read_capture(capture, ENDPOINT, variant))
 
-    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with servers.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         sidecar = app.state.endpoint.sidecar
         # The shadow and data capture run in a child process at a lower CPU priority than the endpoint.
         assert sidecar.pid != os.getpid()

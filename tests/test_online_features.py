@@ -86,6 +86,7 @@ def test_cold_start_user_gets_neutral_features():
     assert features["age_days"] == pytest.approx(3.0)
     assert features["like_rate"] == pytest.approx(2 / 19)
     assert features["log_price_index"] == pytest.approx(0.0)
+    assert features["followed_brands"] == 0.0 and features["declared_styles"] == 0.0
     # an item that lacks the attribute too: unknown on both sides is no match
     bare = {**item, "size": None, "seller_country": None}
     features = assemble_features(online_raw_frame("feed", None, 86_400_000 * 3, None, [bare])).iloc[0]
@@ -110,12 +111,32 @@ def test_catalogue_names_match_whatever_their_spelling():
     named, unnamed = assemble_features(frame).to_dict("records")
     assert (named["query_brand_match"], named["query_category_match"], named["query_style_match"]) == (1, 1, 0)
     assert named["fav_brand"] == 1.0
+    assert (named["followed_brands"], named["declared_styles"]) == (1.0, 0.0)
     assert named["brand_affinity"] == pytest.approx(3 / 5) and named["brand_ctr"] == pytest.approx(3 / 6)
     assert named["brand_searched"] == pytest.approx(2 / 4) and named["style_searched"] == pytest.approx(1 / 4)
     assert named["style_affinity"] == pytest.approx(2 / 5)
     # "Tommy" is another brand, and "classic sport" a style the query does not name in full
     assert (unnamed["query_brand_match"], unnamed["query_style_match"], unnamed["fav_brand"]) == (1, 0, 0)
     assert unnamed["brand_affinity"] == pytest.approx(1 / 5) and unnamed["brand_searched"] == 0.0
+
+
+def test_profile_counts_are_distinct_catalogue_names_online_and_offline():
+    """followed_brands / declared_styles count distinct catalogue keys: the same for one user's list shared by
+    every row (online) and for a list per row (offline), and 0 without a profile."""
+    from training.features import feature_columns, online_raw_columns
+
+    item = {"title": "acme coat", "category": "coats", "brand": "acme", "brand_tier": "mid", "style": "vintage",
+            "size": "M", "condition": "good", "price": 20.0, "photos": 3, "category_median_price": 20.0,
+            "listed_ms": 0, "seller_rating": 4.5, "seller_sales": 10, "seller_country": "FR", "views": 9,
+            "likes": 1, "bags": 0}
+    user = {"user_fav_brands": ["ACME", "acme ", "Zeta"], "user_fav_styles": ["vintage", ""]}
+    shared = online_raw_columns("feed", None, 86_400_000, user, [item, item])
+    online = feature_columns(shared)
+    assert online["followed_brands"].tolist() == [2.0, 2.0] and online["declared_styles"].tolist() == [1.0, 1.0]
+    per_row = {**shared, "user_fav_brands": np.array([["zeta"], None], dtype=object),
+               "user_fav_styles": np.array([np.array(["a", "b", "c"]), np.array([], dtype=object)], dtype=object)}
+    offline = feature_columns(per_row)
+    assert offline["followed_brands"].tolist() == [1.0, 0.0] and offline["declared_styles"].tolist() == [3.0, 0.0]
 
 
 def test_named_keys_finds_every_catalogue_name_a_query_holds():

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from marketrank.cli import app
 from pipelines import deploy
-from serving import local_endpoint, shadow_report, wire
+from serving import local_endpoint, servers, shadow_report, wire
 from training import data, export
 from training.feature_spec import FeatureSpec
 
@@ -95,7 +95,7 @@ def test_shadow_report_recommends_and_promote_follows(tmp_path, tiny_run, monkey
     models = _workspace(tmp_path, tiny_run, challenger)
     capture = tmp_path / "data-capture"
     server = local_endpoint.create_app(models, tmp_path / "endpoints" / f"{ENDPOINT}.json", capture, 0.5)
-    with local_endpoint.running(server) as url:
+    with servers.running(server) as url:
         _traffic(url, tiny_run, 25)
         _wait_for_capture(capture, 25)
 

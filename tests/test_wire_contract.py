@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipelines import deploy
-from serving import local_endpoint, wire
+from serving import local_endpoint, servers, wire
 
 MODEL, ENDPOINT = "ranker-v1", "shop"
 slow = pytest.mark.slow
@@ -145,7 +145,7 @@ def client(model, tmp_path_factory):
     backend = deploy.LocalBackend(root / "endpoints", ENDPOINT)
     backend.apply(deploy.EndpointState(production=deploy.Variant(MODEL)))
     app = local_endpoint.create_app(root / "models", backend.path, None, poll_seconds=30)
-    with local_endpoint.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with servers.running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         yield http
 
 

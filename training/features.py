@@ -65,6 +65,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("user_country", CONTEXT, STRING, description="user's country"),
     Feature("user_history", CONTEXT, transform="log1p", description="user's clicks so far"),
     Feature("user_tenure_days", CONTEXT, transform="log1p", description="days since sign-up"),
+    # How complete the declared profile is: with every liked brand followed, an unfollowed brand is news; with
+    # one followed, most of the user's brands are still unknown (fav_brand = 0 says less).
+    Feature("followed_brands", CONTEXT, description="number of brands the user follows"),
+    Feature("declared_styles", CONTEXT, description="number of styles the user declared"),
     Feature("item_category", ITEM, STRING),
     Feature("item_style", ITEM, STRING),
     Feature("item_condition", ITEM, STRING),
@@ -228,6 +232,14 @@ def _member(values: np.ndarray, lists: np.ndarray) -> np.ndarray:
                     dtype=np.float32)
 
 
+def _key_count(lists: np.ndarray) -> np.ndarray:
+    """How many distinct keys each row's list holds (a user's followed brands or declared styles)."""
+    first = lists[0] if len(lists) else None
+    if all(names is first for names in lists):  # online: one user's list object in every row, counted once
+        return np.full(len(lists), len(_favourite_keys(first)), dtype=np.float64)
+    return np.array([len(_favourite_keys(names)) for names in lists], dtype=np.float64)
+
+
 def _same(left: np.ndarray, right: Any) -> np.ndarray:
     """Equal and known on both sides: a cold-start user (no size, no country) matches no item, even one that has
     none either."""
@@ -274,6 +286,8 @@ def feature_columns(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         "user_country": _text(np.where(pd.isna(country), "unknown", country)),
         "user_history": clicks,
         "user_tenure_days": np.where(np.isnan(signup), 0.0, np.maximum(ts - signup, 0) / DAY_MS),
+        "followed_brands": _key_count(col["user_fav_brands"]),
+        "declared_styles": _key_count(col["user_fav_styles"]),
         "item_category": _text(col["category"]),
         "item_style": _text(col["style"]),
         "item_condition": _text(col["condition"]),
