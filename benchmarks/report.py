@@ -67,34 +67,37 @@ def _sizes(result: dict[str, Any]) -> str:
 def _stale(result: dict[str, Any]) -> str:
     """A warning when a result on simulated data ran on a preset that has changed since
     (``marketrank.simulator.SIZE_PRESETS``), or on features another feature code built
-    (``training.features.features_fingerprint``)."""
-    sim, preset = result.get("simulator"), SIZE_PRESETS.get(result.get("dataset", ""))
+    (``training.features.features_fingerprint``; a result from before that was recorded: possibly stale)."""
+    sim = result.get("simulator")
     if not sim:
         return ""
-    return _stale_preset(result, sim, preset) + _stale_features(result)
+    reasons = [r for r in (_preset_change(result, sim), _feature_change(result)) if r]
+    if not reasons:
+        return ""
+    known = _preset_change(result, sim) or result.get("features_fingerprint") is not None
+    return f" **{'Stale' if known else 'Possibly stale'}:** {'; '.join(reasons)}. Re-run its benchmark to refresh."
 
 
-def _stale_features(result: dict[str, Any]) -> str:
+def _feature_change(result: dict[str, Any]) -> str:
     built, now = result.get("features_fingerprint"), features_fingerprint()
     if built == now:
         return ""
     if built is None:
-        return (" *Feature code not recorded* (the result predates the record): it may differ from today's; re-run "
-                "its benchmark to compare.")
-    return (f" **Stale: measured on features from other feature code** (fingerprint {built}, now {now}); re-run its "
-            "benchmark to refresh.")
+        return "the feature code it ran on was not recorded (the result predates the record)"
+    return f"measured on features from other feature code (fingerprint {built}, now {now})"
 
 
-def _stale_preset(result: dict[str, Any], sim: dict[str, Any], preset: Any) -> str:
+def _preset_change(result: dict[str, Any], sim: dict[str, Any]) -> str:
+    preset = SIZE_PRESETS.get(result.get("dataset", ""))
     if preset is None:
         return ""
+
     def text(value: Any) -> str:
         return "unrecorded" if value is None else f"{value:,}"
 
     changed = [f"{k} {text(sim.get(k))} (now {text(v)})" for k, v in dataclasses.asdict(preset).items()
                if k != "seed" and sim.get(k) != v]
-    return (f" **Stale: measured on an earlier `{result['dataset']}` preset**: {', '.join(changed)}; re-run "
-            "its benchmark to refresh." if changed else "")
+    return f"measured on an earlier `{result['dataset']}` preset: {', '.join(changed)}" if changed else ""
 
 
 def quality_section(name: str, result: dict[str, Any], out_dir: Path) -> list[str]:
@@ -203,8 +206,12 @@ def throughput_section(result: dict[str, Any], out_dir: Path) -> list[str]:
         "same CPU, so what counts is how little of it is left per step.", ""]
     spreads = ", ".join(f"`{s['dataset']}` {s['input_pipeline']['cached_spread']:.0%}" for s in result["sizes"])
     lines += [f"Machine noise: the cached step time varied across rounds by {spreads} ((max - min) / median).", ""]
-    stale = [f"- `{s['dataset']}`:{_stale(s)}" for s in result["sizes"] if _stale(s)]
-    lines += [*stale, ""] if stale else []
+    by_warning: dict[str, list[str]] = {}
+    for size in result["sizes"]:
+        if _stale(size):
+            by_warning.setdefault(_stale(size), []).append(f"`{size['dataset']}`")
+    lines += [f"{', '.join(names)}:{warning}" for warning, names in by_warning.items()] + (
+        [""] if by_warning else [])
     lines += [f"![scaling]({scaling.name}) ![time to quality]({curves.name})", ""]
     return lines
 
@@ -239,6 +246,9 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              "back, and *paced* (each call after an idle pause drawn like "
              "the load's arrival gaps, as every request under the load finds the cores idle).", ""]
     lines += _table(header, rows)
+    feature_change = _feature_change(result.get("workspace") or {})
+    if feature_change:
+        lines += ["", f"Features served: {feature_change}. Re-run `marketrank bench serve` to refresh."]
     if target:
         lines += ["", f"Target: p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s with "
                       f"{target['candidates']} candidates, no errors or fallbacks: {_yes(target.get('met'))} "

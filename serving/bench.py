@@ -100,6 +100,8 @@ class Workspace:
     materialized_now: bool
     dataset: str | None
     raw_dir: Path | None
+    #: ``training.features.features_fingerprint()`` of the feature job that built the served data (None: unknown).
+    features_fingerprint: str | None = None
 
 
 def _latest_report(home: Path) -> dict[str, Any] | None:
@@ -149,7 +151,16 @@ def open_workspace(home: Path, endpoint: str = "marketrank") -> Workspace:
     return Workspace(home=home, endpoint=endpoint, manifest=backend.path, state=state.to_dict(),
                      model_name=state.production.model_name, model_dir=model_dir, store_path=store_path,
                      materialized_now=materialized_now,
-                     dataset=(report or {}).get("dataset", {}).get("name"), raw_dir=_dataset_dir(home, report, "raw"))
+                     dataset=(report or {}).get("dataset", {}).get("name"), raw_dir=_dataset_dir(home, report, "raw"),
+                     features_fingerprint=_features_fingerprint(_dataset_dir(home, report, "features")))
+
+
+def _features_fingerprint(features: Path | None) -> str | None:
+    """The fingerprint the feature job wrote into ``<features>/stats.json`` (None when there is none)."""
+    stats = features / "stats.json" if features is not None else None
+    if stats is None or not stats.exists():
+        return None
+    return json.loads(stats.read_text()).get("features_fingerprint")
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -894,6 +905,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
         },
         "workspace": {
             "home": str(workspace.home), "dataset": workspace.dataset, "endpoint_state": workspace.state,
+            "features_fingerprint": workspace.features_fingerprint,
             "model": {"name": workspace.model_name, "version": workspace.model_dir.name,
                       "path": str(workspace.model_dir)},
             "store": {"path": str(workspace.store_path), "materialized_now": workspace.materialized_now,

@@ -966,7 +966,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(args.models, args.manifest, args.capture, args.poll_seconds)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     sockets = [socket.socket(fileno=args.fd)] if args.fd is not None else None
-    uvicorn.Server(config).run(sockets=sockets)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

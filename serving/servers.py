@@ -30,15 +30,14 @@ def running(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) 
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="local-endpoint", daemon=True)
+    thread = threading.Thread(target=server.run, name="local-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"the local endpoint did not start on {host}:{port} (see the log above)")
-        time.sleep(0.02)
     try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port} (see the log above)")
+            time.sleep(0.02)
         yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
@@ -77,25 +76,28 @@ def running_process(models_dir: str | Path, endpoint_manifest: Path | None, capt
     url = f"http://{host}:{listener.getsockname()[1]}"
     repo = str(Path(__file__).resolve().parents[1])
     env = {**process_environ(), "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "serving.local_endpoint", "--models", str(models_dir),
+    command = [sys.executable, "-m", "serving.local_endpoint", "--models", str(Path(models_dir).resolve()),
                "--fd", str(listener.fileno()), "--parent-pid", str(os.getpid()), "--log-level", log_level]
     if endpoint_manifest is not None:
-        command += ["--manifest", str(endpoint_manifest)]
+        command += ["--manifest", str(Path(endpoint_manifest).resolve())]
     if capture_dir is not None:
-        command += ["--capture", str(capture_dir)]
-    try:  # from the repository root: a serving/ or training/ folder in the caller's directory must not shadow it
-        process = subprocess.Popen(command, env=env, cwd=repo, pass_fds=(listener.fileno(),))
+        command += ["--capture", str(Path(capture_dir).resolve())]
+    stopping = threading.Event()
+    try:
+        # From the repository root (a serving/ or training/ folder in the caller's directory must not shadow it),
+        # in a session of its own: a terminal's Ctrl-C reaches this process only, which stops the API first and
+        # then the endpoint.
+        process = subprocess.Popen(command, env=env, cwd=repo, pass_fds=(listener.fileno(),),
+                                   start_new_session=True)
     finally:
         listener.close()  # the child holds it now
-    stopping = threading.Event()
-
-    def watch() -> None:
-        code = process.wait()
-        if not stopping.is_set():
-            log.error("the local endpoint process %d exited with %s: model calls fail until it is started again",
-                      process.pid, code)
-
     try:
+        def watch() -> None:
+            code = process.wait()
+            if not stopping.is_set():
+                log.error("the local endpoint process %d exited with %s: model calls fail until it is started "
+                          "again", process.pid, code)
+
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=url, trust_env=False, timeout=2.0) as client:
             while True:
@@ -117,6 +119,9 @@ def running_process(models_dir: str | Path, endpoint_manifest: Path | None, capt
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+        except BaseException:  # interrupted again while it stops: make sure it is gone
+            process.kill()
+            raise
 
 
 def stop_with_parent(parent_pid: int, check_s: float = 1.0) -> None:

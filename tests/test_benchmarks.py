@@ -248,10 +248,12 @@ def test_report_flags_results_of_an_earlier_preset_and_rates_the_largest_trainin
               "features_fingerprint": features_fingerprint()}
     assert report._sizes(result).endswith("train 10 lists / 400 items.")  # nothing to flag
     other_code = {**result, "features_fingerprint": "0123456789abcdef"}
-    assert "Stale: measured on features from other feature code** (fingerprint 0123456789abcdef" in \
+    assert "**Stale:** measured on features from other feature code (fingerprint 0123456789abcdef" in \
         report._sizes(other_code)
     before_record = {k: v for k, v in result.items() if k != "features_fingerprint"}
-    assert "Feature code not recorded" in report._sizes(before_record)
+    assert "**Possibly stale:** the feature code it ran on was not recorded" in report._sizes(before_record)
+    both = {**other_code, "simulator": {**sim, "requests": sim["requests"] // 2}}
+    assert report._sizes(both).count("Re-run its benchmark") == 1 and "preset: requests" in report._sizes(both)
     earlier = {**result, "simulator": {**sim, "requests": sim["requests"] // 2}}
     assert f"requests {sim['requests'] // 2:,} (now {sim['requests']:,})" in report._sizes(earlier)
     unrecorded = {**result, "simulator": {k: v for k, v in sim.items() if k != "randomized_share"}}
@@ -326,3 +328,14 @@ def test_models_option_is_validated():
         suite.parse_models("cnn/softmax")
     with pytest.raises(ValueError, match="scorer/loss"):
         suite.parse_models("dnn")
+
+
+def test_serving_section_names_features_from_other_or_unrecorded_feature_code(tmp_path):
+    from training.features import features_fingerprint
+
+    current = {**_serving(), "workspace": {"features_fingerprint": features_fingerprint()}}
+    assert not [line for line in report.serving_section(current, tmp_path) if line.startswith("Features served")]
+    unrecorded = report.serving_section(_serving(), tmp_path)  # a result from before the record
+    assert any(line.startswith("Features served: the feature code it ran on was not recorded") for line in unrecorded)
+    other = {**_serving(), "workspace": {"features_fingerprint": "0123456789abcdef"}}
+    assert any("fingerprint 0123456789abcdef" in line for line in report.serving_section(other, tmp_path))

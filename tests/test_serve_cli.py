@@ -113,6 +113,7 @@ def test_serve_ranks_through_an_endpoint_process_and_stops_cleanly(tiny_run, tmp
         assert not [pid for pid in tree if _alive(pid)], log_path.read_text()
         output = log_path.read_text()
         assert "stopped" in output and "Traceback" not in output, output
+        assert "local endpoint process" not in output, output  # no exit taken for a crash
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)  # whatever is left of the tree, when an assertion failed
