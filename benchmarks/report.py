@@ -71,10 +71,11 @@ def _stale(result: dict[str, Any]) -> str:
     sim = result.get("simulator")
     if not sim:
         return ""
-    reasons = [r for r in (_preset_change(result, sim), _feature_change(result)) if r]
+    preset = _preset_change(result, sim)
+    reasons = [r for r in (preset, _feature_change(result)) if r]
     if not reasons:
         return ""
-    known = _preset_change(result, sim) or result.get("features_fingerprint") is not None
+    known = preset or result.get("features_fingerprint") is not None
     return f" **{'Stale' if known else 'Possibly stale'}:** {'; '.join(reasons)}. Re-run its benchmark to refresh."
 
 

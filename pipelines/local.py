@@ -101,11 +101,11 @@ def build_features(raw_dir: Path, features_dir: Path) -> dict[str, Any]:
 def ensure_features(raw_dir: Path, features_dir: Path) -> dict[str, Any] | None:
     """Run the feature job unless ``features_dir`` already holds this code's features (its ``stats.json`` has
     ``training.features.features_fingerprint()``): output of another feature job is rebuilt, not reused."""
+    from training.feature_job import STATS_FILE, built_fingerprint
     from training.features import features_fingerprint
 
-    stats_path = features_dir / "stats.json"
-    if (features_dir / SPEC_FILE).exists() and stats_path.exists():
-        built = json.loads(stats_path.read_text()).get("features_fingerprint")
+    if (features_dir / SPEC_FILE).exists() and (features_dir / STATS_FILE).exists():
+        built = built_fingerprint(features_dir)
         if built == features_fingerprint():
             ui.console.print(f"[dim]using features in {features_dir}[/dim]")
             return None

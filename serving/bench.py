@@ -126,6 +126,7 @@ def open_workspace(home: Path, endpoint: str = "marketrank") -> Workspace:
     from pipelines.deploy import LocalBackend
     from serving.feature_store import DEFAULT_STORE_FILE, materialize, open_store
     from training.export import latest_version, load_spec
+    from training.feature_job import built_fingerprint
 
     home = Path(home).resolve()
     backend = LocalBackend(home / "endpoints", endpoint)
@@ -136,11 +137,11 @@ def open_workspace(home: Path, endpoint: str = "marketrank") -> Workspace:
     model_dir = latest_version(home / "models" / state.production.model_name)
     report = _latest_report(home)
     store_path = home / DEFAULT_STORE_FILE
+    features = _dataset_dir(home, report, "features")
     store = open_store("embedded", store_path)
     try:
         materialized_now = store.get_spec() is None
         if materialized_now:
-            features = _dataset_dir(home, report, "features")
             if features is None:
                 raise FileNotFoundError(f"the feature store {store_path} is empty and no run's features were found "
                                         f"under {home}: run `marketrank features materialize` first")
@@ -152,15 +153,7 @@ def open_workspace(home: Path, endpoint: str = "marketrank") -> Workspace:
                      model_name=state.production.model_name, model_dir=model_dir, store_path=store_path,
                      materialized_now=materialized_now,
                      dataset=(report or {}).get("dataset", {}).get("name"), raw_dir=_dataset_dir(home, report, "raw"),
-                     features_fingerprint=_features_fingerprint(_dataset_dir(home, report, "features")))
-
-
-def _features_fingerprint(features: Path | None) -> str | None:
-    """The fingerprint the feature job wrote into ``<features>/stats.json`` (None when there is none)."""
-    stats = features / "stats.json" if features is not None else None
-    if stats is None or not stats.exists():
-        return None
-    return json.loads(stats.read_text()).get("features_fingerprint")
+                     features_fingerprint=built_fingerprint(features) if features is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------- requests

@@ -205,18 +205,22 @@ class Servable:
         return wire.predict_response(outputs, row_format)
 
 
+def _dims(info: Any) -> list[int] | None:
+    """A SignatureDef TensorInfo's dims as stored (-1: any size); None for an unknown rank."""
+    return None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
+
+
 def _spec(info: Any) -> tf.TensorSpec:
     """A SignatureDef TensorInfo as a TensorSpec (a -1 dim: any size)."""
-    shape = None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else None
-                                                          for d in info.tensor_shape.dim]
-    return tf.TensorSpec(shape, tf.as_dtype(info.dtype))
+    dims = _dims(info)
+    return tf.TensorSpec(None if dims is None else [d if d >= 0 else None for d in dims], tf.as_dtype(info.dtype))
 
 
 def _signature_def(signature: Any) -> dict[str, dict]:
     """A SignatureDef as TF Serving's metadata API shows it."""
     def infos(tensors) -> dict[str, dict]:
-        return {key: wire.tensor_info(t.name, types_pb2.DataType.Name(t.dtype), None if t.tensor_shape.unknown_rank
-                                      else [d.size for d in t.tensor_shape.dim]) for key, t in sorted(tensors.items())}
+        return {key: wire.tensor_info(t.name, types_pb2.DataType.Name(t.dtype), _dims(t))
+                for key, t in sorted(tensors.items())}
 
     return {"inputs": infos(signature.inputs), "outputs": infos(signature.outputs)}
 
@@ -806,8 +810,8 @@ def _error_handler(status: int):
     return handle
 
 
-#: The SageMaker TF Serving container's thread settings (unset or 0: TensorFlow picks), honoured here the same way:
-#: each model's session gets them (``session_config``).
+#: The SageMaker TF Serving container's thread settings (``serving.wire``), honoured here the same way: each
+#: model's session gets them (``session_config``).
 INTRA_OP_THREADS, INTER_OP_THREADS = wire.INTRA_OP_THREADS, wire.INTER_OP_THREADS
 
 

@@ -53,6 +53,8 @@ EVENT_GRADES = {"click": 1, "like": 2, "add_to_bag": 3, "purchase": 4}
 SPLITS = ("train", "valid", "test")
 #: Sub-directory of the output holding the feature store's content (state as of the end of the logs).
 ONLINE_DIR = "online"
+#: The job's stats (split sizes, time cuts, ``features_fingerprint``) beside its output.
+STATS_FILE = "stats.json"
 #: Required columns per raw table and the type family each must have.
 RAW_SCHEMA: dict[str, dict[str, str]] = {
     "users": {"user_id": "string", "country": "string", "size": "string", "signup_ts": "timestamp",
@@ -84,6 +86,13 @@ class FeatureJobConfig:
     train_fraction: float = 0.7
     valid_fraction: float = 0.15
     shuffle_partitions: int = 8
+
+
+def built_fingerprint(features_dir: str | Path) -> str | None:
+    """The ``features_fingerprint()`` of the feature code that wrote ``features_dir`` (from its stats), None
+    where there are no stats or they predate the record."""
+    stats = Path(features_dir) / STATS_FILE
+    return json.loads(stats.read_text()).get("features_fingerprint") if stats.exists() else None
 
 
 def spark_session(app: str = "marketrank-features"):
@@ -516,7 +525,7 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
                  "list_size": config.list_size, "position_bias": position_bias,
                  "online_as_of_ms": as_of,
                  "max_list_length": lists.select(F.max(F.size("item_id"))).first()[0]}
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
         rows.unpersist()
         lists.unpersist()
         events[2].unpersist()
