@@ -24,17 +24,19 @@ from training.hparams import HParams
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr")
 PRIMARY = "ndcg@10"
-#: The TF-Ranking models compared: each scorer with each loss.
-TFR_MODELS = tuple((scorer, loss) for scorer in ("dnn", "din") for loss in ("softmax", "approx_ndcg",
-                                                                            "pairwise_logistic"))
+#: The TF-Ranking models compared: each scorer with each loss, and the default model as a seed ensemble of 3
+#: (``HParams.ensemble``): ``(scorer, loss)`` or ``(scorer, loss, members)``.
+TFR_MODELS: tuple[tuple, ...] = (*((scorer, loss) for scorer in ("dnn", "din")
+                                   for loss in ("softmax", "approx_ndcg", "pairwise_logistic")),
+                                 ("dnn", "softmax", 3))
 ORACLE_SHARE_GOAL = 0.95
 #: The feature-ceiling reference (``rankers.train_feature_ceiling``): trained on true relevance, not a contender.
 CEILING = "reference-ceiling"
 Progress = Callable[[str], None]
 
 
-def tfr_name(scorer: str, loss: str) -> str:
-    return f"tfr-{scorer}-{loss}"
+def tfr_name(scorer: str, loss: str, members: int = 1) -> str:
+    return f"tfr-{scorer}-{loss}" + (f"-x{members}" if members > 1 else "")
 
 
 def evaluate_rankers(dataset: Dataset, scorers: dict[str, rankers.Scorer], split: str) -> dict[str, Any]:
@@ -72,7 +74,7 @@ def baselines(dataset: Dataset) -> dict[str, rankers.Scorer]:
     return out
 
 
-def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple[str, str], ...] = TFR_MODELS,
+def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple, ...] = TFR_MODELS,
                 hparams: HParams = HParams(), lambdamart: rankers.LambdaMartParams = rankers.LambdaMartParams(),
                 lambdamart_ipw: bool = True, resamples: int = 1000, progress: Progress | None = None,
                 trained_out: dict[str, tuple[rankers.Scorer, dict]] | None = None) -> dict[str, Any]:
@@ -92,11 +94,12 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple[str, st
         note("LambdaMART with LightGBM's position debiasing")
         scorers["lambdamart-position"], trained["lambdamart-position"] = rankers.train_lambdamart(
             dataset, dataclasses.replace(lambdamart, position_debiasing=True))
-    for scorer, loss in models:
-        name = tfr_name(scorer, loss)
-        note(f"TF-Ranking {scorer}/{loss}")
+    for scorer, loss, *members in models:
+        ensemble = members[0] if members else 1
+        name = tfr_name(scorer, loss, ensemble)
+        note(f"TF-Ranking {scorer}/{loss}" + (f", an ensemble of {ensemble}" if ensemble > 1 else ""))
         scorers[name], trained[name] = rankers.train_tfranking(
-            dataset, dataclasses.replace(hparams, scorer=scorer, loss=loss), work_dir / name,
+            dataset, dataclasses.replace(hparams, scorer=scorer, loss=loss, ensemble=ensemble), work_dir / name,
             progress=lambda epoch, logs, n=name: note(f"TF-Ranking {n}: epoch {epoch}, val ndcg@10 (logged) "
                                                       f"{logs.get('val_ndcg_10', float('nan')):.4f}"))
     if dataset.spec.oracle_score and dataset.spec.eval_label and dataset.spec.eval_label != dataset.spec.label:

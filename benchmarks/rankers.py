@@ -198,14 +198,18 @@ def train_tfranking(dataset: Dataset, hparams, out_dir: Path, progress: Callable
     callbacks = (eval_label_callback(dataset),) if eval_label_curve else ()
     result = train(dataset.train_source, dataset.valid_source, dataset.spec, hparams, out_dir / "model", None,
                    tracking_uri=None, progress=on_epoch, train_lists=dataset.train_lists, callbacks=callbacks)
-    # result.seconds times model.fit alone (TensorFlow's import and the model build come before it), so the
-    # fit started that long before the last epoch ended.
-    fit_start = epochs[-1]["at"] - result.seconds
-    for epoch in epochs:
-        epoch["seconds"] = epoch.pop("at") - fit_start - epoch.get("eval_seconds", 0.0)
+    # Seconds in model.fit so far (TensorFlow's import and the model builds are left out, as is an ensemble's
+    # time between its members' fits): each fit started its own seconds before its last epoch ended.
+    first, done = 0, 0.0
+    for count, fit_seconds in zip(result.member_epochs, result.member_seconds, strict=True):
+        fit_start = epochs[first + count - 1]["at"] - fit_seconds
+        for epoch in epochs[first:first + count]:
+            epoch["seconds"] = done + epoch.pop("at") - fit_start - epoch.get("eval_seconds", 0.0)
+        first, done = first + count, done + fit_seconds
     seconds = result.seconds - epochs[-1].get("eval_seconds", 0.0)
     info = {"hparams": dataclasses.asdict(hparams), "ipw_eta": resolve_ipw_eta(hparams, dataset.spec),
-            "best_epoch": result.best_epoch, "epochs_run": len(result.history["loss"]),
+            "best_epoch": result.best_epoch, "member_best_epochs": result.member_best_epochs,
+            "epochs_run": len(result.history["loss"]), "validation": result.validation,
             "train_seconds": seconds, "lists_per_second": dataset.train_lists * len(epochs) / seconds,
             "epochs": epochs, "export_dir": str(result.export_dir)}
     return SavedModelScorer(result.export_dir), info

@@ -28,21 +28,27 @@ def load_dataset(size: str, seed: int = 7, cache: Path | None = None, letor: Pat
     return datasets.marketplace(size, seed, cache)
 
 
-def parse_models(text: str) -> tuple[tuple[str, str], ...]:
-    """``all`` or a comma list of ``scorer/loss`` (e.g. ``dnn/softmax,din/softmax``), validated by HParams."""
+def parse_models(text: str) -> tuple[tuple, ...]:
+    """``all`` or a comma list of ``scorer/loss`` or ``scorer/loss/members`` (a seed ensemble), e.g.
+    ``dnn/softmax,dnn/softmax/3``, validated by HParams."""
     if text.strip() == "all":
         return quality.TFR_MODELS
-    models = []
+    models: list[tuple] = []
     for item in text.split(","):
-        scorer, sep, loss = item.strip().partition("/")
-        if not sep:
-            raise ValueError(f"--models {item!r}: expected scorer/loss, e.g. dnn/softmax")
-        HParams(scorer=scorer, loss=loss)
-        models.append((scorer, loss))
+        scorer, sep, rest = item.strip().partition("/")
+        loss, _, members = rest.partition("/")
+        if not sep or not loss:
+            raise ValueError(f"--models {item!r}: expected scorer/loss or scorer/loss/members, e.g. dnn/softmax")
+        try:
+            count = int(members) if rest.count("/") else 1
+        except ValueError:
+            raise ValueError(f"--models {item!r}: members must be a whole number, got {members!r}") from None
+        HParams(scorer=scorer, loss=loss, ensemble=count)
+        models.append((scorer, loss, count) if count > 1 else (scorer, loss))
     return tuple(models)
 
 
-def run_quality(dataset: datasets.Dataset, out: Path, *, models: Sequence[tuple[str, str]] = quality.TFR_MODELS,
+def run_quality(dataset: datasets.Dataset, out: Path, *, models: Sequence[tuple] = quality.TFR_MODELS,
                 hparams: HParams = HParams(), lambdamart: rankers.LambdaMartParams = rankers.LambdaMartParams(),
                 trained_out: dict | None = None) -> tuple[Path, dict[str, Any]]:
     with ui.step(f"quality benchmark on {dataset.name}") as s:

@@ -39,7 +39,7 @@ def run_unbiased(dataset: Dataset, work_dir: Path, *, hparams: HParams = HParams
     scorers, trained = quality.baselines(dataset), {}
     variants = {NAIVE: dataclasses.replace(hparams, ipw_eta=0.0), IPW: dataclasses.replace(hparams, ipw_eta=None)}
     for name, hp in variants.items():
-        cached = (reuse or {}).get(quality.tfr_name(hp.scorer, hp.loss))
+        cached = (reuse or {}).get(quality.tfr_name(hp.scorer, hp.loss, hp.ensemble))
         if cached is not None and cached[1]["hparams"] == dataclasses.asdict(hp):
             scorers[name], trained[name] = cached
             continue

@@ -75,16 +75,18 @@ def _quiet_logs(verbose: bool, configure: bool = True) -> None:
 
 Scorer = Annotated[str, typer.Option(help="dnn | din (document-interaction attention)")]
 Loss = Annotated[str, typer.Option(help="softmax | approx_ndcg | pairwise_logistic")]
+Ensemble = Annotated[int, typer.Option(min=1, help="members of a seed ensemble (1: one model); the export averages "
+                                                  "them")]
 DEFAULT = HParams()
 GATE = GateThresholds()
 
 
 def _hparams(scorer: str, loss: str, epochs: int, learning_rate: float, batch_size: int, ipw_eta: float | None,
-             seed: int):
+             seed: int, ensemble: int = 1):
     from training.hparams import HParams
 
     return HParams(scorer=scorer, loss=loss, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                   ipw_eta=ipw_eta, seed=seed)
+                   ipw_eta=ipw_eta, seed=seed, ensemble=ensemble)
 
 
 @app.command()
@@ -100,6 +102,7 @@ def run(
     batch_size: int = DEFAULT.batch_size,
     ipw_eta: Annotated[float | None, typer.Option(help="position-bias exponent; default: estimated")] = None,
     train_seed: int = DEFAULT.seed,
+    ensemble: Ensemble = DEFAULT.ensemble,
     shuffle_labels: Annotated[bool, typer.Option(help="sanity check: train on labels shuffled within lists")] = False,
     ndcg_floor: Annotated[float, typer.Option(help="gate: minimum NDCG@10")] = GATE.ndcg_floor,
     min_lift: Annotated[float, typer.Option(help="gate: minimum 95% CI lower bound of the lift")] = GATE.min_lift,
@@ -112,8 +115,8 @@ def run(
     _quiet_logs(verbose)
     from pipelines.local import LocalRunConfig, run_local
 
-    hparams = dataclasses.replace(_hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, train_seed),
-                                  shuffle_labels=shuffle_labels)
+    hparams = dataclasses.replace(_hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, train_seed,
+                                           ensemble), shuffle_labels=shuffle_labels)
     config = LocalRunConfig(size=size, seed=seed, dataset=dataset, fresh=fresh, hparams=hparams,
                             thresholds=GateThresholds(ndcg_floor=ndcg_floor, min_lift=min_lift),
                             shadow_sampling_percentage=shadow_sampling)
@@ -175,6 +178,7 @@ def train(
     batch_size: int = DEFAULT.batch_size,
     ipw_eta: Annotated[float | None, typer.Option(help="position-bias exponent; default: estimated")] = None,
     seed: int = DEFAULT.seed,
+    ensemble: Ensemble = DEFAULT.ensemble,
     verbose: bool = False,
 ) -> None:
     """Train on the feature job's output, or on a LETOR/SVMlight dataset (then also evaluates its test split)."""
@@ -183,8 +187,8 @@ def train(
 
     if (features is None) == (letor is None):
         raise ValueError("give exactly one of --features or --letor")
-    hparams = _hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, seed)
-    with ui.step(f"train {scorer}/{loss}", total=epochs) as s:
+    hparams = _hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, seed, ensemble)
+    with ui.step(f"train {scorer}/{loss}" + (f" x{ensemble}" if ensemble > 1 else ""), total=epochs * ensemble) as s:
         def on_epoch(epoch: int, logs: dict) -> None:
             s.advance(epoch, f"epoch {epoch}: val ndcg@10 {logs.get('val_ndcg_10', float('nan')):.4f}")
 
@@ -657,7 +661,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 Results = Annotated[Path | None, typer.Option("--out", help="results dir: JSON + PNG (default benchmarks/results)")]
 Cache = Annotated[Path | None, typer.Option(help="data cache: <cache>/<size>-seed<seed> (default: the workspace's)")]
-Models = Annotated[str, typer.Option(help="TF-Ranking models: 'all' or scorer/loss,... (e.g. dnn/softmax)")]
+Models = Annotated[str, typer.Option(help="TF-Ranking models: 'all' or scorer/loss[/members],... (e.g. "
+                                          "dnn/softmax,dnn/softmax/3: the last a seed ensemble of 3)")]
 
 
 def _results(out: Path | None) -> Path:

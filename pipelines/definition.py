@@ -169,6 +169,7 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
         "BatchSize": hparams.batch_size,
         # None = the feature job's position-bias estimate, which train.py spells "auto" on its command line.
         "IpwEta": "auto" if hparams.ipw_eta is None else str(hparams.ipw_eta),
+        "Ensemble": hparams.ensemble,
         "NdcgFloor": thresholds.ndcg_floor,
         "MinLift": thresholds.min_lift,
         # Approved: the quality gate is the approval. DeployShadow creates a SageMaker Model from the package,
@@ -184,7 +185,8 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
 
 #: Pipeline parameter -> train.py flag (SageMaker passes each hyperparameter as ``--<key> <value>``).
 HYPERPARAMETERS = {"Scorer": "scorer", "Loss": "loss", "Epochs": "epochs", "LearningRate": "learning-rate",
-                   "BatchSize": "batch-size", "IpwEta": "ipw-eta", "MlflowTrackingServerArn": "mlflow-tracking-uri"}
+                   "BatchSize": "batch-size", "IpwEta": "ipw-eta", "Ensemble": "ensemble",
+                   "MlflowTrackingServerArn": "mlflow-tracking-uri"}
 #: Gate threshold (``pipelines.gate.Check.threshold``) -> pipeline parameter.
 THRESHOLD_PARAMETERS = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift"}
 ENUMS = {"Scorer": list(SCORERS), "Loss": list(LOSS_NAMES), "ModelApprovalStatus": list(APPROVAL_STATUSES)}

@@ -118,7 +118,9 @@ def train_model(features_dir: Path, run_dir: Path, hparams: HParams, run_name: s
     from training.train import train
 
     spec = FeatureSpec.load(features_dir / "train")
-    with ui.step(f"train TF-Ranking {hparams.scorer}/{hparams.loss}", total=hparams.epochs) as s:
+    members = f", {hparams.ensemble} members" if hparams.ensemble > 1 else ""
+    with ui.step(f"train TF-Ranking {hparams.scorer}/{hparams.loss}{members}",
+                 total=hparams.epochs * hparams.ensemble) as s:
         def on_epoch(epoch: int, logs: dict) -> None:
             s.advance(epoch, f"train epoch {epoch}: val ndcg@10 {logs.get('val_ndcg_10', float('nan')):.4f}")
 
@@ -202,7 +204,8 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
                     "raw": str(raw_dir), "features": str(features_dir)},
         "hparams": dataclasses.asdict(config.hparams),
         "training": {"export_dir": str(result.export_dir), "seconds": round(result.seconds, 1),
-                     "best_epoch": result.best_epoch, "lists_per_second": round(result.examples_per_second, 1),
+                     "best_epoch": result.best_epoch, "member_best_epochs": result.member_best_epochs,
+                     "lists_per_second": round(result.examples_per_second, 1),
                      "mlflow_run_id": result.mlflow_run_id},
         "evaluation": str(run_dir / "evaluation" / evaluation_report.EVALUATION_FILE),
         "eval_label": evaluation["eval_label"],

@@ -129,6 +129,17 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
     assert pipe["cached_spread"] >= 0
 
 
+@pytest.mark.slow
+def test_ensemble_epochs_are_timed_on_one_clock(tiny, tmp_path):
+    """An ensemble's members fit one after another: their epochs' seconds run on, the last is the training time."""
+    _, info = rankers.train_tfranking(tiny, HParams(epochs=2, patience=5, ensemble=2), tmp_path,
+                                      eval_label_curve=True)
+    seconds = [epoch["seconds"] for epoch in info["epochs"]]
+    assert [epoch["epoch"] for epoch in info["epochs"]] == [1, 2, 3, 4] and info["epochs_run"] == 4
+    assert 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3] == pytest.approx(info["train_seconds"])
+    assert len(info["member_best_epochs"]) == 2 and 0 < info["validation"]["val_ndcg_10"] <= 1
+
+
 def test_median_interval_is_distribution_free():
     assert throughput.median_ci([5, 1, 4, 2, 3, 9, 8, 7, 6]) == (2, 8, pytest.approx(1 - 2 * 10 / 512))
     assert throughput.median_ci([3, 1, 2, 5, 4]) == (1, 5, pytest.approx(1 - 2 / 32))  # the widest there is
@@ -320,10 +331,15 @@ def test_cli_bench_report_names_the_missing_results(tmp_path):
 
 
 def test_models_option_is_validated():
-
-
     assert suite.parse_models("all") == quality.TFR_MODELS
     assert suite.parse_models("dnn/softmax, din/approx_ndcg") == (("dnn", "softmax"), ("din", "approx_ndcg"))
+    assert suite.parse_models("dnn/softmax/3,dnn/softmax/1") == (("dnn", "softmax", 3), ("dnn", "softmax"))
+    assert quality.tfr_name("dnn", "softmax", 3) == "tfr-dnn-softmax-x3"
+    assert quality.tfr_name("dnn", "softmax") == "tfr-dnn-softmax"
+    with pytest.raises(ValueError, match="whole number"):
+        suite.parse_models("dnn/softmax/x3")
+    with pytest.raises(ValueError, match="ensemble"):
+        suite.parse_models("dnn/softmax/0")
     with pytest.raises(ValueError, match="scorer"):
         suite.parse_models("cnn/softmax")
     with pytest.raises(ValueError, match="scorer/loss"):

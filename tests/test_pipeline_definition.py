@@ -204,6 +204,7 @@ def test_parameters_and_defaults(definition):
         "LearningRate": ("Float", hparams.learning_rate),
         "BatchSize": ("Integer", hparams.batch_size),
         "IpwEta": ("String", "auto" if hparams.ipw_eta is None else str(hparams.ipw_eta)),
+        "Ensemble": ("Integer", hparams.ensemble),
         "NdcgFloor": ("Float", thresholds.ndcg_floor),
         "MinLift": ("Float", thresholds.min_lift),
         "ModelApprovalStatus": ("String", "Approved"),
@@ -236,7 +237,7 @@ def test_default_hyperparameters_are_train_py_flags_that_give_hparams_defaults(d
     assert hparams_from_args(args) == HParams()
     assert args.mlflow_tracking_uri == ""
     assert set(hyperparameters) == {"scorer", "loss", "epochs", "learning-rate", "batch-size", "ipw-eta",
-                                    "mlflow-tracking-uri"}
+                                    "ensemble", "mlflow-tracking-uri"}
     assert hyperparameters["epochs"] == join(param("Epochs"), on="")
 
 

@@ -173,3 +173,47 @@ def test_unreachable_tracking_server_leaves_training_untracked(caplog, monkeypat
     with caplog.at_level("WARNING", logger="marketrank.tracking"):
         assert Tracker.start("http://127.0.0.1:9", "marketrank") is None  # nothing listens on port 9
     assert "training continues untracked" in caplog.text and "127.0.0.1:9" in caplog.text
+
+
+def test_ensemble_scores_are_the_mean_of_its_members():
+    import tensorflow as tf
+
+    from training.feature_spec import ITEM, STRING, Feature
+    from training.model import average_scores, build_model
+
+    spec = FeatureSpec(features=(Feature("price", ITEM), Feature("style", ITEM, STRING, vocabulary=("a", "b"))),
+                       list_size=4)
+    hparams = HParams(hidden=(8,), dropout=0.0)
+    members = []
+    for seed in (1, 2):
+        tf.keras.utils.set_random_seed(seed)
+        members.append(build_model(spec, hparams, name=f"member_{seed}"))
+    rng = np.random.default_rng(0)
+    packed = {"item_dense": tf.constant(rng.normal(size=(3, 4, 1)), tf.float32),
+              "item_ids": tf.constant(rng.integers(0, 3, size=(3, 4, 1)), tf.int32),
+              MASK: tf.ones((3, 4), tf.bool)}
+    scores = [member(packed).numpy() for member in members]
+    assert not np.allclose(scores[0], scores[1])  # two initialisations: two different rankers
+    np.testing.assert_allclose(average_scores(members)(packed).numpy(), (scores[0] + scores[1]) / 2, rtol=1e-6)
+    assert average_scores(members[:1]) is members[0]
+    with pytest.raises(ValueError, match="ensemble"):
+        HParams(ensemble=0)
+
+
+def test_ensemble_trains_each_member_and_exports_one_model(tiny_run, tmp_path, caplog):
+    from training.evaluate import evaluate
+    from training.train import train
+
+    features = tiny_run["features"]
+    spec = FeatureSpec.load(features / "feature_spec.json")
+    hparams = HParams(ensemble=2, epochs=2, learning_rate=0.003)
+    with caplog.at_level("INFO", logger="marketrank.train"):
+        result = train(features / "train", features / "valid", spec, hparams, tmp_path / "model")
+    assert len(result.member_best_epochs) == 2 and all(1 <= e <= 2 for e in result.member_best_epochs)
+    assert 2 <= len(result.history["loss"]) <= 4  # both members' epochs, one after the other
+    assert "ensemble member 2 of 2 (seed 43)" in caplog.text and "ensemble of 2:" in caplog.text
+    # The epochs log as one sequence (what SageMaker's metric regexes and MLflow's steps read).
+    assert f"epoch {len(result.history['loss'])} " in caplog.text
+    assert 0.0 < result.validation["val_ndcg_10"] <= 1.0
+    report = evaluate(result.export_dir, features / "test")  # the exported ensemble serves as one SavedModel
+    assert 0.0 < report["ranking_metrics"]["ndcg@10"]["value"] <= 1.0

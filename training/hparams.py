@@ -24,6 +24,10 @@ class HParams:
     batch_size: int = 64
     epochs: int = 12
     patience: int = 3
+    #: Members of a seed ensemble: each trained alone (seeds seed, seed + 1, ...; same data, own early stopping);
+    #: the export averages their scores. On ``default``, 3 members: test NDCG@10 0.9262 against 0.9204, at 3.4x
+    #: the training time and ~+0.4 ms a 300-candidate model call (README, "Measured results").
+    ensemble: int = 1
     #: "val_loss" or "val_ndcg_10" (see training.train.EARLY_STOPPING).
     early_stopping: str = "val_loss"
     #: Inverse-propensity weighting of click labels by logged position: examination ~ (1 + pos) ** -ipw_eta.
@@ -44,5 +48,7 @@ class HParams:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.early_stopping not in ("val_loss", "val_ndcg_10"):
             raise ValueError(f"early_stopping must be val_loss or val_ndcg_10, got {self.early_stopping!r}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1 (members), got {self.ensemble}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")

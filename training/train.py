@@ -54,11 +54,45 @@ def metric_patterns() -> dict[str, str]:
 @dataclasses.dataclass
 class TrainResult:
     export_dir: Path
+    #: Keras' per-epoch logs; an ensemble's members one after the other.
     history: dict[str, list[float]]
+    #: The (first member's) epoch whose weights were kept, from 1.
     best_epoch: int
     seconds: float
     examples_per_second: float
     mlflow_run_id: str | None
+    #: The exported model's validation metrics (``val_ndcg_10``, ...): the best epoch's, or the ensemble's.
+    validation: dict[str, float] = dataclasses.field(default_factory=dict)
+    member_best_epochs: list[int] = dataclasses.field(default_factory=list)
+    #: Each member's epochs run and seconds of ``fit`` (they add up to ``seconds``).
+    member_epochs: list[int] = dataclasses.field(default_factory=list)
+    member_seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+def _best_epoch(history: dict[str, list[float]], hparams) -> int:
+    key, mode = EARLY_STOPPING[hparams.early_stopping]
+    pick = max if mode == "max" else min
+    return int(pick(range(len(history[key])), key=history[key].__getitem__)) + 1
+
+
+def _fit(model, train_ds, valid_ds, hparams, callbacks: list) -> tuple[dict[str, list[float]], float]:
+    """``model.fit`` with early stopping on ``hparams.early_stopping``, the best epoch's weights restored;
+    (history, seconds of fit)."""
+    import tensorflow as tf
+
+    monitor, mode = EARLY_STOPPING[hparams.early_stopping]
+    stopper = tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=hparams.patience,
+                                               restore_best_weights=True)
+    start = time.perf_counter()
+    fit = model.fit(train_ds, validation_data=valid_ds, epochs=hparams.epochs, verbose=0,
+                    callbacks=[*callbacks, stopper, tf.keras.callbacks.TerminateOnNaN()])
+    if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
+        model.set_weights(stopper.best_weights)  # Keras restores them only when it stopped early
+    seconds = time.perf_counter() - start
+    history = {k: [float(x) for x in v] for k, v in fit.history.items()}
+    if not history.get("val_ndcg_10"):
+        raise RuntimeError("training produced no epoch: is the training split empty?")
+    return history, seconds
 
 
 def choose_strategy():
@@ -106,7 +140,9 @@ def letor_batches(path: Path, spec: FeatureSpec, batch_size: int, list_size: int
 
 
 class _EpochLogger:
-    """Keras callback body: per-epoch metrics to the log, MLflow and an optional progress hook."""
+    """Keras callback body: per-epoch metrics to the log, MLflow and an optional progress hook. An ensemble's
+    members count their epochs on from the previous member's last (``offset``), so the log, MLflow's steps and
+    SageMaker's metric series stay one increasing sequence."""
 
     def __init__(self, tracker, progress: Callable[[int, dict], None] | None):
         import tensorflow as tf
@@ -116,13 +152,14 @@ class _EpochLogger:
         class Callback(tf.keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 logs = {k: float(v) for k, v in (logs or {}).items()}
-                log.info("%s", epoch_line(epoch + 1, logs))
+                step = outer.offset + epoch + 1
+                log.info("%s", epoch_line(step, logs))
                 if outer.tracker is not None:
-                    outer.tracker.metrics(logs, step=epoch + 1)
+                    outer.tracker.metrics(logs, step=step)
                 if outer.progress is not None:
-                    outer.progress(epoch + 1, logs)
+                    outer.progress(step, logs)
 
-        self.tracker, self.progress, self.callback = tracker, progress, Callback()
+        self.tracker, self.progress, self.callback, self.offset = tracker, progress, Callback(), 0
 
 
 def in_memory(hparams, spec: FeatureSpec, *sources) -> bool:
@@ -190,7 +227,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     import tensorflow as tf
 
     from training import data, export
-    from training.model import Preprocessor, build_model, compile_model
+    from training.model import Preprocessor, average_scores, build_model, compile_model
 
     tf.keras.utils.set_random_seed(hparams.seed)
     preprocessor = Preprocessor(spec)
@@ -212,8 +249,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds, valid_ds = train_ds.with_options(options), valid_ds.with_options(options)
 
-    with choose_strategy().scope():
-        model = compile_model(build_model(spec, hparams), hparams)
+    strategy = choose_strategy()
     tracker = Tracker.start(tracking_uri, experiment, run_name, artifact_location)
     if tracker is not None:
         tracker.params({**dataclasses.asdict(hparams), "features": len(spec.features), "list_size": spec.list_size,
@@ -222,30 +258,48 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     status = "FAILED"
     try:
         epoch_logger = _EpochLogger(tracker, progress)
-        monitor, mode = EARLY_STOPPING[hparams.early_stopping]
-        stopper = tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=hparams.patience,
-                                                   restore_best_weights=True)
-        start = time.perf_counter()
-        fit = model.fit(train_ds, validation_data=valid_ds, epochs=hparams.epochs, verbose=0,
-                        callbacks=[*callbacks, stopper, epoch_logger.callback, tf.keras.callbacks.TerminateOnNaN()])
-        if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
-            model.set_weights(stopper.best_weights)  # Keras restores them only when it stopped early
-        seconds = time.perf_counter() - start
-        history = {k: [float(x) for x in v] for k, v in fit.history.items()}
-        if not history.get("val_ndcg_10"):
-            raise RuntimeError("training produced no epoch: is the training split empty?")
-        key, mode = EARLY_STOPPING[hparams.early_stopping]
-        pick = max if mode == "max" else min
-        best_epoch = int(pick(range(len(history[key])), key=history[key].__getitem__)) + 1
+        members: list[tf.keras.Model] = []
+        history: dict[str, list[float]] = {}
+        best_epochs: list[int] = []
+        member_seconds: list[float] = []
+        member_epochs: list[int] = []
+        for member in range(hparams.ensemble):
+            if member:  # member 0 keeps the seed set above, so a single model trains as it always has
+                tf.keras.utils.set_random_seed(hparams.seed + member)
+                log.info("ensemble member %d of %d (seed %d)", member + 1, hparams.ensemble, hparams.seed + member)
+            with strategy.scope():
+                name = f"marketrank_{hparams.scorer}" + (f"_{member + 1}" if hparams.ensemble > 1 else "")
+                model = compile_model(build_model(spec, hparams, name), hparams)
+            epoch_logger.offset = len(history.get("loss", ()))
+            fitted, took = _fit(model, train_ds, valid_ds, hparams, [*callbacks, epoch_logger.callback])
+            member_seconds.append(took)
+            member_epochs.append(len(fitted["loss"]))
+            best_epochs.append(_best_epoch(fitted, hparams))
+            for key, values in fitted.items():
+                history.setdefault(key, []).extend(values)
+            members.append(model)
+        if len(members) == 1:
+            validation = {k: v[best_epochs[0] - 1] for k, v in history.items() if k.startswith("val_")}
+        else:
+            with strategy.scope():
+                model = compile_model(average_scores(members), hparams)
+            scores = model.evaluate(valid_ds, verbose=0, return_dict=True)
+            validation = {f"val_{k}": float(v) for k, v in scores.items()}
+            log.info("ensemble of %d: %s", len(members), " ".join(f"{k}={v:.4f}" for k, v in
+                                                                  sorted(validation.items())))
+        best_epoch, seconds = best_epochs[0], sum(member_seconds)
         lists_seen = (train_lists or _count_lists(train_source)) * len(history["loss"])
         export_dir = export.export_saved_model(model, spec, model_dir, model_name=model_name, version=version)
         result = TrainResult(export_dir=export_dir, history=history, best_epoch=best_epoch, seconds=seconds,
                              examples_per_second=lists_seen / seconds if seconds else 0.0,
-                             mlflow_run_id=tracker.run_id if tracker else None)
+                             mlflow_run_id=tracker.run_id if tracker else None, validation=validation,
+                             member_best_epochs=best_epochs, member_epochs=member_epochs,
+                             member_seconds=member_seconds)
         if tracker is not None:
             tracker.metrics({"best_epoch": best_epoch, "train_seconds": seconds,
-                                "best_val_ndcg_10": max(history["val_ndcg_10"]),
-                                "lists_per_second": result.examples_per_second})
+                             "best_val_ndcg_10": max(history["val_ndcg_10"]),
+                             "exported_val_ndcg_10": validation["val_ndcg_10"],
+                             "lists_per_second": result.examples_per_second})
             tracker.artifacts(export_dir, "model")
             tracker.json(spec.to_dict(), "feature_spec.json")
         if output_dir is not None:
@@ -370,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = FeatureSpec.load(args.train)
     result = train(args.train, args.validation, spec, hparams, args.model_dir, args.output_data_dir,
                    model_name=args.model_name, version=args.version, tracking_uri=args.mlflow_tracking_uri)
-    log.info("exported %s (best epoch %d, %.1fs)", result.export_dir, result.best_epoch, result.seconds)
+    log.info("exported %s (best epoch%s %s, %.1fs)", result.export_dir, "s" if len(result.member_best_epochs) > 1
+             else "", ", ".join(map(str, result.member_best_epochs)), result.seconds)
 
 
 if __name__ == "__main__":
