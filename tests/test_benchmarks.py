@@ -130,13 +130,30 @@ def test_throughput_curve_is_on_true_relevance_and_timed_without_it(tiny, tmp_pa
 
 
 @pytest.mark.slow
-def test_ensemble_epochs_are_timed_on_one_clock(tiny, tmp_path):
-    """An ensemble's members fit one after another: their epochs' seconds run on, the last is the training time."""
-    _, info = rankers.train_tfranking(tiny, HParams(epochs=2, patience=5, ensemble=2), tmp_path,
-                                      eval_label_curve=True)
+def test_ensemble_epochs_are_timed_on_one_clock(tiny, tmp_path, monkeypatch):
+    """An ensemble's members fit one after another: each epoch's seconds count the earlier members' fits and
+    its own, not the time between fits (here a 0.5 s pause before the second member)."""
+    import time
+
+    from training import train as training
+
+    fits: list[float] = []
+
+    def timed_fit(*args, **kwargs):
+        if fits:
+            time.sleep(0.5)
+        history, seconds = real_fit(*args, **kwargs)
+        fits.append(seconds)
+        return history, seconds
+
+    real_fit = training._fit
+    monkeypatch.setattr(training, "_fit", timed_fit)
+    _, info = rankers.train_tfranking(tiny, HParams(epochs=2, patience=5, ensemble=2), tmp_path)
     seconds = [epoch["seconds"] for epoch in info["epochs"]]
     assert [epoch["epoch"] for epoch in info["epochs"]] == [1, 2, 3, 4] and info["epochs_run"] == 4
-    assert 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3] == pytest.approx(info["train_seconds"])
+    assert 0 < seconds[0] < seconds[1] == pytest.approx(fits[0])  # the first member's fit ends at its own time
+    assert fits[0] < seconds[2] < seconds[3] == pytest.approx(fits[0] + fits[1]) == pytest.approx(
+        info["train_seconds"])
     assert len(info["member_best_epochs"]) == 2 and 0 < info["validation"]["val_ndcg_10"] <= 1
 
 

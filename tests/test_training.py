@@ -217,3 +217,14 @@ def test_ensemble_trains_each_member_and_exports_one_model(tiny_run, tmp_path, c
     assert 0.0 < result.validation["val_ndcg_10"] <= 1.0
     report = evaluate(result.export_dir, features / "test")  # the exported ensemble serves as one SavedModel
     assert 0.0 < report["ranking_metrics"]["ndcg@10"]["value"] <= 1.0
+    # ... and holds both members' weights: twice the weight matrices (embeddings, dense kernels) of the tiny run's
+    # single model.
+    assert len(_matrices(result.export_dir)) == 2 * len(_matrices(tiny_run["export_dir"])) > 0
+
+
+def _matrices(export_dir: Path) -> list[str]:
+    """The model's 2-D weights in a SavedModel's checkpoint (not the optimizer's slots or the metrics')."""
+    import tensorflow as tf
+
+    return [name for name, shape in tf.train.list_variables(str(Path(export_dir) / "variables" / "variables"))
+            if len(shape) == 2 and not any(part in name.lower() for part in ("optimizer", "metrics"))]

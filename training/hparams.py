@@ -26,7 +26,7 @@ class HParams:
     patience: int = 3
     #: Members of a seed ensemble: each trained alone (seeds seed, seed + 1, ...; same data, own early stopping);
     #: the export averages their scores. On ``default``, 3 members: test NDCG@10 0.9262 against 0.9204, at 3.4x
-    #: the training time and ~+0.4 ms a 300-candidate model call (README, "Measured results").
+    #: the training time and +0.3 ms a 300-candidate model call (README, "Measured results").
     ensemble: int = 1
     #: "val_loss" or "val_ndcg_10" (see training.train.EARLY_STOPPING).
     early_stopping: str = "val_loss"

@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = FeatureSpec.load(args.train)
     result = train(args.train, args.validation, spec, hparams, args.model_dir, args.output_data_dir,
                    model_name=args.model_name, version=args.version, tracking_uri=args.mlflow_tracking_uri)
-    log.info("exported %s (best epoch%s %s, %.1fs)", result.export_dir, "s" if len(result.member_best_epochs) > 1
+    log.info("exported %s (best epoch%s %s; %.1f s)", result.export_dir, "s" if len(result.member_best_epochs) > 1
              else "", ", ".join(map(str, result.member_best_epochs)), result.seconds)
 
 
