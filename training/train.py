@@ -268,7 +268,8 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
                 tf.keras.utils.set_random_seed(hparams.seed + member)
                 log.info("ensemble member %d of %d (seed %d)", member + 1, hparams.ensemble, hparams.seed + member)
             with strategy.scope():
-                name = f"marketrank_{hparams.scorer}" + (f"_{member + 1}" if hparams.ensemble > 1 else "")
+                # Members need names of their own inside the ensemble; a single model keeps build_model's.
+                name = f"marketrank_{hparams.scorer}_{member + 1}" if hparams.ensemble > 1 else None
                 model = compile_model(build_model(spec, hparams, name), hparams)
             epoch_logger.offset = len(history.get("loss", ()))
             fitted, took = _fit(model, train_ds, valid_ds, hparams, [*callbacks, epoch_logger.callback])
