@@ -661,7 +661,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 Results = Annotated[Path | None, typer.Option("--out", help="results dir: JSON + PNG (default benchmarks/results)")]
 Cache = Annotated[Path | None, typer.Option(help="data cache: <cache>/<size>-seed<seed> (default: the workspace's)")]
-Models = Annotated[str, typer.Option(help="TF-Ranking models: 'all' or scorer/loss[/members],... (e.g. "
+Models = Annotated[str, typer.Option(help="TF-Ranking models: 'all' or scorer/loss\\[/members],... (e.g. "
                                           "dnn/softmax,dnn/softmax/3: the last a seed ensemble of 3)")]
 
 

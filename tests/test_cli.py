@@ -57,3 +57,26 @@ def test_report_without_runs_says_what_to_do(tmp_path, monkeypatch):
     result = runner.invoke(app, ["report", "show"])
     assert result.exit_code == 1
     assert "marketrank run" in result.output
+
+
+def _command_paths(group, prefix=()):
+    """Every command of the CLI as its argv path (groups and their commands)."""
+    import typer.main
+
+    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, command in click_group.commands.items():
+        yield (*prefix, name)
+        if hasattr(command, "commands"):
+            yield from _command_paths(command, (*prefix, name))
+
+
+def test_every_command_renders_its_help():
+    # Help text is rich markup: an unescaped "[/...]" in one option's help once crashed `bench quality --help`.
+    paths = list(_command_paths(app))
+    assert ("bench", "quality") in paths and len(paths) > 20
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, f"marketrank {' '.join(path)} --help: {result.output[-500:]}"
+        assert "Usage" in result.output
+    help_text = runner.invoke(app, ["bench", "quality", "--help"], env={"COLUMNS": "200"}).output
+    assert "scorer/loss[/members]" in help_text
