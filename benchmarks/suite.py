@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,7 +72,20 @@ def run_throughput(sizes: Sequence[str], out: Path, *, seed: int = 7, cache: Pat
     data = [datasets.marketplace(size, seed, cache) for size in sizes]
     with ui.step(f"training throughput on {', '.join(sizes)}") as s:
         result = throughput.run_throughput(data, work_dir("throughput"), hparams=hparams, progress=s.note)
+    result = throughput.keep_other_sizes(result, _published(Path(out) / "throughput.json"))
     return common.write_result(result, out, "throughput"), result
+
+
+def _published(path: Path) -> dict[str, Any] | None:
+    """The result already at ``path``; None (and a warning) when there is none or it is unreadable: a new run's
+    result is never lost to an old file."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        ui.console.print(f"[yellow]{path} is unreadable ({err}): its sizes are not kept[/yellow]")
+        return None
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

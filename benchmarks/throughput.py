@@ -168,7 +168,7 @@ def measure_size(dataset: Dataset, work_dir: Path, hparams: HParams,
     items_per_list = dataset.sizes["train"]["items"] / dataset.train_lists
     note(f"{dataset.name}: input pipeline vs cached batches")
     return {
-        "dataset": dataset.name, "simulator": dataset.simulator, "sizes": dataset.sizes,
+        "dataset": dataset.name, "created": common.now(), "simulator": dataset.simulator, "sizes": dataset.sizes,
         "features_fingerprint": dataset.features_fingerprint,
         "train_lists": dataset.train_lists, "train_items": dataset.sizes["train"]["items"],
         "train_seconds": info["train_seconds"], "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
@@ -190,3 +190,19 @@ def run_throughput(datasets: Sequence[Dataset], work_dir: Path, *, hparams: HPar
                         "epochs": hparams.epochs, "patience": hparams.patience,
                         "early_stopping": hparams.early_stopping},
             "device": "CPU", "sizes": sizes, "seconds": time.perf_counter() - started}
+
+
+def keep_other_sizes(result: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``result`` plus the sizes of ``previous`` (the published result) that it did not measure, so a run of
+    some sizes never drops another's row: ``bench all`` re-runs ``tiny,small,default``, not the opt-in ``large``.
+
+    A kept size keeps its own ``created`` and ``machine`` (its result's, where it has none) and is marked
+    ``kept``; nothing is kept from a result trained with other hyperparameters. Sizes are ordered by lists."""
+    if not previous or previous.get("benchmark") != "throughput" or previous.get("hparams") != result["hparams"]:
+        return result
+    measured = {size["dataset"] for size in result["sizes"]}
+    kept = [{**size, "created": size.get("created", previous.get("created")),
+             "machine": size.get("machine", previous.get("machine")), "kept": True}
+            for size in previous.get("sizes", []) if size.get("dataset") not in measured]
+    sizes = sorted([*result["sizes"], *kept], key=lambda size: size["train_lists"])
+    return {**result, "sizes": sizes}

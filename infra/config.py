@@ -58,6 +58,9 @@ class StageConfig:
     github_repo: str  # owner/name
     deploy_branch: str
     cdk_qualifier: str
+    #: Optional: the feature job's Spark image where the stage's VPC has no egress to PyPI (README, PrepareFeatures);
+    #: "" = SageMaker's Spark image, which pip-installs pyarrow and pandas 2 at start.
+    spark_image_uri: str = ""
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -104,7 +107,8 @@ def stage_config(context: Mapping[str, Any], stage: str | None = None) -> StageC
         raise ValueError(f"unknown stage {name!r}; cdk.json defines {sorted(stages)}")
     settings = dict(stages[name])
     fields = {f.name for f in dataclasses.fields(StageConfig)} - {"name"}
-    missing, unknown = sorted(fields - set(settings)), sorted(set(settings) - fields)
+    optional = {f.name for f in dataclasses.fields(StageConfig) if f.default is not dataclasses.MISSING}
+    missing, unknown = sorted(fields - optional - set(settings)), sorted(set(settings) - fields)
     if missing or unknown:
         raise ValueError(f"stage {name!r}: missing settings {missing}, unknown settings {unknown}")
     return StageConfig(name=name, **settings)

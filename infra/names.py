@@ -155,7 +155,8 @@ class Names:
                               training_instance_type=self.stage.training_instance_type,
                               shadow_sampling_percentage=self.stage.shadow_sampling_percentage,
                               endpoint_instance_type=self.stage.endpoint_instance_type,
-                              mlflow_tracking_server_arn=self.mlflow_server_arn)
+                              mlflow_tracking_server_arn=self.mlflow_server_arn,
+                              spark_image_uri=self.stage.spark_image_uri)
 
     @property
     def champion_object_uri(self) -> str:

@@ -677,8 +677,9 @@ def bench_serve(
     candidates: Annotated[str, typer.Option(help="comma-separated candidate counts per request")] = "50,300,1000",
     rate: Annotated[float, typer.Option(help="offered load, requests per second")] = 100.0,
     seconds: Annotated[float, typer.Option(help="measured seconds per candidate count")] = 60.0,
-    model_server: Annotated[str, typer.Option(help="local endpoint in a 'thread' (as `serve`) or a 'process'")] = (
-        "process"),
+    model_server: Annotated[str, typer.Option(
+        help="local endpoint in a 'process' of its own (as `serve` and production run it) or a 'thread' of the "
+             "benchmark's")] = "process",
     out: Results = None,
     endpoint: EndpointName = "marketrank",
 ) -> None:

@@ -12,7 +12,8 @@
 Contract:
 
 * Validation errors are 400 ``{"error": {"code": "bad_request", "field": "<name>", "message"}}`` (unknown
-  fields too), a body over ``MAX_BODY_BYTES`` is 413 (``payload_too_large``); nothing else is a 4xx. A
+  fields too), a body over ``MAX_BODY_BYTES`` is 413 (``payload_too_large``), a path no route takes 404
+  (``not_found``) and a wrong method 405 (``method_not_allowed``, with ``Allow``); nothing else is a 4xx. A
   dependency outage is never an error status: the answer is a ranking.
 * Items are sorted by ``score`` (descending), ``rank`` is 1..k. An unknown user is a cold start (no personal
   features), not an error. Unknown item ids (no feature-store state) cannot be scored: they come after every
@@ -21,7 +22,8 @@ Contract:
   (``marketrank_corrupt_states_total``): one bad value costs its own id, not the request's ranking.
 * ``fallback: true`` means the model did not rank: ``reason`` is ``timeout`` (budget spent), ``model_unavailable``
   (refused, reset, 5xx, AWS errors, after retries), ``bad_response`` (not the wire contract, wrong shape, NaN),
-  ``breaker_open`` (no call made), ``no_spec`` (nothing materialised), ``features_error``: the items are then
+  ``breaker_open`` (no call made), ``model_error`` (the backend raised something unexpected), ``no_spec``
+  (nothing materialised), ``features_error``: the items are then
   ranked by popularity + recency from the store (``feature_store.fallback_scores``; model
   ``fallback:popularity_recency``); or ``feature_store_unavailable`` and ``no_known_items`` (nothing to score):
   request order, ``score: null`` (model ``fallback:request_order``).
@@ -62,6 +64,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import heap
 from serving.backends import (
@@ -76,6 +79,7 @@ from serving.backends import (
 from serving.errors import (
     ApiError,
     BadRequest,
+    HttpError,
     ModelError,
     NotReady,
     PayloadTooLarge,
@@ -335,12 +339,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it is known to pass ``limit`` bytes: no unbounded buffering."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"body of {int(length)} bytes is over the {limit} bytes allowed")
+        raise PayloadTooLarge(f"{int(length)} bytes is over the {limit} bytes allowed")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit} bytes allowed")
+            raise PayloadTooLarge(f"over the {limit} bytes allowed")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -592,6 +596,14 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
 
     app.add_exception_handler(ServingError, serving_error)
 
+    async def routing_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # No route (404) or a wrong method (405): the contract's error body, as every other 4xx.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(HttpError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"),
+                              headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, routing_error)
+
     @app.post("/v1/rank")
     async def rank(request: Request) -> Response:
         started = time.monotonic()
@@ -617,11 +629,11 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
         log.info(_json_line({**fields, "status": 200}))
         return Response(orjson.dumps(response), media_type="application/json")
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(request: Request) -> dict[str, Any]:
         return await request.app.state.runtime.readiness()
 
@@ -635,7 +647,8 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
 
 
 def serve(settings: Settings | None = None, host: str = "0.0.0.0", port: int = 8080) -> None:
-    """Run the API with uvicorn (``marketrank serve``)."""
+    """Run the API alone with uvicorn on ``host:port`` (``marketrank serve`` runs it beside the local endpoint
+    instead; the container runs ``uvicorn serving.app:app``)."""
     import uvicorn
 
     settings = settings or Settings.from_env()

@@ -4,7 +4,7 @@ Two families:
 
 * ``ApiError``: the caller's problem or the service's state, answered as ``{"error": {"code", "message",
   "field"?}}`` with the status on the class (``BadRequest`` 400 names the offending field, ``PayloadTooLarge``
-  413; ``NotReady`` 503).
+  413; ``HttpError`` 404/405 for a path or method no route takes; ``NotReady`` 503).
 * ``DependencyError``: a backend failed (feature store, model). ``/v1/rank`` never lets these reach the client:
   each has a ``reason`` that becomes the response's fallback reason and the fallback counter's label. Should one
   escape a handler anyway it maps to 503, never to an opaque 500.
@@ -12,6 +12,7 @@ Two families:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -55,6 +56,14 @@ class PayloadTooLarge(BadRequest):
 
     def __init__(self, message: str):
         super().__init__("body", message)
+
+
+class HttpError(ApiError):
+    """A request no route takes: no such path (404) or a wrong method (405)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 class NotReady(ApiError):
@@ -109,10 +118,11 @@ class BreakerOpen(ModelError):
     reason = "breaker_open"
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The one place an exception becomes an HTTP response."""
+def error_response(exc: Exception, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The one place an exception becomes an HTTP response (``headers``: e.g. a 405's ``Allow``)."""
     if isinstance(exc, ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
     if isinstance(exc, DependencyError):
-        return JSONResponse({"error": {"code": exc.reason, "message": str(exc)}}, status_code=503)
-    return JSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500)
+        return JSONResponse({"error": {"code": exc.reason, "message": str(exc)}}, status_code=503, headers=headers)
+    return JSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500,
+                        headers=headers)

@@ -467,4 +467,8 @@ def fallback_scores(item_states: Sequence[Mapping[str, Any]], now_ms: int) -> np
     bags = np.array([number(s, "bags") for s in item_states], dtype=np.float64)
     # An item with no listing time gets no recency boost (as the model sees it: listed at 0, very old).
     listed = np.array([number(s, "listed_ms") for s in item_states], dtype=np.float64)
-    return popularity_recency(views, likes, bags, np.maximum(now_ms - listed, 0.0) / DAY_MS)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scores = popularity_recency(views, likes, bags, np.maximum(now_ms - listed, 0.0) / DAY_MS)
+    # Counters near float64's limit overflow the sum: such an item still ranks (first), with a score JSON can carry.
+    limit = np.finfo(np.float64).max
+    return np.nan_to_num(scores, nan=0.0, posinf=limit, neginf=-limit)

@@ -76,6 +76,7 @@ import orjson
 import tensorflow as tf
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -935,8 +936,12 @@ def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, ca
         log.debug("client disconnected during %s %s", request.method, request.url.path)
         return Response(status_code=499)
 
+    async def routing_error(request: Request, err: HTTPException) -> Response:
+        # Starlette's own 404 (no route) and 405 (wrong method): TF Serving's error body too, not plain text.
+        return _json(wire.error_body(f"{err.detail}: {request.method} {request.url.path}"), err.status_code)
+
     handlers = {wire.WireError: _error_handler(400), NotFound: _error_handler(404), Unavailable: _error_handler(503),
-                ClientDisconnect: client_gone, Exception: _error_handler(500)}
+                HTTPException: routing_error, ClientDisconnect: client_gone, Exception: _error_handler(500)}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server, app.state.endpoint = server, endpoint
     return app

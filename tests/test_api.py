@@ -294,6 +294,13 @@ def test_validation_errors_name_the_field(store_url, model_server):
         # Accepted edge cases: empty search query, query on the feed (ignored), k above the list length.
         assert len(rank(client, user_id="u1", surface="search", query="", candidates=["a", "b"])["items"]) == 2
         assert len(rank(client, user_id="u1", surface="feed", query="x", candidates=["a"], k=50)["items"]) == 1
+        # no route, or a wrong method: the same error body as every other 4xx (not FastAPI's {"detail"})
+        for response, status, code in ((client.get("/v1/rank"), 405, "method_not_allowed"),
+                                       (client.get("/v2/rank"), 404, "not_found"),
+                                       (client.post("/healthz"), 405, "method_not_allowed")):
+            assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+        assert "POST" in client.get("/v1/rank").headers["allow"]
+        assert client.head("/healthz").status_code == 200
     assert model_server.calls == 0  # unknown items only: nothing to score
 
 

@@ -372,3 +372,36 @@ def test_serving_section_names_features_from_other_or_unrecorded_feature_code(tm
     assert any(line.startswith("Features served: the feature code it ran on was not recorded") for line in unrecorded)
     other = {**_serving(), "workspace": {"features_fingerprint": "0123456789abcdef"}}
     assert any("fingerprint 0123456789abcdef" in line for line in report.serving_section(other, tmp_path))
+
+
+def test_a_throughput_run_keeps_the_published_sizes_it_did_not_measure(tmp_path, monkeypatch):
+    # `bench all` re-runs tiny,small,default: the opt-in `large` row (and the goals it carries) must survive it.
+    published = _throughput()
+    published["sizes"].append({**published["sizes"][1], "dataset": "large", "train_lists": 450_000})
+    common.write_result(published, tmp_path, "throughput")
+    rerun = _throughput()
+    rerun["created"], rerun["sizes"] = "2026-02-02T00:00:00Z", [
+        {**rerun["sizes"][0], "created": "2026-02-02T00:00:00Z", "train_seconds": 9.0},
+        {**rerun["sizes"][1], "dataset": "default", "train_lists": 21_000, "created": "2026-02-02T00:00:00Z"}]
+    monkeypatch.setattr(suite.datasets, "marketplace", lambda size, seed, cache: size)
+    monkeypatch.setattr(suite.throughput, "run_throughput", lambda data, work_dir, **kwargs: copy.deepcopy(rerun))
+    monkeypatch.setattr(suite, "work_dir", lambda name: tmp_path / name)
+
+    _, result = suite.run_throughput(["tiny", "default"], tmp_path)
+    written = json.loads((tmp_path / "throughput.json").read_text())
+    assert written == json.loads(json.dumps(result, default=str))
+    assert [s["dataset"] for s in written["sizes"]] == ["tiny", "small", "default", "large"]  # by lists
+    by_name = {s["dataset"]: s for s in written["sizes"]}
+    assert by_name["tiny"]["train_seconds"] == 9.0 and "kept" not in by_name["tiny"]  # re-measured: replaced
+    assert by_name["large"]["kept"] and by_name["large"]["created"] == published["created"]
+    assert by_name["large"]["machine"] == published["machine"]
+    text = report.throughput_section(written, tmp_path)
+    assert any(line.startswith(f"`large` is from an earlier run (measured {published['created']}")
+               for line in text)
+
+    # other hyperparameters: nothing of the old result is kept; an unreadable old file loses no new result
+    other = {**copy.deepcopy(rerun), "hparams": {**rerun["hparams"], "batch_size": 128}}
+    assert throughput.keep_other_sizes(other, written) == other
+    (tmp_path / "throughput.json").write_text("{not json")
+    _, result = suite.run_throughput(["tiny", "default"], tmp_path)
+    assert [s["dataset"] for s in result["sizes"]] == ["tiny", "default"]

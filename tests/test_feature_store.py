@@ -209,6 +209,10 @@ def test_fallback_scores_are_popularity_plus_recency():
     np.testing.assert_allclose(scores, [np.log1p(10), np.log1p(10 + 6 + 5), np.log1p(10) - 2.0, -100 / 14,
                                         np.log1p(5)])
     assert list(np.argsort(-scores)) == [1, 0, 4, 2, 3]
+    # finite counters whose sum overflows: still a finite score (JSON has no infinity), and still ranked first
+    huge = {"views": 1e308, "likes": 1e308, "bags": 1e308, "listed_ms": -1e308}
+    scores = fallback_scores([states[0], huge], now)
+    assert np.isfinite(scores).all() and scores[1] > scores[0]
 
 
 def test_redis_store_that_cannot_be_reached_fails_fast():

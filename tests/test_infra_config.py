@@ -55,3 +55,13 @@ def test_infra_settings_are_validated(setting, value, message):
     bad = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], setting: value}}, STAGE_KEY: "dev"}
     with pytest.raises(ValueError, match=f"stage 'dev': {message}"):
         stage_config(bad)
+
+
+def test_optional_spark_image_reaches_the_pipeline_config():
+    # A VPC without PyPI egress needs its own Spark image: the stage setting is what the deployed pipeline uses.
+    from infra.names import Names
+
+    assert stage_config(CONTEXT).spark_image_uri == ""  # optional: the committed stages leave it out
+    image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/spark-with-pyarrow:3.5"
+    context = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], "spark_image_uri": image}}, STAGE_KEY: "dev"}
+    assert Names(stage_config(context)).pipeline_config().spark_image_uri == image

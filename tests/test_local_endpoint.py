@@ -187,6 +187,10 @@ def test_unknown_models_versions_and_paths_are_404s(served, model) -> None:
         assert response.status_code == 404, response.text
         assert set(response.json()) == {"error"}
     assert "nope" in served.get("/v1/models/nope").json()["error"]
+    # routing's own 404 / 405 are TF Serving's JSON error too, not Starlette's plain text
+    for response, status in ((served.get("/nope"), 404), (served.get("/invocations"), 405),
+                             (served.post("/ping"), 405)):
+        assert response.status_code == status and set(response.json()) == {"error"}, response.text
     # no manifest: the SageMaker side answers, but is not ready
     assert served.get("/ping").status_code == 503
     assert served.post("/invocations", content=model["request"]).status_code == 503
