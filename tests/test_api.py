@@ -749,8 +749,16 @@ def test_sagemaker_backend_request_parameters_and_errors(aws_env):
                     asyncio.run(probe(backend))
 
 
-def test_tfserving_backend_timeout_and_refused():
+def test_tfserving_backend_timeout_and_refused(model_server):
+    model_server.mode, model_server.delay = "slow", 3.0
+
     async def go():
+        slow = TFServingBackend(model_server.url, MODEL)
+        started = time.monotonic()
+        with pytest.raises(ModelTimeout):
+            await slow.score(_inputs(2), "r", 0.2)
+        assert time.monotonic() - started < 1.5  # gave up at its timeout, not after the server's 3 s
+        await slow.aclose()
         refused = TFServingBackend(f"http://127.0.0.1:{free_port()}", MODEL)
         with pytest.raises(ModelUnavailable):
             await refused.score(_inputs(2), "r", 0.5)

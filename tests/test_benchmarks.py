@@ -157,6 +157,20 @@ def test_ensemble_epochs_are_timed_on_one_clock(tiny, tmp_path, monkeypatch):
     assert len(info["member_best_epochs"]) == 2 and 0 < info["validation"]["val_ndcg_10"] <= 1
 
 
+def test_best_models_are_chosen_on_validation_not_test():
+    def ranker(kind: str, valid: float, test: float) -> dict:
+        return {"kind": kind, "valid_ndcg@10": valid, "overall": {"ndcg@10": {"value": test}}}
+
+    result = {"rankers": {"tfr-dnn-softmax": ranker("tf-ranking", 0.80, 0.90),  # best on test, not on validation
+                          "tfr-din-softmax": ranker("tf-ranking", 0.85, 0.70),
+                          "lambdamart": ranker("lambdamart", 0.60, 0.80),
+                          "lambdamart-ipw": ranker("lambdamart", 0.70, 0.60), "oracle": ranker("oracle", 1, 1)}}
+    assert quality.best_by_validation(result, "tf-ranking") == "tfr-din-softmax"
+    assert quality.best_by_validation(result, "lambdamart") == "lambdamart-ipw"
+    assert quality.best_by_validation(result, "reference") is None
+    assert [quality._kind(n) for n in ("tfr-dnn-softmax-x3", "lambdamart-position")] == ["tf-ranking", "lambdamart"]
+
+
 def test_median_interval_is_distribution_free():
     assert throughput.median_ci([5, 1, 4, 2, 3, 9, 8, 7, 6]) == (2, 8, pytest.approx(1 - 2 * 10 / 512))
     assert throughput.median_ci([3, 1, 2, 5, 4]) == (1, 5, pytest.approx(1 - 2 / 32))  # the widest there is

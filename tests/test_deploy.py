@@ -542,7 +542,7 @@ def test_a_failed_quality_gate_leaves_the_endpoint_as_it_was(world):
 
 @pytest.mark.parametrize("event, needle", [
     ({"action": "deploy", "model_package_arn": "x"}, "'deploy'"),
-    ({"action": "deploy_shadow"}, ENDPOINT),
+    ({"action": "deploy_shadow"}, "needs model_package_arn"),
     ({"action": "deploy_shadow", "model_package_arn": "PKG1", "shadow_sampling_percentage": 0}, "got 0"),
     ({"action": "deploy_shadow", "model_package_arn": "PKG1", "shadow_sampling_percentage": 150}, "got 150"),
     ({"action": "deploy_shadow", "model_package_arn": f"arn:aws:sagemaker:{REGION}:123456789012:model-package/{GROUP}"},

@@ -5,6 +5,7 @@ production runs TF Serving apart from the API), a ranking from the model over HT
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -131,7 +132,8 @@ def test_endpoint_process_on_a_busy_port_fails_at_once(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         started = time.monotonic()
-        with pytest.raises(OSError), running_process(tmp_path / "models", None, None, port=port):
+        with pytest.raises(OSError) as refused, running_process(tmp_path / "models", None, None, port=port):
             pass
+    assert refused.value.errno == errno.EADDRINUSE, refused.value
     assert time.monotonic() - started < 5
     assert not [pid for pid in _children(os.getpid()) if "serving.local_endpoint" in _cmdline(pid)]

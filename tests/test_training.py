@@ -97,6 +97,7 @@ def test_export_loads_and_scores_with_plain_tensorflow(tiny_run, tmp_path):
     assert not result["project_imported"]
     scores, swapped = np.array(result["scores"][0]), np.array(result["swapped"][0])
     assert np.isfinite(scores[:3]).all()
+    assert abs(scores[0] - scores[1]) > 1e-4  # the two items score differently, so the swap below means something
     assert scores[3] == pytest.approx(-1e9)  # the padded slot can never be ranked first
     # Items are scored independently of their slot: swapping two items' features swaps their scores.
     assert scores[0] == pytest.approx(swapped[1], rel=1e-4, abs=1e-4)
@@ -162,7 +163,9 @@ def test_several_hosts_without_tf_config_fail_fast(monkeypatch):
     with pytest.raises(RuntimeError, match="2 hosts.*one instance"):
         choose_strategy()
     monkeypatch.setenv("SM_HOSTS", '["algo-1"]')
-    assert choose_strategy() is not None  # one host: the default strategy
+    import tensorflow as tf
+
+    assert choose_strategy() is tf.distribute.get_strategy()  # one host: the default strategy
 
 
 def test_unreachable_tracking_server_leaves_training_untracked(caplog, monkeypatch):
@@ -215,8 +218,17 @@ def test_ensemble_trains_each_member_and_exports_one_model(tiny_run, tmp_path, c
     # The epochs log as one sequence (what SageMaker's metric regexes and MLflow's steps read).
     assert f"epoch {len(result.history['loss'])} " in caplog.text
     assert 0.0 < result.validation["val_ndcg_10"] <= 1.0
-    report = evaluate(result.export_dir, features / "test")  # the exported ensemble serves as one SavedModel
-    assert 0.0 < report["ranking_metrics"]["ndcg@10"]["value"] <= 1.0
+    # the exported ensemble serves as one SavedModel; against another champion (the tiny run's single model) the
+    # comparison is paired over the same lists: the mean difference is exactly the two models' NDCG gap
+    report = evaluate(result.export_dir, features / "test", tmp_path / "eval", champion_dir=tiny_run["export_dir"],
+                      bootstrap_resamples=200)
+    ndcg = report["ranking_metrics"]["ndcg@10"]["value"]
+    assert 0.0 < ndcg <= 1.0
+    champion = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["champion"]["overall"]["ndcg@10"]
+    comparison = report["comparison"]
+    assert comparison["mean_diff"] == pytest.approx(ndcg - champion["value"], abs=1e-9)
+    assert comparison["mean_diff"] != 0.0 and comparison["ci_low"] < comparison["ci_high"]
+    assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
     # ... and holds both members' weights: twice the weight matrices (embeddings, dense kernels) of the tiny run's
     # single model.
     assert len(_matrices(result.export_dir)) == 2 * len(_matrices(tiny_run["export_dir"])) > 0
