@@ -87,6 +87,9 @@ def letor(directory: Path, batch_size: int = 64, seed: int = 42) -> Dataset:
         if not path.exists():
             raise FileNotFoundError(f"LETOR {name} split not found: {path}")
     stats = {name: reader.scan_letor(path) for name, path in paths.items()}
+    for name, found in stats.items():
+        if not found.num_queries:
+            raise ValueError(f"LETOR {name} split {paths[name]} holds no ranking lists (empty, or comments only)")
     spec = letor_spec(stats["train"], list_size=min(stats["train"].max_list_size, LETOR_TRAIN_LIST_SIZE))
     split_path = {"train": paths["train"], "valid": paths["vali"], "test": paths["test"]}
 

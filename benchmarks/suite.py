@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common, datasets, quality, rankers, throughput, unbiased
-from marketrank import ui, workspace
+from marketrank import simulator, ui, workspace
 from training.hparams import HParams
 
 
@@ -69,6 +69,8 @@ def run_unbiased(dataset: datasets.Dataset, out: Path, *, hparams: HParams = HPa
 
 def run_throughput(sizes: Sequence[str], out: Path, *, seed: int = 7, cache: Path | None = None,
                    hparams: HParams = HParams()) -> tuple[Path, dict[str, Any]]:
+    for size in sizes:  # every size is known before the first one is built
+        simulator.preset(size, seed)
     data = [datasets.marketplace(size, seed, cache) for size in sizes]
     with ui.step(f"training throughput on {', '.join(sizes)}") as s:
         result = throughput.run_throughput(data, work_dir("throughput"), hparams=hparams, progress=s.note)

@@ -44,8 +44,7 @@ app.add_typer(features_app, name="features")
 app.add_typer(report_app, name="report")
 
 #: Exceptions that are the user's input, not a bug: shown as one line.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, DeployError,
-               BotoCoreError, ClientError, StoreUnavailable)
+USER_ERRORS = (ValueError, KeyError, OSError, DeployError, BotoCoreError, ClientError, StoreUnavailable)
 
 
 def _one_line_errors(command):
@@ -55,7 +54,7 @@ def _one_line_errors(command):
             return command(*args, **kwargs)
         except USER_ERRORS as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            ui.console.print(f"[red]error:[/red] {message}")
+            ui.error(str(message))
             raise typer.Exit(1) from None
 
     return wrapper
@@ -93,7 +92,7 @@ def _hparams(scorer: str, loss: str, epochs: int, learning_rate: float, batch_si
 @_one_line_errors
 def run(
     size: Annotated[str, typer.Option(help="simulated data size: tiny | small | default | large")] = "default",
-    seed: Annotated[int, typer.Option(help="simulator seed")] = 7,
+    seed: Annotated[int, typer.Option(min=0, help="simulator seed")] = 7,
     dataset: Annotated[str | None, typer.Option(help="workspace dataset name (default <size>-seed<seed>)")] = None,
     scorer: Scorer = DEFAULT.scorer,
     loss: Loss = DEFAULT.loss,
@@ -106,7 +105,8 @@ def run(
     shuffle_labels: Annotated[bool, typer.Option(help="sanity check: train on labels shuffled within lists")] = False,
     ndcg_floor: Annotated[float, typer.Option(help="gate: minimum NDCG@10")] = GATE.ndcg_floor,
     min_lift: Annotated[float, typer.Option(help="gate: minimum 95% CI lower bound of the lift")] = GATE.min_lift,
-    shadow_sampling: Annotated[float, typer.Option(help="% of requests copied to the shadow")] = 100.0,
+    shadow_sampling: Annotated[float, typer.Option(min=0.01, max=100.0, help="% of requests copied to the shadow")
+                               ] = 100.0,
     fresh: Annotated[bool, typer.Option(help="regenerate data and features")] = False,
     verbose: bool = False,
 ) -> None:
@@ -129,7 +129,7 @@ def run(
 def data_generate(
     out: Annotated[str, typer.Option(help="local directory or s3:// URI")],
     size: str = "default",
-    seed: int = 7,
+    seed: Annotated[int, typer.Option(min=0, help="simulator seed")] = 7,
 ) -> None:
     """Simulate marketplace logs and write the five raw Parquet tables."""
     import tempfile
@@ -140,10 +140,12 @@ def data_generate(
     config = simulator.preset(size, seed)
     with ui.step(f"simulate {config.requests:,} requests", total=config.requests) as s:
         tables = simulator.simulate(config, progress=lambda done, total: s.advance(done))
-    target = Path(tempfile.mkdtemp()) if storage.is_s3(out) else Path(out)
-    simulator.write_tables(tables, target, config)
-    if storage.is_s3(out):
-        storage.stage_out(target, out)
+    if not storage.is_s3(out):
+        simulator.write_tables(tables, Path(out), config)
+    else:
+        with tempfile.TemporaryDirectory(prefix="marketrank-data-") as staging:
+            simulator.write_tables(tables, Path(staging), config)
+            storage.stage_out(Path(staging), out)
     ui.console.print(json.dumps({name: len(frame) for name, frame in tables.items()}))
 
 
@@ -187,6 +189,8 @@ def train(
 
     if (features is None) == (letor is None):
         raise ValueError("give exactly one of --features or --letor")
+    if output.exists() and not output.is_dir():  # found now, not when the model is saved after training
+        raise ValueError(f"--output {output} is a file, not a directory")
     hparams = _hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, seed, ensemble)
     with ui.step(f"train {scorer}/{loss}" + (f" x{ensemble}" if ensemble > 1 else ""), total=epochs * ensemble) as s:
         def on_epoch(epoch: int, logs: dict) -> None:
@@ -348,9 +352,11 @@ def endpoint_promote(target: Target = "local", endpoint: ActionEndpoint = None, 
         except FileNotFoundError as err:
             raise ValueError(f"no shadow report for endpoint {endpoint!r} ({report_path}): run "
                              "`marketrank shadow report` first, or pass --force") from err
+        if "recommendation" not in shadow:
+            raise ValueError(f"{report_path} is not a shadow report: it has no 'recommendation'")
         if shadow["recommendation"] != "promote":
             raise ValueError(f"the shadow report ({report_path}) recommends {shadow['recommendation']}: "
-                             f"{'; '.join(shadow['reasons'])} (use --force to override)")
+                             f"{'; '.join(map(str, shadow.get('reasons') or []))} (use --force to override)")
     _endpoint_action("promote", target, endpoint, data_capture_uri, stage)
 
 
@@ -392,7 +398,7 @@ def _pipeline_errors(command):
         try:
             return command(*args, **kwargs)
         except PipelineError as err:
-            ui.console.print(f"[red]error:[/red] {err}")
+            ui.error(str(err))
             raise typer.Exit(1) from None
 
     return wrapper
@@ -471,11 +477,11 @@ def shadow_report(
     since: Annotated[str | None, typer.Option(
         help="read records from this UTC time on (ISO 8601), or 'all' (default: when the endpoint's live "
              "variants were configured: older records belong to earlier challengers)")] = None,
-    k: Annotated[int, typer.Option(help="top-k for the overlap")] = 10,
-    min_pairs: Annotated[int, typer.Option(help="paired requests needed before recommending promote")] = 200,
+    k: Annotated[int, typer.Option(min=1, help="top-k for the overlap")] = 10,
+    min_pairs: Annotated[int, typer.Option(min=1, help="paired requests needed before recommending promote")] = 200,
     shadow_sampling: Annotated[float | None, typer.Option(
-        help="% of requests copied to the shadow (default: the endpoint's shadow weight relative to its "
-             "production weight)")] = None,
+        min=0.01, max=100.0, help="% of requests copied to the shadow (default: the endpoint's shadow weight "
+                                  "relative to its production weight)")] = None,
     out: Annotated[str | None, typer.Option(help="directory or s3:// prefix for latest.json and shadow.png "
                                                  "(default: the workspace's shadow/<endpoint>; on SageMaker, for "
                                                  "the stage's endpoint, where the API and promote read it)")
@@ -572,6 +578,7 @@ def features_materialize(
     endpoint: EndpointName = "marketrank",
 ) -> None:
     """Load the feature job's online state (items, users) and the model's feature spec into the feature store."""
+    _quiet_logs(False)
     from pipelines.local import materialize_features, production_model_dir
 
     features = features or Path(workspace.read_report()["dataset"]["features"])
@@ -583,12 +590,25 @@ def features_materialize(
     ui.console.print(json.dumps({"store": store, **counts, "spec_from": str(model)}))
 
 
+def _check_free(option: str, host: str, port: int) -> None:
+    """ValueError naming ``option`` when ``host:port`` cannot be bound (in use, or not an address here)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"{option} {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
+
+
 @app.command()
 @_one_line_errors
 def serve(
     host: Annotated[str, typer.Option(help="API address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="API port")] = 8080,
-    endpoint_port: Annotated[int, typer.Option(help="local model endpoint port (TF Serving REST)")] = 8501,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="API port")] = 8080,
+    endpoint_port: Annotated[int, typer.Option(min=1, max=65535, help="local model endpoint port (TF Serving REST)")
+                             ] = 8501,
     endpoint: EndpointName = "marketrank",
     store: Store = "embedded",
     budget_ms: Annotated[float, typer.Option(help="per-request time budget")] = 150.0,
@@ -611,6 +631,10 @@ def serve(
     manifest = workspace.endpoints_dir() / f"{endpoint}.json"
     if not manifest.exists():
         raise FileNotFoundError(f"no local endpoint {endpoint!r} ({manifest}): run `marketrank run` first")
+    if budget_ms <= 0:
+        raise ValueError(f"--budget-ms must be > 0, got {budget_ms}")
+    for option, address, number in (("--endpoint-port", "127.0.0.1", endpoint_port), ("--port", host, port)):
+        _check_free(option, address, number)  # now, not after the model has loaded
     store_path = workspace.home() / DEFAULT_STORE_FILE
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops as Ctrl-C does, during start-up too
     try:
@@ -687,9 +711,13 @@ def bench_serve(
     _quiet_logs(False)
     from serving import bench
 
+    try:
+        counts = [int(c) for c in candidates.split(",")]
+    except ValueError:
+        raise ValueError(f"--candidates: expected comma-separated whole numbers, got {candidates!r}") from None
     out = _results(out)
     with ui.step("serving benchmark") as s:
-        report = bench.run_serving_benchmark(workspace.home(), candidates=[int(c) for c in candidates.split(",")],
+        report = bench.run_serving_benchmark(workspace.home(), candidates=counts,
                                              rate=rate, seconds=seconds, endpoint=endpoint, out=out,
                                              model_server=model_server, progress=s.note)
     ui.console.print(bench.format_table(report))
@@ -701,8 +729,9 @@ def _bench_quality(size: str, letor: Path | None, models: str, epochs: int, seed
                    out: Path | None, trained_out: dict | None = None) -> None:
     from benchmarks import suite
 
+    chosen = suite.parse_models(models)  # a typo fails now, not after the data are built
     dataset = suite.load_dataset(size, seed, cache, letor)
-    path, result = suite.run_quality(dataset, _results(out), models=suite.parse_models(models),
+    path, result = suite.run_quality(dataset, _results(out), models=chosen,
                                      hparams=suite.with_epochs(DEFAULT, epochs), trained_out=trained_out)
     ui.console.print("\n".join(suite.summary_lines(result)) + f"\nresults {path}")
 

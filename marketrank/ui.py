@@ -8,10 +8,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def error(message: str) -> None:
+    """``error: <message>`` on one line: the message as plain text (a path or an AWS message may hold "[...]",
+    which rich would read as markup), never wrapped (CI logs and pipes are 80 columns to rich)."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
 
 
 class Step:

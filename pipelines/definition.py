@@ -444,6 +444,20 @@ def _offline_environment(region: str) -> Iterator[None]:
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def _default_region(region: str) -> Iterator[None]:
+    """``AWS_DEFAULT_REGION`` = ``region`` while the SDK renders, unless set: parts of it build their own boto
+    session from the environment and refuse to work without a region, whatever the pipeline session says."""
+    if os.environ.get("AWS_DEFAULT_REGION"):
+        yield
+        return
+    os.environ["AWS_DEFAULT_REGION"] = region
+    try:
+        yield
+    finally:
+        os.environ.pop("AWS_DEFAULT_REGION", None)
+
+
 def definition_json(config: PipelineConfig = PipelineConfig()) -> str:
     """The pipeline definition (JSON), rendered without AWS credentials or network.
 
@@ -507,7 +521,7 @@ def upsert(config: PipelineConfig = PipelineConfig(), role_arn: str | None = Non
     resource = f"pipeline {config.name!r} ({config.region})"
     role = role_arn or config.role_arn
     description = "marketrank: features -> train -> evaluate -> quality gate -> register -> shadow deploy"
-    with _aws_errors(resource):
+    with _aws_errors(resource), _default_region(config.region):
         boto_session = boto3.Session(region_name=config.region)
         definition = render(config, sdk.pipeline_session(boto_session, config.bucket, config.prefix))
         ensure_champion_prefix(boto_session.client("s3"), config)

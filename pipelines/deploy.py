@@ -354,7 +354,10 @@ class LocalBackend:
     def current(self) -> EndpointState | None:
         if not self.path.exists():
             return None
-        return EndpointState.from_dict(json.loads(self.path.read_text())["state"])
+        try:
+            return EndpointState.from_dict(json.loads(self.path.read_text())["state"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, no "state", wrong shapes
+            raise DeployError(f"endpoint manifest {self.path} is unreadable: {type(err).__name__}: {err}") from None
 
     def ensure_settled(self) -> None:  # a manifest is replaced atomically: never mid-update
         return None

@@ -30,6 +30,7 @@ import json
 import logging
 import tempfile
 from collections import defaultdict, deque
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,13 @@ def load_report(location: str | Path) -> dict[str, Any]:
             raise FileNotFoundError(f"no shadow report at {location}") from err
     else:
         text = Path(location).read_text()
-    return json.loads(text)
+    try:
+        report = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"shadow report {location} is not valid JSON ({err})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"shadow report {location} is not a JSON object")
+    return report
 
 
 def save_report(report: dict[str, Any], analysis: Analysis, out: str | Path) -> str:
@@ -137,15 +144,20 @@ def read_capture(capture: str | Path, endpoint: str, variant: str,
         return since is None or hour is None or hour + timedelta(hours=2) > since
 
     location = f"{str(capture).rstrip('/')}/{endpoint}/{variant}"
-    if storage.is_s3(capture):
-        # keys sort by yyyy/mm/dd/hh: the listing starts just before the first hour that can hold later records
-        start_after = f"{since - timedelta(hours=1):%Y/%m/%d/%H}" if since is not None else None
+    if not storage.is_s3(capture):
+        return _read_records(Path(location), location, recent, since)
+    # keys sort by yyyy/mm/dd/hh: the listing starts just before the first hour that can hold later records
+    start_after = f"{since - timedelta(hours=1):%Y/%m/%d/%H}" if since is not None else None
+    with tempfile.TemporaryDirectory(prefix="marketrank-capture-") as staging:  # removed once read
         try:
-            root = storage.stage_in(location, keep=recent, start_after=start_after)
+            root = storage.stage_in(location, staging, keep=recent, start_after=start_after)
         except FileNotFoundError:  # no shadow copies at all is a finding for the report, not an error
             return []
-    else:
-        root = Path(location)
+        return _read_records(root, location, recent, since)
+
+
+def _read_records(root: Path, location: str, recent: Callable[[str], bool],
+                  since: datetime | None) -> list[dict[str, Any]]:
     first = since.replace(microsecond=0) if since is not None else None
     records, older = [], 0
     for path in sorted(Path(root).glob("*/*/*/*/*.jsonl")):
@@ -160,6 +172,10 @@ def read_capture(capture: str | Path, endpoint: str, variant: str,
                 record = json.loads(line)
             except ValueError as err:
                 log.warning("capture %s line %d is not a JSON record, skipped: %s", path, number, err)
+                continue
+            if not (isinstance(record, dict) and isinstance(record.get("eventMetadata"), dict)):
+                log.warning("capture %s line %d is not a data-capture record (no eventMetadata object), skipped",
+                            path, number)
                 continue
             at = event_time(record) if first is not None else None
             if at is not None and at < first:

@@ -80,3 +80,22 @@ def test_every_command_renders_its_help():
         assert "Usage" in result.output
     help_text = runner.invoke(app, ["bench", "quality", "--help"], env={"COLUMNS": "200"}).output
     assert "scorer/loss[/members]" in help_text
+
+
+def test_user_errors_are_one_plain_line(tmp_path, monkeypatch):
+    """Messages are printed as text, not rich markup (a path or an AWS message may hold "[...]"), and a wrong value
+    names its option, before any work."""
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    (tmp_path / "a-file").write_text("x")
+    cases = [(["report", "show", "[/x]"], "no report for run '[/x]'"),
+             (["report", "show", "[bold]run"], "no report for run '[bold]run'"),
+             (["bench", "serve", "--candidates", "50,abc"], "--candidates: expected comma-separated whole numbers"),
+             (["train", "--letor", str(LETOR_SAMPLE), "--output", str(tmp_path / "a-file")],
+              f"--output {tmp_path / 'a-file'} is a file"),
+             (["train", "--letor", str(LETOR_SAMPLE), "--output", str(tmp_path / "out"), "--epochs", "0"],
+              "epochs and batch_size must be >= 1")]
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert expected in result.output and "Traceback" not in result.output, (args, result.output)
+    assert not (tmp_path / "out").exists()  # refused before training

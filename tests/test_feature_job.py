@@ -561,19 +561,36 @@ def test_failed_job_keeps_previous_output(spark, tmp_path) -> None:
     raw = break_raw(tmp_path / "raw", "interactions", lambda f: f.assign(event="share"))
     out = tmp_path / "features"
     out.mkdir()
-    (out / "previous.txt").write_text("from an earlier run")
+    (out / "stats.json").write_text("from an earlier run")
     with pytest.raises(FeatureJobError, match="share"):
         run(raw, out, spark)
-    assert (out / "previous.txt").read_text() == "from an earlier run"
+    assert (out / "stats.json").read_text() == "from an earlier run"
     assert leftovers(out) == [out]
+
+
+def test_output_dir_with_other_files_is_refused_before_any_work(spark, tmp_path, handmade_raw) -> None:
+    """`features build --out DIR` replaces the job's outputs in DIR: a DIR holding anything else (the raw logs
+    themselves, notes) is refused up front, and nothing in it is touched."""
+    project = tmp_path / "project"
+    shutil.copytree(handmade_raw, project / "raw")
+    (project / "notes.txt").write_text("mine")
+    (project / "stats.json").write_text("an earlier run's")
+    with pytest.raises(FeatureJobError, match=r"holds files this job did not write \(notes.txt, raw\)"):
+        run(project / "raw", project, spark)
+    assert (project / "notes.txt").read_text() == "mine" and (project / "raw" / "users").is_dir()
+    assert (project / "stats.json").read_text() == "an earlier run's"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FeatureJobError, match="is a file"):
+        run(handmade_raw, tmp_path / "file", spark)
 
 
 def test_existing_output_dir_is_refilled_in_place(spark, tmp_path, handmade_raw, monkeypatch) -> None:
     """SageMaker mounts /opt/ml/processing/output/<name>: the job must fill that directory, not replace it."""
     out = tmp_path / "features"
     out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "stats.json").write_text("from an earlier run")
     (out / "train").mkdir()
+    (out / "train" / "part-old.parquet").write_text("from an earlier run")
     inode = out.stat().st_ino
     real_rename, real_rmtree = Path.rename, shutil.rmtree
 
@@ -590,7 +607,8 @@ def test_existing_output_dir_is_refilled_in_place(spark, tmp_path, handmade_raw,
     monkeypatch.setattr(Path, "rename", rename)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     run(handmade_raw, out, spark)
-    assert out.stat().st_ino == inode and not (out / "stale.txt").exists()
+    assert out.stat().st_ino == inode and not (out / "train" / "part-old.parquet").exists()
+    assert json.loads((out / "stats.json").read_text())["splits"]
     assert {p.name for p in out.iterdir()} >= {"train", "valid", "test", "online", "feature_spec.json", "stats.json"}
     assert read_split(out / "train").shape[0] > 0 and leftovers(out) == [out]
 

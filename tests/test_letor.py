@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,17 @@ def test_progress_reports_bytes_read(tmp_path: Path) -> None:
     scan_letor(TRAIN, progress=seen.append)
     assert seen and seen[-1] == TRAIN.stat().st_size
     assert seen == sorted(seen)
+
+
+
+def test_empty_split_is_an_error_naming_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from marketrank.cli import app
+
+    for name in ("train", "vali", "test"):
+        shutil.copy(TRAIN, tmp_path / f"{name}.txt")
+    (tmp_path / "vali.txt").write_text("# only a comment\n\n")
+    result = CliRunner().invoke(app, ["train", "--letor", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "vali split" in result.output and "holds no ranking lists" in result.output

@@ -103,3 +103,21 @@ def test_features_from_another_feature_job_are_rebuilt(tiny_run, tmp_path):
     rebuilt = ensure_features(raw, features)
     assert rebuilt is not None and rebuilt["splits"] == stats["splits"]
     assert json.loads((features / "stats.json").read_text())["features_fingerprint"] == features_fingerprint()
+
+
+def test_fresh_never_removes_what_it_cannot_rebuild(tmp_path, monkeypatch):
+    """`run --fresh` re-simulates: an unknown size fails before anything is removed, and logs the simulator did not
+    write (a user's own, in a named dataset) are refused, not replaced by simulated ones."""
+    from pipelines.local import LocalRunConfig, run_local
+
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    raw = tmp_path / "data" / "mine" / "raw"
+    (raw / "users").mkdir(parents=True)
+    (raw / "users" / "part-0.parquet").write_bytes(b"the user's own logs")
+    with pytest.raises(ValueError, match="unknown data size 'bogus'"):
+        run_local(LocalRunConfig(size="bogus", dataset="mine", fresh=True))
+    with pytest.raises(ValueError, match="--fresh would replace the logs in .*mine/raw"):
+        run_local(LocalRunConfig(size="tiny", dataset="mine", fresh=True))
+    assert (raw / "users" / "part-0.parquet").read_bytes() == b"the user's own logs"
+    result = CliRunner().invoke(app, ["run", "--dataset", "mine", "--size", "tiny", "--fresh"])
+    assert result.exit_code == 1 and "--fresh would replace" in result.output and "Traceback" not in result.output

@@ -361,13 +361,14 @@ def _strings(node: Any) -> list[str]:
 
 @pytest.fixture(scope="module")
 def aws():
-    """moto with fake credentials, the artifacts bucket, and the pipeline upserted twice (create, then update)."""
+    """moto with fake credentials, the artifacts bucket, and the pipeline upserted twice (create, then update).
+    No region in the environment: the config's region is the one used (CI's `pipeline upsert` sets none)."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION"):
             mp.delenv(name, raising=False)
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", CONFIG.region)
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)  # nor from ~/.aws/config
         mp.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
         with mock_aws():
             boto3.client("s3", region_name=CONFIG.region).create_bucket(

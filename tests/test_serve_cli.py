@@ -137,3 +137,25 @@ def test_endpoint_process_on_a_busy_port_fails_at_once(tmp_path):
     assert refused.value.errno == errno.EADDRINUSE, refused.value
     assert time.monotonic() - started < 5
     assert not [pid for pid in _children(os.getpid()) if "serving.local_endpoint" in _cmdline(pid)]
+
+
+def test_serve_on_a_busy_port_fails_before_loading_anything(tmp_path, monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from marketrank.cli import app
+
+    monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    (tmp_path / "endpoints").mkdir()
+    (tmp_path / "endpoints" / "marketrank.json").write_text("{}")  # never read: the ports are checked first
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        for args, option in ((["--port", str(port)], "--port"), (["--endpoint-port", str(port)], "--endpoint-port")):
+            started = time.monotonic()
+            result = CliRunner().invoke(app, ["serve", *args])
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert f"{option} {port}: cannot listen on 127.0.0.1:{port}" in result.output
+            assert time.monotonic() - started < 2
+    result = CliRunner().invoke(app, ["serve", "--budget-ms", "0"])
+    assert result.exit_code == 1 and "--budget-ms must be > 0" in result.output

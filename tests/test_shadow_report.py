@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -180,6 +181,11 @@ def test_read_capture_takes_whole_lines_and_names_a_bad_one(tmp_path, caplog):
     assert shadow_report.read_capture(tmp_path, ENDPOINT, "challenger") == good
     assert f"{capture} line 2 is not a JSON record" in caplog.text
     assert "line 4" not in caplog.text  # the unfinished last line is not an error
+    # JSON that is not a capture record (a list, no eventMetadata) is skipped too, with and without a window
+    capture.write_text("\n".join([json.dumps(good[0]), "[1, 2]", '{"captureData": {}}', json.dumps(good[1])]) + "\n")
+    for since in (None, datetime(2026, 1, 1, tzinfo=timezone.utc)):
+        assert shadow_report.read_capture(tmp_path, ENDPOINT, "challenger", since=since) == good
+    assert f"{capture} line 2 is not a data-capture record" in caplog.text and "line 3 is not a data" in caplog.text
 
 
 # ------------------------------------------------------------------- capture as SageMaker writes it, windowed
@@ -301,6 +307,9 @@ def test_report_on_sagemaker_capture_reads_the_live_challenger_only(tmp_path, mo
     from moto_sagemaker import sagemaker_extension
 
     monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    scratch = tmp_path / "scratch"  # where the S3 capture is staged: nothing may be left there
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with mock_aws(), sagemaker_extension(transition_describes=0):
         sm, s3 = boto3.client("sagemaker"), boto3.client("s3")
         s3.create_bucket(Bucket="capture", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
@@ -336,6 +345,7 @@ def test_report_on_sagemaker_capture_reads_the_live_challenger_only(tmp_path, mo
 
         everything = runner.invoke(app, [*args, "--since", "all", "--shadow-sampling", "20"])
         assert everything.exit_code == 0 and json.loads((out / shadow_report.REPORT_FILE).read_text())["pairs"] == 34
+        assert not [p for p in scratch.iterdir() if p.name.startswith("marketrank-")]  # staged capture removed
 
         s3.delete_object(Bucket="capture", Key=f"data-capture/{_key('challenger', now)}")
         s3.delete_object(Bucket="capture", Key=f"data-capture/{_key('challenger', old)}")
@@ -431,6 +441,9 @@ def test_on_sagemaker_the_stage_report_is_published_where_promote_reads_it(tmp_p
     names = _stage_names(None)
     assert names.stage.region == "eu-west-1"
     monkeypatch.setenv("MARKETRANK_HOME", str(tmp_path))
+    scratch = tmp_path / "scratch"  # where the S3 capture is staged: nothing may be left there
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with mock_aws(), sagemaker_extension(transition_describes=0):
         sm, s3 = boto3.client("sagemaker"), boto3.client("s3")
         bucket, prefix = names.data_capture_uri.removeprefix("s3://").split("/", 1)

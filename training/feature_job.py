@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit / SageMaker): mak
 import pandas as pd
 
 from training import propensity, storage
-from training.feature_spec import FLOAT, STRING, Feature, FeatureSpec
+from training.feature_spec import FLOAT, SPEC_FILE, STRING, Feature, FeatureSpec
 from training.features import (
     FEATURES,
     ITEM_STATE_COLUMNS,
@@ -445,6 +445,8 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
     """
 
     say = progress or (lambda message: log.info(message))
+    if not storage.is_s3(out_uri):
+        check_output_dir(Path(out_uri))  # before any work: the job replaces what it finds there
     scratch = Path(tempfile.mkdtemp(prefix="marketrank-features-"))  # staging for s3:// input and output
     try:
         raw_dir = storage.stage_in(raw_uri, scratch / "raw") if storage.is_s3(raw_uri) else storage.stage_in(raw_uri)
@@ -536,6 +538,21 @@ def _run(spark, raw_dir: Path, local_out: Path, config: FeatureJobConfig, say: C
     return stats
 
 
+#: What the job writes into its output directory, and all it ever replaces there.
+OUTPUTS = (*SPLITS, ONLINE_DIR, STATS_FILE, SPEC_FILE)
+
+
+def check_output_dir(out: Path) -> None:
+    """FeatureJobError unless ``out`` is new, empty, or an earlier run's output (only ``OUTPUTS``): the job
+    replaces its output, and must never take a user's other files (their raw logs, say) with it."""
+    if out.exists() and not out.is_dir():
+        raise FeatureJobError(f"output {out} is a file, not a directory")
+    other = sorted(child.name for child in out.iterdir() if child.name not in OUTPUTS) if out.is_dir() else []
+    if other:
+        raise FeatureJobError(f"output {out} holds files this job did not write ({', '.join(other[:5])}"
+                              f"{', ...' if len(other) > 5 else ''}): choose a new or empty directory")
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Put the finished output in place: one rename when ``out`` is new. An existing ``out`` keeps its directory
     and gets the new contents instead, because SageMaker mounts a processing job's output directories, and a
@@ -543,6 +560,7 @@ def _publish(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
+    check_output_dir(out)  # again: something may have appeared there while the job ran
     for child in out.iterdir():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

@@ -50,5 +50,10 @@ class HParams:
             raise ValueError(f"early_stopping must be val_loss or val_ndcg_10, got {self.early_stopping!r}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1 (members), got {self.ensemble}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got epochs={self.epochs}, "
+                             f"batch_size={self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")

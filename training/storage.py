@@ -6,9 +6,25 @@ with boto3 (which honours ``AWS_ENDPOINT_URL``, so moto and LocalStack work unch
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+class StorageError(OSError):
+    """An S3 transfer failed (no credentials, access denied, no such bucket...): the message names the URI."""
+
+
+@contextlib.contextmanager
+def _s3_errors(doing: str, uri: str) -> Iterator[None]:
+    from boto3.exceptions import Boto3Error  # upload_file's S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, Boto3Error) as err:
+        raise StorageError(f"{doing} {uri} failed: {err}") from err
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -35,8 +51,13 @@ def stage_in(uri: str | Path, workdir: str | Path | None = None, keep: Callable[
     import boto3
 
     bucket, prefix = split_s3(str(uri))
+    with _s3_errors("reading", str(uri)):
+        return _download(boto3.client("s3"), str(uri), bucket, prefix, workdir, keep, start_after)
+
+
+def _download(s3, uri: str, bucket: str, prefix: str, workdir: str | Path | None, keep: Callable[[str], bool] | None,
+              start_after: str | None) -> Path:
     target = Path(workdir or tempfile.mkdtemp(prefix="marketrank-stage-"))
-    s3 = boto3.client("s3")
     found = 0
     listing = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else ""}
     if start_after:
@@ -60,11 +81,12 @@ def stage_out(local_dir: str | Path, uri: str) -> int:
     import boto3
 
     bucket, prefix = split_s3(uri)
-    s3 = boto3.client("s3")
     count = 0
-    for path in sorted(Path(local_dir).rglob("*")):
-        if path.is_file():
-            key = "/".join(filter(None, [prefix, path.relative_to(local_dir).as_posix()]))
-            s3.upload_file(str(path), bucket, key)
-            count += 1
+    with _s3_errors("writing", uri):
+        s3 = boto3.client("s3")
+        for path in sorted(Path(local_dir).rglob("*")):
+            if path.is_file():
+                key = "/".join(filter(None, [prefix, path.relative_to(local_dir).as_posix()]))
+                s3.upload_file(str(path), bucket, key)
+                count += 1
     return count
