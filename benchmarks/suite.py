@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from benchmarks import common, datasets, quality, rankers, throughput, unbiased
 from marketrank import simulator, ui, workspace
 from training.hparams import HParams
@@ -86,7 +88,7 @@ def _published(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        ui.console.print(f"[yellow]{path} is unreadable ({err}): its sizes are not kept[/yellow]")
+        ui.console.print(f"[yellow]{escape(f'{path} is unreadable ({err}): its sizes are not kept')}[/yellow]")
         return None
 
 

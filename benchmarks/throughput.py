@@ -198,11 +198,17 @@ def keep_other_sizes(result: dict[str, Any], previous: dict[str, Any] | None) ->
 
     A kept size keeps its own ``created`` and ``machine`` (its result's, where it has none) and is marked
     ``kept``; nothing is kept from a result trained with other hyperparameters. Sizes are ordered by lists."""
-    if not previous or previous.get("benchmark") != "throughput" or previous.get("hparams") != result["hparams"]:
+    if (not isinstance(previous, dict) or previous.get("benchmark") != "throughput"
+            or previous.get("hparams") != result["hparams"]):
         return result
     measured = {size["dataset"] for size in result["sizes"]}
-    kept = [{**size, "created": size.get("created", previous.get("created")),
-             "machine": size.get("machine", previous.get("machine")), "kept": True}
-            for size in previous.get("sizes", []) if size.get("dataset") not in measured]
-    sizes = sorted([*result["sizes"], *kept], key=lambda size: size["train_lists"])
+    seeds = {(size.get("simulator") or {}).get("seed") for size in result["sizes"]}
+    try:
+        kept = [{**size, "created": size.get("created", previous.get("created")),
+                 "machine": size.get("machine", previous.get("machine")), "kept": True}
+                for size in previous["sizes"] if size["dataset"] not in measured
+                and (size.get("simulator") or {}).get("seed") in seeds]  # other seeds' data: not this series
+        sizes = sorted([*result["sizes"], *kept], key=lambda size: size["train_lists"])
+    except (KeyError, TypeError, AttributeError):  # not a result this code wrote: nothing of it is kept
+        return result
     return {**result, "sizes": sizes}

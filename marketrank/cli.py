@@ -594,12 +594,14 @@ def _check_free(option: str, host: str, port: int) -> None:
     """ValueError naming ``option`` when ``host:port`` cannot be bound (in use, or not an address here)."""
     import socket
 
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise ValueError(f"{option} {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as err:  # socket.gaierror included: a host that is no address here
+        raise ValueError(f"{option} {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
 @app.command()
@@ -633,6 +635,8 @@ def serve(
         raise FileNotFoundError(f"no local endpoint {endpoint!r} ({manifest}): run `marketrank run` first")
     if budget_ms <= 0:
         raise ValueError(f"--budget-ms must be > 0, got {budget_ms}")
+    if port == endpoint_port:
+        raise ValueError(f"--port and --endpoint-port are both {port}: the API and the endpoint need one each")
     for option, address, number in (("--endpoint-port", "127.0.0.1", endpoint_port), ("--port", host, port)):
         _check_free(option, address, number)  # now, not after the model has loaded
     store_path = workspace.home() / DEFAULT_STORE_FILE

@@ -354,10 +354,19 @@ class LocalBackend:
     def current(self) -> EndpointState | None:
         if not self.path.exists():
             return None
+        state = self._manifest().get("state")
+        if not isinstance(state, dict):
+            raise DeployError(f"endpoint manifest {self.path} is unreadable: no 'state' object")
+        return EndpointState.from_dict(state)
+
+    def _manifest(self) -> dict[str, Any]:
         try:
-            return EndpointState.from_dict(json.loads(self.path.read_text())["state"])
-        except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, no "state", wrong shapes
-            raise DeployError(f"endpoint manifest {self.path} is unreadable: {type(err).__name__}: {err}") from None
+            manifest = json.loads(self.path.read_text())
+        except ValueError as err:
+            raise DeployError(f"endpoint manifest {self.path} is not valid JSON: {err}") from None
+        if not isinstance(manifest, dict):
+            raise DeployError(f"endpoint manifest {self.path} is not a JSON object")
+        return manifest
 
     def ensure_settled(self) -> None:  # a manifest is replaced atomically: never mid-update
         return None
@@ -380,7 +389,7 @@ class LocalBackend:
         local endpoint serves a new manifest within one poll."""
         if not self.path.exists():
             return None
-        written = json.loads(self.path.read_text()).get("updated_at")
+        written = self._manifest().get("updated_at")
         if written:
             return datetime.fromisoformat(written)
         return datetime.fromtimestamp(self.path.stat().st_mtime, timezone.utc)

@@ -160,7 +160,8 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
     data_dir = workspace.dataset_dir(config.dataset_name)
     raw_dir, features_dir = data_dir / "raw", data_dir / "features"
     simulator.preset(config.size, config.seed)  # an unknown size fails here, before anything is removed
-    if config.fresh and raw_dir.is_dir() and any(raw_dir.iterdir()) and not (raw_dir / simulator.CONFIG_FILE).exists():
+    if (config.fresh and config.dataset is not None and raw_dir.is_dir() and any(raw_dir.iterdir())
+            and not (raw_dir / simulator.CONFIG_FILE).exists()):  # a named dataset: perhaps the user's own logs
         raise ValueError(f"--fresh would replace the logs in {raw_dir}, which the simulator did not write: move them "
                          "away first, or name another dataset")
     data_dir.mkdir(parents=True, exist_ok=True)

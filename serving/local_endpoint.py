@@ -938,7 +938,8 @@ def create_app(models_dir: str | Path, endpoint_manifest: Path | None = None, ca
 
     async def routing_error(request: Request, err: HTTPException) -> Response:
         # Starlette's own 404 (no route) and 405 (wrong method): TF Serving's error body too, not plain text.
-        return _json(wire.error_body(f"{err.detail}: {request.method} {request.url.path}"), err.status_code)
+        return _json(wire.error_body(f"{err.detail}: {request.method} {request.url.path}"), err.status_code,
+                     err.headers)
 
     handlers = {wire.WireError: _error_handler(400), NotFound: _error_handler(404), Unavailable: _error_handler(503),
                 HTTPException: routing_error, ClientDisconnect: client_gone, Exception: _error_handler(500)}

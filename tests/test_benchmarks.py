@@ -416,6 +416,10 @@ def test_a_throughput_run_keeps_the_published_sizes_it_did_not_measure(tmp_path,
     # other hyperparameters: nothing of the old result is kept; an unreadable old file loses no new result
     other = {**copy.deepcopy(rerun), "hparams": {**rerun["hparams"], "batch_size": 128}}
     assert throughput.keep_other_sizes(other, written) == other
+    for malformed in ([1, 2], {**written, "sizes": [{"no": "dataset"}]}, {**written, "sizes": None}):
+        assert throughput.keep_other_sizes(other if malformed == [1, 2] else rerun, malformed) in (other, rerun)
+    another_seed = {**written, "sizes": [{**s, "simulator": {"seed": 8}} for s in written["sizes"]]}
+    assert throughput.keep_other_sizes(rerun, another_seed) == rerun  # another seed's data is another series
     (tmp_path / "throughput.json").write_text("{not json")
     _, result = suite.run_throughput(["tiny", "default"], tmp_path)
     assert [s["dataset"] for s in result["sizes"]] == ["tiny", "default"]

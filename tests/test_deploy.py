@@ -837,3 +837,14 @@ def test_extension_is_scoped_and_restores_moto(aws_env):
         sm.create_endpoint(EndpointName="e", EndpointConfigName="c")
         assert sm.describe_endpoint(EndpointName="e")["EndpointStatus"] == "InService"  # 0: moto's "at once"
     assert {key: key[0].__dict__.get(key[1]) for key in saved} == saved
+
+
+def test_unreadable_local_manifest_is_an_error_naming_it(tmp_path):
+    backend = deploy.LocalBackend(tmp_path, "marketrank")
+    for content, problem in (("", "not valid JSON"), ("[]", "not a JSON object"), ('{"state": 3}', "no 'state'")):
+        backend.path.write_text(content)
+        with pytest.raises(deploy.DeployError, match=f"endpoint manifest {backend.path} .*{problem}"):
+            backend.current()
+        if problem != "no 'state'":
+            with pytest.raises(deploy.DeployError, match=str(backend.path)):
+                backend.live_since()

@@ -338,7 +338,6 @@ def test_progress_reports_bytes_read(tmp_path: Path) -> None:
     assert seen == sorted(seen)
 
 
-
 def test_empty_split_is_an_error_naming_it(tmp_path):
     from typer.testing import CliRunner
 

@@ -197,6 +197,7 @@ def test_unknown_models_versions_and_paths_are_404s(served, model) -> None:
     for response, status in ((served.get("/nope"), 404), (served.get("/invocations"), 405),
                              (served.post("/ping"), 405)):
         assert response.status_code == status and set(response.json()) == {"error"}, response.text
+    assert "POST" in served.get("/invocations").headers["allow"]
     # no manifest: the SageMaker side answers, but is not ready
     assert served.get("/ping").status_code == 503
     assert served.post("/invocations", content=model["request"]).status_code == 503

@@ -450,7 +450,8 @@ def run_feature_job(raw_uri: str | Path, out_uri: str | Path, config: FeatureJob
     scratch = Path(tempfile.mkdtemp(prefix="marketrank-features-"))  # staging for s3:// input and output
     try:
         raw_dir = storage.stage_in(raw_uri, scratch / "raw") if storage.is_s3(raw_uri) else storage.stage_in(raw_uri)
-        local_out = scratch / "features" if storage.is_s3(out_uri) else Path(out_uri)
+        # resolved: the staging dir goes beside it, which for "." would be inside it
+        local_out = scratch / "features" if storage.is_s3(out_uri) else Path(out_uri).resolve()
         stats = _run(spark, raw_dir, local_out, config, say)
         if storage.is_s3(out_uri):
             storage.stage_out(local_out, str(out_uri))

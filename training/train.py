@@ -389,8 +389,8 @@ def train_letor(letor_dir: str | Path, output_dir: str | Path, hparams, *, track
     for name, path in paths.items():
         if not path.exists():
             raise FileNotFoundError(f"LETOR {name} split not found: {path}")
-        with path.open() as lines:  # up to the first list only: a split can be gigabytes
-            if not any(line.strip() and not line.lstrip().startswith("#") for line in lines):
+        with path.open("rb") as lines:  # up to the first list only: a split can be gigabytes
+            if not any(line.strip() and not line.lstrip().startswith(b"#") for line in lines):
                 raise ValueError(f"LETOR {name} split {path} holds no ranking lists (empty, or comments only)")
     stats = letor.scan_letor(paths["train"])
     spec = letor_spec(stats, list_size=min(stats.max_list_size, LETOR_TRAIN_LIST_SIZE))
