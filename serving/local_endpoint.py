@@ -37,14 +37,16 @@ format of ``serving.wire``:
                                          "data": "<request JSON text>", "encoding": "JSON"},
                        "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
                                           "data": "<response JSON text>", "encoding": "JSON"}},
-       "eventMetadata": {"eventId": "<uuid4>", "inferenceId": "<X-Amzn-SageMaker-Inference-Id or a uuid4>",
+       "eventMetadata": {"eventId": "<uuid4>", "inferenceId": "<X-Amzn-SageMaker-Inference-Id>",
                          "inferenceTime": "2024-05-01T12:00:00Z",
                          "latencyMs": 3.2, "modelName": "<model>", "modelVersion": "<version>"},
        "eventVersion": "0"}
 
   ``latencyMs`` (the model's predict time), ``modelName`` and ``modelVersion`` are this endpoint's additions.
   The production and shadow records of one request share ``inferenceId`` and ``inferenceTime`` (the time the
-  request arrived), so a shadow report can pair them. Only successful predictions are captured.
+  request arrived), so a shadow report can pair them. As on SageMaker, a request sent without an inference id is
+  captured without ``inferenceId``: it cannot be paired (the ranking API always sends one). Only successful
+  predictions are captured.
 
 The production predict (~1 ms for 300 items) runs on the event loop: a thread hop cost more than it overlapped on
 the benchmark's two cores, at the price of serialising model calls (``/ping`` waits behind one). Model loading
@@ -377,7 +379,7 @@ class ModelServer:
 
 # ---------------------------------------------------------------------------------------------- endpoint
 
-def capture_record(request: bytes, response: bytes, inference_id: str, inference_time: datetime,
+def capture_record(request: bytes, response: bytes, inference_id: str | None, inference_time: datetime,
                    latency_ms: float, model_name: str, model_version: int | str) -> dict[str, Any]:
     """One SageMaker data-capture record (JSON-encoded request and response)."""
     def data(payload: bytes, mode: str) -> dict[str, str]:
@@ -385,7 +387,8 @@ def capture_record(request: bytes, response: bytes, inference_id: str, inference
                 "data": payload.decode("utf-8", "replace"), "encoding": "JSON"}
 
     return {"captureData": {"endpointInput": data(request, "INPUT"), "endpointOutput": data(response, "OUTPUT")},
-            "eventMetadata": {"eventId": str(uuid.uuid4()), "inferenceId": inference_id,
+            "eventMetadata": {"eventId": str(uuid.uuid4()),
+                              **({"inferenceId": inference_id} if inference_id is not None else {}),
                               "inferenceTime": inference_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
                               LATENCY_KEY: round(latency_ms, 3), MODEL_KEY: model_name,
                               VERSION_KEY: str(model_version)},
@@ -405,7 +408,7 @@ class Answered:
 
     request: bytes
     response: bytes
-    inference_id: str
+    inference_id: str | None  # the caller's; None without one (captured without inferenceId, as on SageMaker)
     received: datetime
     latency_ms: float
     model_name: str
@@ -787,7 +790,7 @@ class Endpoint:
         shadow = state.shadow.model_name if state.shadow is not None and random.random() < state.shadow.weight \
             else None
         if self.sidecar is not None and (shadow is not None or self.capture_dir is not None):
-            self.sidecar.hand_off(Answered(raw, payload, inference_id or str(uuid.uuid4()), received, latency,
+            self.sidecar.hand_off(Answered(raw, payload, inference_id or None, received, latency,
                                            servable.name, servable.version, shadow))
         return payload
 

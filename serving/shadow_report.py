@@ -352,11 +352,15 @@ def build_report(production: list[dict], shadow: list[dict], k: int = 10,
     # Copies are expected from the shadow's first record on: between a config's creation and the end of the update
     # that puts the shadow live, production answers alone (minutes that must not read as failed copies).
     started = min(filter(None, map(event_time, shadow)), default=None)
-    copied = [p for p in production if started is None or (at := event_time(p)) is None or at >= started]
+    # Only requests with an inference id can be paired: on SageMaker a call without one (a smoke test, the AWS CLI)
+    # is captured without it, and is neither expected to pair nor counted as a missing shadow copy.
+    identified = [p for p in production if p["eventMetadata"].get("inferenceId")]
+    copied = [p for p in identified if started is None or (at := event_time(p)) is None or at >= started]
     expected = len(copied) * shadow_share
     missing_share = max(0.0, 1.0 - (analysis.pairs + analysis.skipped) / expected) if expected else 0.0
     result = {
         "pairs": analysis.pairs, "skipped_pairs": analysis.skipped, "production_records": len(production),
+        "production_records_without_id": len(production) - len(identified),
         "shadow_records": len(shadow), "shadow_share": shadow_share, "k": k,
         "agreement": {name: _stats(values) for name, values in analysis.per_list.items()},
         "latency_ms": {variant: _stats(values) for variant, values in analysis.latency.items()},

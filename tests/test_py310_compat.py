@@ -170,3 +170,21 @@ def test_forbidden_import_walker_sees_nested_imports() -> None:
         "<src>:5: imports serving.app",
         "<src>:6: imports pipelines.build",
     ]
+
+
+def test_training_requirements_pin_the_images_tensorflow() -> None:
+    """The SageMaker images install TensorFlow as tensorflow-cpu/-gpu: an unpinned `tensorflow` requirement (TF-Ranking
+    has one) would make pip add a newer TensorFlow over it. training/requirements.txt pins the pipeline's version."""
+    import tomllib
+
+    from pipelines.definition import TF_VERSION
+
+    pins = {}
+    for line in (ROOT / "training" / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[name] = version
+    assert pins["tensorflow"] == pins["tensorflow-serving-api"] == TF_VERSION
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+    for name in ("tensorflow", "tensorflow-ranking"):
+        assert f"{name}=={pins[name]}" in project, f"{name}: training/requirements.txt and pyproject.toml differ"

@@ -280,6 +280,15 @@ def test_copies_are_expected_from_the_shadows_first_record_on():
     assert report["missing_shadow_share"] == 0.0 and report["recommendation"] == "promote"
     none = shadow_report.build_report(production, [], 2, shadow_report.ShadowThresholds(min_pairs=10), 1.0)
     assert none["missing_shadow_share"] == 1.0 and none["recommendation"] == "rollback"
+    # calls made without an inference id (smoke tests, the AWS CLI) are captured without one on SageMaker: they
+    # cannot pair, and are not missing copies either
+    anonymous = [_record("x", T0 + timedelta(seconds=i), [2.0, 1.0]) for i in range(30)]
+    for record in anonymous:
+        del record["eventMetadata"]["inferenceId"]
+    mixed = shadow_report.build_report(production + anonymous, shadow, 2,
+                                       shadow_report.ShadowThresholds(min_pairs=10), 1.0)
+    assert mixed["missing_shadow_share"] == 0.0 and mixed["recommendation"] == "promote"
+    assert mixed["production_records_without_id"] == 30 and mixed["production_records"] == 90
 
 
 def test_without_latency_in_the_records_the_report_says_it_was_not_compared():

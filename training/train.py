@@ -418,6 +418,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         log.warning("ignoring unknown arguments: %s", unknown)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from importlib import metadata
+
+    import tensorflow as tf
+
+    # The job's log says which runtime trained the model: the serving image is TensorFlow 2.14.1 (requirements.txt).
+    log.info("TensorFlow %s, TF-Ranking %s", tf.__version__, metadata.version("tensorflow-ranking"))
     hparams = hparams_from_args(args)
     if args.letor:
         summary = train_letor(args.letor, args.output_data_dir, hparams, tracking_uri=args.mlflow_tracking_uri)
