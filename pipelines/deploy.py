@@ -45,7 +45,8 @@ class DeployError(RuntimeError):
 
 
 class EndpointBusy(DeployError):
-    """The endpoint is being created or updated: retry later (the Lambda step retries on this)."""
+    """The endpoint is being created or updated: retry once it is InService (a pipeline execution that failed on
+    this is retried with RetryPipelineExecution, which re-runs the failed step only)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -243,6 +243,8 @@ def test_execution_role_is_scoped_to_the_stage(raw):
                     for r in as_list(stmts[sid]["Resource"])}
     assert all(any(NAMES.bucket(k) in r for k in ("raw", "features", "artifacts", "capture")) for r in s3_resources)
     assert f"arn:aws:s3:::{NAMES.bucket('artifacts')}/marketrank/*" in s3_resources
+    # the training job's MLflow client writes the run's artifacts to the tracking server's store itself
+    assert f"arn:aws:s3:::{NAMES.bucket('artifacts')}/mlflow/*" in as_list(stmts["ReadWritePipelineData"]["Resource"])
     assert all(r.startswith("arn:aws:ecr:") and r.endswith(("tensorflow-training", "tensorflow-inference",
                                                              "sagemaker-spark-processing"))
                for r in stmts["PullSageMakerImages"]["Resource"])
@@ -560,3 +562,15 @@ def test_pipeline_env_reproduces_the_stack_config():
     role = subprocess.run([sys.executable, "-m", "infra.names", "--deploy-role"], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
     assert role == f"arn:aws:iam::{STAGE.account}:role/{NAMES.github_deploy_role}"
+
+
+def test_a_stages_own_spark_image_can_be_pulled():
+    import dataclasses
+
+    from infra.images import images
+    from infra.stacks.ml_platform import image_repositories
+
+    found = images(STAGE.region)
+    assert image_repositories(found, STAGE) == found.repository_arns()
+    own = dataclasses.replace(STAGE, spark_image_uri=f"{STAGE.account}.dkr.ecr.{STAGE.region}.amazonaws.com/spark-pa:1")
+    assert f"arn:aws:ecr:{STAGE.region}:{STAGE.account}:repository/spark-pa" in image_repositories(found, own)

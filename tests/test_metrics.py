@@ -215,3 +215,23 @@ def test_paired_bootstrap_drops_nan_pairs() -> None:
 def test_paired_bootstrap_raises_on_all_nan() -> None:
     with pytest.raises(ValueError, match="no list"):
         paired_bootstrap(np.array([np.nan, 1.0]), np.array([0.5, np.nan]))
+
+
+def test_paired_bootstrap_by_group_resamples_whole_users() -> None:
+    # 40 users x 10 lists; each user's lists share that user's difference: lists are not independent evidence
+    rng = np.random.default_rng(5)
+    per_user = rng.normal(0.01, 0.05, 40)
+    diff = np.repeat(per_user, 10) + rng.normal(0, 0.002, 400)
+    users = np.repeat([f"u{i}" for i in range(40)], 10)
+    champion = np.full(400, 0.5)
+    by_list = paired_bootstrap(champion + diff, champion, seed=1)
+    by_user = paired_bootstrap(champion + diff, champion, seed=1, groups=users)
+    assert by_user["mean_diff"] == pytest.approx(by_list["mean_diff"]) == pytest.approx(diff.mean())
+    assert (by_user["clusters"], by_list["clusters"], by_user["lists"]) == (40, 400, 400)
+    # ~sqrt(10) wider: 400 lists carry the information of 40 users
+    width = {name: out["ci_high"] - out["ci_low"] for name, out in (("list", by_list), ("user", by_user))}
+    assert width["user"] > 2.5 * width["list"]
+    assert by_user["ci_low"] <= by_user["mean_diff"] <= by_user["ci_high"]
+    # a NaN list drops out of its group; unequal group sizes weigh lists, not users
+    sizes = paired_bootstrap(np.array([1.0, 1.0, 1.0, np.nan]), np.zeros(4), groups=np.array(["a", "a", "b", "b"]))
+    assert sizes["mean_diff"] == 1.0 and sizes["lists"] == 3 and sizes["clusters"] == 2

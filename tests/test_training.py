@@ -178,6 +178,25 @@ def test_unreachable_tracking_server_leaves_training_untracked(caplog, monkeypat
     assert "training continues untracked" in caplog.text and "127.0.0.1:9" in caplog.text
 
 
+def test_an_unwritable_artifact_store_costs_the_run_its_artifacts_not_the_model(tmp_path, caplog):
+    """On SageMaker the MLflow client uploads artifacts to S3 itself: a store it cannot write (permissions) must
+    leave the run without them, not fail the training job after the model is trained."""
+    from training.tracking import Tracker
+
+    (tmp_path / "blocker").write_text("a file where the artifact store's directory should be")
+    tracker = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "marketrank",
+                            artifact_location=f"file://{tmp_path / 'blocker' / 'artifacts'}")
+    assert tracker is not None
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "saved_model.pb").write_bytes(b"model")
+    with caplog.at_level("WARNING", logger="marketrank.tracking"):
+        tracker.artifacts(tmp_path / "model", "model")
+        tracker.json({"features": []}, "feature_spec.json")
+    assert caplog.text.count("not logged") == 2 and tracker.run_id in caplog.text
+    tracker.metrics({"ndcg": 0.5})  # the run itself is still tracked
+    assert tracker.client.get_run(tracker.run_id).data.metrics["ndcg"] == 0.5
+
+
 def test_ensemble_scores_are_the_mean_of_its_members():
     import tensorflow as tf
 
@@ -229,6 +248,8 @@ def test_ensemble_trains_each_member_and_exports_one_model(tiny_run, tmp_path, c
     assert comparison["mean_diff"] == pytest.approx(ndcg - champion["value"], abs=1e-9)
     assert comparison["mean_diff"] != 0.0 and comparison["ci_low"] < comparison["ci_high"]
     assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
+    # users, not lists, are resampled: a user's lists are alike
+    assert comparison["resampled_by"] == "user_id" and 1 < comparison["clusters"] < comparison["lists"]
     # ... and holds both members' weights: twice the weight matrices (embeddings, dense kernels) of the tiny run's
     # single model.
     assert len(_matrices(result.export_dir)) == 2 * len(_matrices(tiny_run["export_dir"])) > 0

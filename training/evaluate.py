@@ -26,6 +26,9 @@ from training import metrics, report
 from training.feature_spec import MASK, FeatureSpec
 
 log = logging.getLogger("marketrank.evaluate")
+#: Lists of one user are alike: the champion comparison's bootstrap resamples users, not lists (when the data
+#: has the column; LETOR has none).
+CLUSTER_COLUMN = "user_id"
 Batches = Callable[[], Iterator[dict[str, Any]]]
 
 
@@ -89,7 +92,9 @@ def parquet_batches(test_dir: str | Path, spec: FeatureSpec, batch_size: int = 2
     wanted = (spec.eval_label, *extra_labels, spec.position, spec.oracle_score)
     available = data.available_columns(test_dir)
     extra = tuple(dict.fromkeys(c for c in wanted if c and c != spec.label and c in available))
-    return lambda: data.iter_batches(test_dir, merged, batch_size, list_size=None, columns_extra=extra)
+    per_list = tuple(c for c in (CLUSTER_COLUMN,) if c in available)  # the comparison resamples users
+    return lambda: data.iter_batches(test_dir, merged, batch_size, list_size=None, columns_extra=extra,
+                                     keep_columns=per_list)
 
 
 def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: str | Path | None = None,
@@ -115,6 +120,7 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
         scorers["champion"] = champion
     per_list: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
     segments: list[np.ndarray] = []
+    clusters: list[np.ndarray] = []
     n_lists = 0
     for batch in batches():
         if label_name not in batch:
@@ -134,6 +140,8 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
                     bucket.setdefault(metric, []).append(array)
         if spec.segment and spec.segment in batch:
             segments.append(np.asarray(batch[spec.segment]).astype(str))
+        if CLUSTER_COLUMN in batch:
+            clusters.append(np.asarray(batch[CLUSTER_COLUMN]).astype(str))
         n_lists += len(batch[MASK])
     if n_lists == 0:
         raise ValueError("evaluation data is empty: no test lists")
@@ -151,9 +159,11 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
     challenger_summary = summary("challenger")
     comparison = None
     if champion:
+        groups = np.concatenate(clusters) if len(clusters) and sum(map(len, clusters)) == n_lists else None
         comparison = {"metric": report.PRIMARY_METRIC, **metrics.paired_bootstrap(
             primary["challenger"][report.PRIMARY_METRIC], primary["champion"][report.PRIMARY_METRIC],
-            resamples=bootstrap_resamples, seed=seed)}
+            resamples=bootstrap_resamples, seed=seed, groups=groups),
+            "resampled_by": CLUSTER_COLUMN if groups is not None else "list"}
     info: dict[str, Any] = {"eval_label": label_name, "lists": n_lists, "model": str(challenger.path),
                             "champion_model": str(champion.path) if champion else None, "source": spec.source}
     if secondary_label in joined:

@@ -58,10 +58,20 @@ class Tracker:
         self.client.log_batch(self.run_id, metrics=values)
 
     def artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._upload(f"{local_dir} -> {artifact_path or '.'}", self.client.log_artifacts, self.run_id, str(local_dir),
+                     artifact_path)
 
     def json(self, obj: dict[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, obj, name)
+        self._upload(name, self.client.log_dict, self.run_id, obj, name)
+
+    def _upload(self, what: str, fn, *args: Any) -> None:
+        """Artifacts go to the tracking server's store (S3 on SageMaker, with this job's credentials): a store this
+        job cannot write costs the run its copy of the artifact, never the trained model."""
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001
+            log.warning("MLflow artifact %s not logged (run %s): %s: %s", what, self.run_id, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)

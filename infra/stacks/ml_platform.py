@@ -23,13 +23,22 @@ from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from infra.config import StageConfig
-from infra.images import Images
+from infra.images import Images, repository_arn
 from infra.lambda_bundle import HANDLER, deploy_lambda_code
 from infra.nag import acknowledge
 from infra.names import DATA_CAPTURE_PREFIX, PIPELINE_PREFIX, Names, partition
 from infra.stacks import retention
 from pipelines.deploy_lambda import NO_MODEL
 
+
+def image_repositories(images: Images, stage: StageConfig) -> list[str]:
+    """The ECR repositories the jobs pull from: SageMaker's images, and the stage's own Spark image if it has one."""
+    return sorted({*images.repository_arns(), *([repository_arn(stage.spark_image_uri)] if stage.spark_image_uri
+                                                 else [])})
+
+
+#: The MLflow tracking server's artifact store: this prefix of the artifacts bucket.
+MLFLOW_PREFIX = "mlflow"
 #: ``pipelines.definition.upsert``'s description: the same, so an upsert after ``cdk deploy`` changes nothing.
 PIPELINE_DESCRIPTION = "marketrank: features -> train -> evaluate -> quality gate -> register -> shadow deploy"
 
@@ -60,14 +69,17 @@ class MlPlatformStack(cdk.Stack):
         capture_objects = s3_arn(capture, f"{DATA_CAPTURE_PREFIX}/*")
         role.add_to_policy(iam.PolicyStatement(sid="WriteDataCapture", actions=["s3:PutObject"],
                                                resources=[capture_objects]))
+        # The MLflow artifact store too: the training job's MLflow client uploads the run's artifacts (the model,
+        # its feature spec) straight to it with this role's credentials, not through the tracking server's role.
         role.add_to_policy(iam.PolicyStatement(
             sid="ReadWritePipelineData", actions=["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
-            resources=[s3_arn(artifacts, pipeline_data), s3_arn(features, "*")]))
+            resources=[s3_arn(artifacts, pipeline_data), s3_arn(features, "*"),
+                       s3_arn(artifacts, f"{MLFLOW_PREFIX}/*")]))
         key.grant_encrypt_decrypt(role)
         role.add_to_policy(iam.PolicyStatement(
             sid="PullSageMakerImages",
             actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-            resources=images.repository_arns()))
+            resources=image_repositories(images, stage)))
         role.add_to_policy(iam.PolicyStatement(sid="EcrLogin", actions=["ecr:GetAuthorizationToken"],
                                                resources=["*"]))
         log_groups = [names.arn("logs", f"log-group:/aws/sagemaker/{group}:*")
@@ -111,7 +123,8 @@ class MlPlatformStack(cdk.Stack):
         acknowledge(role, "Scoped to this stage's prefixes and bucket names; object keys beneath are run-specific.",
                     f"AwsSolutions-IAM5[Resource::{s3_arn(artifacts, pipeline_data)}]",
                     *(f"AwsSolutions-IAM5[Resource::{s3_arn(b, '*')}]" for b in (raw, features, capture)),
-                    f"AwsSolutions-IAM5[Resource::{capture_objects}]")
+                    f"AwsSolutions-IAM5[Resource::{capture_objects}]",
+                    f"AwsSolutions-IAM5[Resource::{s3_arn(artifacts, MLFLOW_PREFIX + '/*')}]")
         acknowledge(role, "GetAuthorizationToken has no resource-level permissions in IAM; image pulls are scoped "
                     "to the three SageMaker image repositories.", "AwsSolutions-IAM5[Resource::*]")
         acknowledge(role, "Log streams are named per job and instance at run time; the groups are SageMaker's own "
@@ -134,20 +147,19 @@ class MlPlatformStack(cdk.Stack):
             model_package_group_description=f"marketrank {stage.name}: TF-Ranking models that passed the gate")
         mlflow_role = iam.Role(self, "MlflowRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                                description="marketrank MLflow tracking server: its artifact store only")
-        mlflow_prefix = "mlflow"
         mlflow_role.add_to_policy(iam.PolicyStatement(
             actions=["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-            resources=[s3_arn(artifacts, f"{mlflow_prefix}/*")]))
+            resources=[s3_arn(artifacts, f"{MLFLOW_PREFIX}/*")]))
         mlflow_role.add_to_policy(iam.PolicyStatement(actions=["s3:ListBucket", "s3:GetBucketLocation"],
                                                       resources=[s3_arn(artifacts)]))
         key.grant_encrypt_decrypt(mlflow_role)
         acknowledge(mlflow_role, "The MLflow artifact store is this prefix of the artifacts bucket; objects are "
-                    "named per run.", f"AwsSolutions-IAM5[Resource::{s3_arn(artifacts, mlflow_prefix + '/*')}]")
+                    "named per run.", f"AwsSolutions-IAM5[Resource::{s3_arn(artifacts, MLFLOW_PREFIX + '/*')}]")
         acknowledge(mlflow_role, key_ack, "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]",
                     "AwsSolutions-IAM5[Action::kms:ReEncrypt*]")
         self.mlflow = sagemaker.CfnMlflowTrackingServer(
             self, "Mlflow", tracking_server_name=names.mlflow_server, role_arn=mlflow_role.role_arn,
-            artifact_store_uri=f"s3://{artifacts}/{mlflow_prefix}", tracking_server_size=stage.mlflow_server_size,
+            artifact_store_uri=f"s3://{artifacts}/{MLFLOW_PREFIX}", tracking_server_size=stage.mlflow_server_size,
             automatic_model_registration=False)
         self.mlflow.node.add_dependency(mlflow_role)
 
