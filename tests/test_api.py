@@ -773,8 +773,9 @@ def test_api_module_does_not_need_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys, serving.app, serving.backends, serving.feature_store; "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    code = ("import sys, serving.app, serving.backends, serving.feature_store, serving.materialize; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
+            "assert 'pyspark' not in sys.modules, 'pyspark imported'")  # the image has neither
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import redis
-from redis_fixtures import free_port, redis_server  # noqa: F401
+from redis_fixtures import free_port, redis_factory, redis_server  # noqa: F401
 
 from serving.errors import StoreUnavailable
 from serving.feature_store import (
@@ -257,3 +257,52 @@ def test_embedded_columns_follow_writes_and_match_the_states() -> None:
         assert fetched.known_columns[column].dtype == values.dtype, column
         np.testing.assert_array_equal(fetched.known_columns[column], values, err_msg=column)
     assert fetched.known_columns["price"].tolist() == ["n/a", 12.5]
+
+
+def test_materialize_task_fills_redis_from_s3(tiny_run, spec, stores, redis_factory, tmp_path, aws_env,  # noqa: F811
+                                              capsys):
+    """`python -m serving.materialize`, what the ranking service's image runs as a task in AWS: the feature job's
+    output and the champion's model.tar.gz on S3 (moto), a real redis-server."""
+    import tarfile
+
+    import boto3
+    from moto import mock_aws
+
+    from serving import materialize as task
+    from training import storage
+
+    server = redis_factory()
+    version_dir = tiny_run["export_dir"]
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # as SageMaker packs /opt/ml/model: <name>/<version>/...
+        tar.add(version_dir.parent, arcname=version_dir.parent.name)
+    no_spec = tmp_path / "weights-only.tar.gz"
+    with tarfile.open(no_spec, "w:gz") as tar:
+        tar.add(version_dir / "saved_model.pb", arcname="marketrank/1/saved_model.pb")
+    features_uri, model_uri = "s3://features/executions/e1/features", "s3://artifacts/champion/model.tar.gz"
+    with mock_aws():
+        s3 = boto3.client("s3")
+        for bucket in ("features", "artifacts"):
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        storage.stage_out(tiny_run["features"], features_uri)
+        s3.upload_file(str(archive), "artifacts", "champion/model.tar.gz")
+        s3.upload_file(str(no_spec), "artifacts", "weights-only.tar.gz")
+        assert task.main(["--features", features_uri, "--model", model_uri, "--store", server.url]) == 0
+        counts = json.loads(capsys.readouterr().out)
+        failures = [(["--store", "embedded"], "expected a redis:// or rediss:// URL"),
+                    (["--model", "s3://artifacts/weights-only.tar.gz"], "no feature_spec.json in the model"),
+                    (["--model", "s3://artifacts/none.tar.gz"], "reading s3://artifacts/none.tar.gz failed")]
+        for override, message in failures:
+            args = {"--features": features_uri, "--model": model_uri, "--store": server.url}
+            args.update(dict(zip(override[::2], override[1::2], strict=True)))
+            assert task.main([x for pair in args.items() for x in pair]) == 1
+            assert message in capsys.readouterr().err
+    assert counts == stores["counts"]["embedded"]  # every item and user, as the local materialisation wrote
+    loaded = RedisStore(server.url)
+    try:
+        assert loaded.get_spec().to_dict() == spec.to_dict()
+        users, items = list(stores["embedded"]._data["users"])[:5], list(stores["embedded"]._data["items"])[:30]
+        for user in users:
+            assert loaded.fetch(user, items).items == stores["embedded"].fetch(user, items).items
+    finally:
+        loaded.close()

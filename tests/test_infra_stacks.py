@@ -405,7 +405,7 @@ def test_endpoint_autoscaling_and_alarms(raw, templates):
 
 # ---------------------------------------------------------------------------------------------- RankingService
 
-def test_redis_is_encrypted_and_reachable_only_from_the_service(raw):
+def test_redis_is_encrypted_and_reachable_only_from_the_service_and_its_fill_task(raw):
     template = raw["RankingService"]
     redis = one(template, "AWS::ElastiCache::ReplicationGroup")["Properties"]
     assert redis["AtRestEncryptionEnabled"] is True and redis["TransitEncryptionEnabled"] is True
@@ -414,16 +414,43 @@ def test_redis_is_encrypted_and_reachable_only_from_the_service(raw):
     redis_sg = redis["SecurityGroupIds"][0]["Fn::GetAtt"][0]
     ingress = [r["Properties"] for r in resources(template, "AWS::EC2::SecurityGroupIngress").values()
                if r["Properties"]["GroupId"] == {"Fn::GetAtt": [redis_sg, "GroupId"]}]
-    assert len(ingress) == 1 and ingress[0]["FromPort"] == ingress[0]["ToPort"] == STAGE.redis_port
+    assert len(ingress) == 2 and all(r["FromPort"] == r["ToPort"] == STAGE.redis_port for r in ingress)
     service_sgs = one(template, "AWS::ECS::Service")["Properties"]["NetworkConfiguration"][
         "AwsvpcConfiguration"]["SecurityGroups"]
-    assert ingress[0]["SourceSecurityGroupId"] in service_sgs
+    fill_sg = next(k for k, v in resources(template, "AWS::EC2::SecurityGroup").items()
+                   if "fill task" in v["Properties"]["GroupDescription"])
+    sources = [r["SourceSecurityGroupId"] for r in ingress]
+    assert sources[0] in service_sgs or sources[1] in service_sgs
+    assert {"Fn::GetAtt": [fill_sg, "GroupId"]} in sources
     assert "SecurityGroupIngress" not in template["Resources"][redis_sg]["Properties"]
+
+
+def test_the_feature_store_fill_task_reads_features_and_champion_only(raw):
+    template = raw["RankingService"]
+    tasks = resources(template, "AWS::ECS::TaskDefinition")
+    fill = next(v["Properties"] for v in tasks.values()
+                if v["Properties"]["ContainerDefinitions"][0]["Name"] == "Materialize")
+    container = fill["ContainerDefinitions"][0]
+    assert container["Command"] == ["python", "-m", "serving.materialize"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["MARKETRANK_CHAMPION_URI"] == NAMES.champion_object_uri
+    assert env["MARKETRANK_FEATURE_STORE"]["Fn::Join"][1][0] == "rediss://"
+    api = next(v["Properties"] for v in tasks.values() if v["Properties"]["ContainerDefinitions"][0]["Name"] == "Api")
+    assert container["Image"] == api["ContainerDefinitions"][0]["Image"]  # the API's image: one build
+    role = fill["TaskRoleArn"]["Fn::GetAtt"][0]
+    stmts = {s.get("Sid"): s for s in role_statements(template, role)}
+    artifacts = f"arn:aws:s3:::{NAMES.bucket('artifacts')}"
+    assert stmts["ReadFeaturesAndChampion"]["Resource"] == [
+        f"{artifacts}/marketrank/executions/*", f"{artifacts}/marketrank/champion/model.tar.gz"]
+    assert stmts["ListFeatures"]["Condition"]["StringLike"]["s3:prefix"] == ["marketrank/executions/*"]
+    outputs = template["Outputs"]
+    assert {"MaterializeTaskDefinition", "MaterializeNetwork", "ClusterName"} <= set(outputs)
 
 
 def test_api_task_role_container_env_logs_and_alb(raw, templates):
     template = raw["RankingService"]
-    task = one(template, "AWS::ECS::TaskDefinition")["Properties"]
+    task = next(v for v in resources(template, "AWS::ECS::TaskDefinition").values()
+                if v["Properties"]["ContainerDefinitions"][0]["Name"] == "Api")["Properties"]
     role_id = task["TaskRoleArn"]["Fn::GetAtt"][0]
     statements = role_statements(template, role_id)
     assert statements[:2] == [

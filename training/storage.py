@@ -76,6 +76,16 @@ def _download(s3, uri: str, bucket: str, prefix: str, workdir: str | Path | None
     return target
 
 
+def fetch_object(uri: str, path: str | Path) -> Path:
+    """Download the one object ``uri`` (s3://bucket/key) to ``path``."""
+    import boto3
+
+    bucket, key = split_s3(uri)
+    with _s3_errors("reading", uri):
+        boto3.client("s3").download_file(bucket, key, str(path))
+    return Path(path)
+
+
 def stage_out(local_dir: str | Path, uri: str) -> int:
     """Upload every file under ``local_dir`` to the s3:// prefix ``uri``; returns the number of files."""
     import boto3

@@ -121,8 +121,9 @@ class RankingServiceStack(cdk.Stack):
                     "a token in MARKETRANK_FEATURE_STORE, which the API reads as one URL.", "AwsSolutions-AEC6")
         feature_store = f"rediss://{self.redis.attr_primary_end_point_address}:{stage.redis_port}/0"
 
+        image = api_image(self, image_uri)
         task.add_container(
-            "Api", image=api_image(self, image_uri), port_mappings=[ecs.PortMapping(container_port=API_PORT)],
+            "Api", image=image, port_mappings=[ecs.PortMapping(container_port=API_PORT)],
             logging=ecs.LogDrivers.aws_logs(stream_prefix="api", log_group=self.api_logs),
             environment={"MARKETRANK_FEATURE_STORE": feature_store, "MARKETRANK_MODEL_BACKEND": "sagemaker",
                          "MARKETRANK_ENDPOINT_NAME": names.endpoint,
@@ -173,5 +174,47 @@ class RankingServiceStack(cdk.Stack):
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
                 alarm_description=f"{names.base} ranking API: {what} (3 of 5 minutes)")
             self.alarms[alarm_id].add_alarm_action(cloudwatch_actions.SnsAction(alarm_topic))
+        self.materialize = self._materialize_task(names, stage, key, image, feature_store, redis_sg, log_retention)
         cdk.CfnOutput(self, "ApiUrl", value=f"http://{alb.load_balancer_dns_name}")
         cdk.CfnOutput(self, "RedisAddress", value=self.redis.attr_primary_end_point_address)
+
+    def _materialize_task(self, names: Names, stage: StageConfig, key: kms.IKey, image: ecs.ContainerImage,
+                          feature_store: str, redis_sg: ec2.SecurityGroup,
+                          log_retention: logs.RetentionDays) -> ecs.FargateTaskDefinition:
+        """The task that fills Redis (``python -m serving.materialize``, the API's image): run once per pipeline
+        execution and promotion with ``aws ecs run-task`` (README, "Filling the feature store in AWS")."""
+        config = names.pipeline_config()
+        artifacts = f"arn:{partition(stage.region)}:s3:::{config.bucket}"
+        role = iam.Role(self, "MaterializeRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+                        description="marketrank feature store fill: read the pipeline's features and the champion")
+        executions = f"{config.prefix}/executions/*"
+        role.add_to_policy(iam.PolicyStatement(sid="ListFeatures", actions=["s3:ListBucket"], resources=[artifacts],
+                                               conditions={"StringLike": {"s3:prefix": [executions]}}))
+        role.add_to_policy(iam.PolicyStatement(sid="ReadFeaturesAndChampion", actions=["s3:GetObject"], resources=[
+            f"{artifacts}/{executions}", f"{artifacts}/{names.champion_object_uri.split('/', 3)[3]}"]))
+        key.grant_decrypt(role)
+        acknowledge(role, "Feature job outputs are written per pipeline execution under this prefix.",
+                    f"AwsSolutions-IAM5[Resource::{artifacts}/{executions}]")
+        task = ecs.FargateTaskDefinition(self, "MaterializeTask", cpu=512, memory_limit_mib=2048, task_role=role)
+        task.add_container(
+            "Materialize", image=image, command=["python", "-m", "serving.materialize"],
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="materialize", log_group=logs.LogGroup(
+                self, "MaterializeLogs", retention=log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)),
+            environment={"MARKETRANK_FEATURE_STORE": feature_store,
+                         "MARKETRANK_CHAMPION_URI": names.champion_object_uri,
+                         "AWS_REGION": stage.region, "AWS_DEFAULT_REGION": stage.region})
+        acknowledge(task.obtain_execution_role(), "ecr:GetAuthorizationToken has no resource-level permissions; "
+                    "image pulls are scoped to the API's repository.", "AwsSolutions-IAM5[Resource::*]")
+        acknowledge(task, "The environment holds the cache address and an S3 URI only, no secrets.",
+                    "AwsSolutions-ECS2")
+        group = ec2.SecurityGroup(self, "MaterializeSecurityGroup", vpc=self.vpc,
+                                  description="marketrank feature store fill task: Redis, and S3 through the NAT")
+        redis_sg.add_ingress_rule(group, ec2.Port.tcp(stage.redis_port), "feature store fill task")
+        subnets = self.vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
+        cdk.CfnOutput(self, "MaterializeTaskDefinition", value=task.task_definition_arn)
+        cdk.CfnOutput(self, "MaterializeNetwork", value=cdk.Fn.join("", [
+            "awsvpcConfiguration={subnets=[", cdk.Fn.join(",", subnets), "],securityGroups=[",
+            group.security_group_id, "],assignPublicIp=DISABLED}"]))
+        cdk.CfnOutput(self, "ClusterName", value=self.cluster.cluster_name)
+        return task
+
