@@ -6,6 +6,8 @@ feature store in AWS"): after a pipeline execution (fresh counters) and after a 
 
 * ``--features``: a feature job's output (its ``online/`` state and ``stats.json``), a directory or an s3:// prefix
   (the pipeline writes it to ``<base>/executions/<execution-id>/features``); only those objects are downloaded.
+  Or ``--latest-under s3://<base>/executions``: the newest output there (by its ``stats.json``), what the task
+  run after each successful pipeline execution uses.
 * ``--model``: the model whose feature spec the API must build inputs with: a SavedModel directory, a
   ``model.tar.gz`` (what SageMaker trains and serves), or either on S3. Default ``MARKETRANK_CHAMPION_URI`` (the
   object the deploy Lambda keeps pointing at the live champion).
@@ -71,7 +73,9 @@ def run(features: str, model: str, store_location: str) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.materialize", description=__doc__.splitlines()[0])
-    parser.add_argument("--features", required=True, help="feature job output: directory or s3:// prefix")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", help="feature job output: directory or s3:// prefix")
+    source.add_argument("--latest-under", help="s3:// prefix of pipeline executions: the newest feature job output")
     parser.add_argument("--model", default=os.environ.get("MARKETRANK_CHAMPION_URI"),
                         help="SavedModel dir or model.tar.gz, local or s3:// (default $MARKETRANK_CHAMPION_URI)")
     parser.add_argument("--store", default=os.environ.get("MARKETRANK_FEATURE_STORE"),
@@ -80,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.model or not args.store:
             raise ValueError("--model and --store are required (or MARKETRANK_CHAMPION_URI, MARKETRANK_FEATURE_STORE)")
-        counts = run(args.features, args.model, args.store)
+        features = args.features
+        if args.latest_under:
+            if not storage.is_s3(args.latest_under):
+                raise ValueError(f"--latest-under: expected an s3:// prefix, got {args.latest_under!r}")
+            features = storage.newest_with(args.latest_under, STATS_FILE)
+            if features is None:
+                raise FileNotFoundError(f"no feature job output (no {STATS_FILE}) under {args.latest_under}")
+            print(f"newest feature job output: {features}", file=sys.stderr)
+        counts = run(features, args.model, args.store)
     except (OSError, ValueError, KeyError, tarfile.TarError, StoreUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,18 @@ def test_materialize_task_fills_redis_from_s3(tiny_run, spec, stores, redis_fact
         s3.upload_file(str(no_spec), "artifacts", "weights-only.tar.gz")
         assert task.main(["--features", features_uri, "--model", model_uri, "--store", server.url]) == 0
         counts = json.loads(capsys.readouterr().out)
+        # the task after a pipeline execution: the newest output under the executions prefix (e2 written last)
+        storage.stage_out(tiny_run["features"], "s3://features/executions/e3/features")
+        time.sleep(1.1)  # S3's LastModified has one-second resolution
+        (tmp_path / "e2").mkdir()
+        (tmp_path / "e2" / "stats.json").write_text("{}")  # an output with no online state: names itself
+        storage.stage_out(tmp_path / "e2", "s3://features/executions/e2/features")
+        assert storage.newest_with("s3://features/executions", "stats.json") == "s3://features/executions/e2/features"
+        assert task.main(["--latest-under", "s3://features/executions", "--model", model_uri, "--store",
+                          server.url]) == 1
+        assert "newest feature job output: s3://features/executions/e2/features" in capsys.readouterr().err
+        assert task.main(["--latest-under", "s3://features/none", "--model", model_uri, "--store", server.url]) == 1
+        assert "no feature job output (no stats.json) under s3://features/none" in capsys.readouterr().err
         failures = [(["--store", "embedded"], "expected a redis:// or rediss:// URL"),
                     (["--model", "s3://artifacts/weights-only.tar.gz"], "no feature_spec.json in the model"),
                     (["--model", "s3://artifacts/none.tar.gz"], "reading s3://artifacts/none.tar.gz failed")]

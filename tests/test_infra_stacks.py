@@ -445,6 +445,16 @@ def test_the_feature_store_fill_task_reads_features_and_champion_only(raw):
     assert stmts["ListFeatures"]["Condition"]["StringLike"]["s3:prefix"] == ["marketrank/executions/*"]
     outputs = template["Outputs"]
     assert {"MaterializeTaskDefinition", "MaterializeNetwork", "ClusterName"} <= set(outputs)
+    # run after every successful execution of this stage's pipeline, on the newest features
+    rule = next(v["Properties"] for v in resources(template, "AWS::Events::Rule").values()
+                if "Pipeline Execution" in v["Properties"]["EventPattern"]["detail-type"][0])
+    assert rule["EventPattern"]["detail"] == {"currentPipelineExecutionStatus": ["Succeeded"],
+                                              "pipelineArn": [{"suffix": f":pipeline/{NAMES.pipeline.lower()}"}]}
+    [target] = rule["Targets"]
+    command = json.loads(target["Input"])["containerOverrides"][0]["command"]
+    assert command == ["python", "-m", "serving.materialize", "--latest-under",
+                       f"s3://{NAMES.bucket('artifacts')}/marketrank/executions"]
+    assert target["EcsParameters"]["LaunchType"] == "FARGATE"
 
 
 def test_api_task_role_container_env_logs_and_alb(raw, templates):

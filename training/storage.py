@@ -86,6 +86,25 @@ def fetch_object(uri: str, path: str | Path) -> Path:
     return Path(path)
 
 
+def newest_with(uri: str, name: str) -> str | None:
+    """The s3:// prefix under ``uri`` whose object ``name`` was written last (e.g. the latest feature job output by
+    its ``stats.json``); None when there is none."""
+    import boto3
+
+    bucket, prefix = split_s3(uri)
+    newest = None
+    with _s3_errors("listing", uri):
+        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                # LastModified has one-second resolution: ties go to the later key
+                if obj["Key"].endswith(f"/{name}") and (
+                        newest is None or (obj["LastModified"], obj["Key"]) > (newest["LastModified"], newest["Key"])):
+                    newest = obj
+    return f"s3://{bucket}/{newest['Key'][:-len(name) - 1]}" if newest else None
+
+
 def stage_out(local_dir: str | Path, uri: str) -> int:
     """Upload every file under ``local_dir`` to the s3:// prefix ``uri``; returns the number of files."""
     import boto3

@@ -21,6 +21,8 @@ from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_ecs_patterns as ecs_patterns
 from aws_cdk import aws_elasticache as elasticache
 from aws_cdk import aws_elasticloadbalancingv2 as elbv2
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as events_targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
@@ -210,6 +212,27 @@ class RankingServiceStack(cdk.Stack):
         group = ec2.SecurityGroup(self, "MaterializeSecurityGroup", vpc=self.vpc,
                                   description="marketrank feature store fill task: Redis, and S3 through the NAT")
         redis_sg.add_ingress_rule(group, ec2.Port.tcp(stage.redis_port), "feature store fill task")
+        # After every successful pipeline execution: the newest features (fresh counters) with the live champion's
+        # spec. SageMaker lower-cases the pipeline's name in its ARN.
+        runner = iam.Role(self, "MaterializeRunRole", assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
+                          description="EventBridge: run the feature store fill task after a pipeline execution")
+        cluster_id = self.resolve(self.get_logical_id(self.cluster.node.default_child))
+        acknowledge(runner, "EventBridge tags the tasks it starts; their ids are known only at run time, within "
+                    "this cluster.", f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ecs:{stage.region}:*:task/"
+                    f"<{cluster_id}>/*]")
+        events.Rule(self, "MaterializeAfterPipeline", description=f"{names.pipeline}: refill the feature store",
+                    event_pattern=events.EventPattern(
+                        source=["aws.sagemaker"],
+                        detail_type=["SageMaker Model Building Pipeline Execution Status Change"],
+                        detail={"currentPipelineExecutionStatus": ["Succeeded"],
+                                "pipelineArn": [{"suffix": f":pipeline/{names.pipeline.lower()}"}]}),
+                    targets=[events_targets.EcsTask(
+                        cluster=self.cluster, task_definition=task, security_groups=[group], role=runner,
+                        subnet_selection=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+                        container_overrides=[events_targets.ContainerOverride(
+                            container_name="Materialize", command=["python", "-m", "serving.materialize",
+                                                                   "--latest-under", f"{config.base_uri}/executions"])],
+                        retry_attempts=2)])
         subnets = self.vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
         cdk.CfnOutput(self, "MaterializeTaskDefinition", value=task.task_definition_arn)
         cdk.CfnOutput(self, "MaterializeNetwork", value=cdk.Fn.join("", [
