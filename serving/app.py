@@ -140,6 +140,9 @@ class Settings:
     #: re-read at most every ``shadow_report_ttl_s`` on scrape for the marketrank_shadow_agreement gauges.
     shadow_report: str | None = None
     shadow_report_ttl_s: float = 60.0  # MARKETRANK_SHADOW_REPORT_TTL_S
+    #: MARKETRANK_SPEC_TTL_S: the feature spec and store metadata are re-read in the background at most this often
+    #: while requests arrive, so a refill (``serving.materialize``) reaches running tasks without a restart.
+    spec_ttl_s: float = 30.0
 
     ENV = {"feature_store": "MARKETRANK_FEATURE_STORE", "store_path": "MARKETRANK_STORE_PATH",
            "redis_timeout_ms": "MARKETRANK_REDIS_TIMEOUT_MS", "model_backend": "MARKETRANK_MODEL_BACKEND",
@@ -150,7 +153,8 @@ class Settings:
            "breaker_failures": "MARKETRANK_BREAKER_FAILURES", "breaker_reset_s": "MARKETRANK_BREAKER_RESET_S",
            "probe_ttl_s": "MARKETRANK_PROBE_TTL_S", "max_candidates": "MARKETRANK_MAX_CANDIDATES",
            "io_threads": "MARKETRANK_IO_THREADS", "log_level": "MARKETRANK_LOG_LEVEL",
-           "shadow_report": "MARKETRANK_SHADOW_REPORT", "shadow_report_ttl_s": "MARKETRANK_SHADOW_REPORT_TTL_S"}
+           "shadow_report": "MARKETRANK_SHADOW_REPORT", "shadow_report_ttl_s": "MARKETRANK_SHADOW_REPORT_TTL_S",
+           "spec_ttl_s": "MARKETRANK_SPEC_TTL_S"}
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str):
@@ -164,7 +168,8 @@ class Settings:
             fail("endpoint_name", "required when MARKETRANK_MODEL_BACKEND=sagemaker")
         if self.model_backend == "tfserving" and not self.model_url.startswith(("http://", "https://")):
             fail("model_url", f"expected an http(s):// URL, got {self.model_url!r}")
-        for name in ("budget_ms", "redis_timeout_ms", "breaker_reset_s", "probe_ttl_s", "shadow_report_ttl_s"):
+        for name in ("budget_ms", "redis_timeout_ms", "breaker_reset_s", "probe_ttl_s", "shadow_report_ttl_s",
+                     "spec_ttl_s"):
             if not getattr(self, name) > 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if not 0 <= self.rank_reserve_ms < self.budget_ms:
@@ -397,6 +402,8 @@ class Ranker:
         self.clock_offset_ms = 0
         self._shadow_read = -math.inf  # monotonic time the shadow report was last read
         self._shadow_reading = False
+        self._spec_read = -math.inf  # monotonic time the spec was last (re)loaded
+        self._spec_task: asyncio.Task | None = None
 
     async def store_call(self, fn, timeout_s: float, *args: Any):
         """A store call, in the thread pool when it blocks; StoreUnavailable past ``timeout_s``."""
@@ -409,7 +416,24 @@ class Ranker:
             raise StoreUnavailable(f"{self.store.describe()} did not answer within {timeout_s * 1000:.0f} ms"
                                    ) from None
 
+    def refresh_spec(self) -> None:
+        """Re-read the spec and metadata in the background, at most every ``spec_ttl_s`` (off the request path: the
+        request that notices the age uses the spec it has). A failed read keeps the current spec."""
+        if time.monotonic() - self._spec_read < self.settings.spec_ttl_s or (
+                self._spec_task is not None and not self._spec_task.done()):
+            return
+
+        async def reload() -> None:
+            try:
+                await self.load_spec()
+            except Exception as err:  # noqa: BLE001 - the store's trouble: requests fall back on their own
+                log.warning("feature spec not reloaded (kept the current one): %s: %s", type(err).__name__, err)
+
+        self._spec_read = time.monotonic()
+        self._spec_task = asyncio.get_running_loop().create_task(reload())
+
     async def load_spec(self, timeout_s: float = 1.0) -> None:
+        self._spec_read = time.monotonic()
         self.spec = await self.store_call(self.store.get_spec, timeout_s)
         meta = await self.store_call(self.store.meta, timeout_s) or {}
         if meta.get("as_of_ms") and meta.get("materialized_ms"):
@@ -558,6 +582,8 @@ class Ranker:
         return {"ready": True, "checks": checks}
 
     async def aclose(self) -> None:
+        if self._spec_task is not None:
+            self._spec_task.cancel()
         await self.backend.aclose()
         self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -625,6 +651,7 @@ def create_app(settings: Settings | None = None, *, store: FeatureStore | None =
                                  "field": getattr(err, "field", None), "request_id": request_id}))
             return error_response(err)
         response, fields = await ranker.rank(parsed, started)
+        ranker.refresh_spec()
         ranker.metrics.requests.labels(status="200").inc()
         log.info(_json_line({**fields, "status": 200}))
         return Response(orjson.dumps(response), media_type="application/json")

@@ -6,8 +6,9 @@ feature store in AWS"): after a pipeline execution (fresh counters) and after a 
 
 * ``--features``: a feature job's output (its ``online/`` state and ``stats.json``), a directory or an s3:// prefix
   (the pipeline writes it to ``<base>/executions/<execution-id>/features``); only those objects are downloaded.
-  Or ``--latest-under s3://<base>/executions``: the newest output there (by its ``stats.json``), what the task
-  run after each successful pipeline execution uses.
+  Or ``--executions s3://<base>/executions`` with ``--execution <id or ARN>``: that pipeline execution's output
+  (what the task run after each successful execution is given, from the event); without ``--execution``, the
+  newest output there (by its ``stats.json``).
 * ``--model``: the model whose feature spec the API must build inputs with: a SavedModel directory, a
   ``model.tar.gz`` (what SageMaker trains and serves), or either on S3. Default ``MARKETRANK_CHAMPION_URI`` (the
   object the deploy Lambda keeps pointing at the live champion).
@@ -58,6 +59,20 @@ def model_spec(model: str, workdir: Path) -> FeatureSpec:
     return FeatureSpec.load(found[-1])
 
 
+def execution_features(executions: str, execution: str | None) -> str:
+    """A pipeline execution's feature job output under ``executions``: the one named (an id, or an execution ARN,
+    whose last segment is the id), else the newest (by its ``stats.json``)."""
+    if not storage.is_s3(executions):
+        raise ValueError(f"--executions: expected an s3:// prefix, got {executions!r}")
+    if execution:
+        return f"{executions.rstrip('/')}/{execution.rsplit('/', 1)[-1]}/features"
+    features = storage.newest_with(executions, STATS_FILE)
+    if features is None:
+        raise FileNotFoundError(f"no feature job output (no {STATS_FILE}) under {executions}")
+    print(f"newest feature job output: {features}", file=sys.stderr)
+    return features
+
+
 def run(features: str, model: str, store_location: str) -> dict[str, int]:
     if not store_location.startswith(("redis://", "rediss://")):
         raise ValueError(f"--store: expected a redis:// or rediss:// URL, got {store_location!r}")
@@ -75,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.materialize", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", help="feature job output: directory or s3:// prefix")
-    source.add_argument("--latest-under", help="s3:// prefix of pipeline executions: the newest feature job output")
+    source.add_argument("--executions", help="s3:// prefix of pipeline executions (<prefix>/<id>/features)")
+    parser.add_argument("--execution", help="with --executions: a pipeline execution's id or ARN (default: the "
+                                            "newest feature job output there)")
     parser.add_argument("--model", default=os.environ.get("MARKETRANK_CHAMPION_URI"),
                         help="SavedModel dir or model.tar.gz, local or s3:// (default $MARKETRANK_CHAMPION_URI)")
     parser.add_argument("--store", default=os.environ.get("MARKETRANK_FEATURE_STORE"),
@@ -84,14 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.model or not args.store:
             raise ValueError("--model and --store are required (or MARKETRANK_CHAMPION_URI, MARKETRANK_FEATURE_STORE)")
-        features = args.features
-        if args.latest_under:
-            if not storage.is_s3(args.latest_under):
-                raise ValueError(f"--latest-under: expected an s3:// prefix, got {args.latest_under!r}")
-            features = storage.newest_with(args.latest_under, STATS_FILE)
-            if features is None:
-                raise FileNotFoundError(f"no feature job output (no {STATS_FILE}) under {args.latest_under}")
-            print(f"newest feature job output: {features}", file=sys.stderr)
+        features = args.features or execution_features(args.executions, args.execution)
         counts = run(features, args.model, args.store)
     except (OSError, ValueError, KeyError, tarfile.TarError, StoreUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -411,6 +412,37 @@ def test_readiness_follows_the_feature_store(redis_factory, tiny_run, spec, mode
         assert [i["item_id"] for i in body["items"]] == candidates[:4]  # request order, no scores
         assert [i["score"] for i in body["items"]] == [None] * 4 and body["model"]["name"] == "fallback:request_order"
         assert sample(metric_samples(client), "marketrank_ready") == 0
+
+
+def test_a_store_filled_after_start_up_reaches_the_running_api(redis_factory, tiny_run, spec, model_server,  # noqa: F811
+                                                              catalogue):
+    """In AWS nothing calls /readyz (health checks use /healthz): the first fill, and a refill with a new champion's
+    spec, must reach running tasks on their own (MARKETRANK_SPEC_TTL_S), off the request path."""
+    server = redis_factory()
+    candidates = catalogue["items"][:6]
+    with api(server.url, model_server.url, spec_ttl_s=0.2) as client:
+        before = rank(client, user_id=catalogue["users"][0], surface="feed", candidates=candidates)
+        assert before["fallback"] is True and before["reason"] == "no_known_items"  # empty store: nothing to score
+        store = RedisStore(server.url)
+        materialize(tiny_run["features"], store, spec)
+        deadline = time.monotonic() + 10
+        while (body := rank(client, user_id=catalogue["users"][0], surface="feed", candidates=candidates))[
+                "fallback"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert body["fallback"] is False and body["model"]["name"] == MODEL  # ranked by the model, no restart
+        ranker = client.app.state.runtime
+        refilled = dataclasses.replace(spec, list_size=spec.list_size + 1)  # a new champion's spec
+        store.put_spec(refilled, meta={"as_of_ms": 1, "materialized_ms": 1})
+        store.close()
+        while ranker.spec.list_size != refilled.list_size and time.monotonic() < deadline + 10:
+            rank(client, user_id=catalogue["users"][0], surface="feed", candidates=candidates)
+            time.sleep(0.1)
+        assert ranker.spec.list_size == refilled.list_size
+        server.stop()  # a store that stops answering keeps the spec the API has
+        time.sleep(0.3)
+        rank(client, user_id=catalogue["users"][0], surface="feed", candidates=candidates)
+        time.sleep(0.3)
+        assert ranker.spec.list_size == refilled.list_size
 
 
 def test_corrupt_stored_values_cost_their_own_ids_only(redis_factory, tiny_run, spec, model_server, catalogue,  # noqa: F811

@@ -297,11 +297,16 @@ def test_materialize_task_fills_redis_from_s3(tiny_run, spec, stores, redis_fact
         (tmp_path / "e2" / "stats.json").write_text("{}")  # an output with no online state: names itself
         storage.stage_out(tmp_path / "e2", "s3://features/executions/e2/features")
         assert storage.newest_with("s3://features/executions", "stats.json") == "s3://features/executions/e2/features"
-        assert task.main(["--latest-under", "s3://features/executions", "--model", model_uri, "--store",
+        assert task.main(["--executions", "s3://features/executions", "--model", model_uri, "--store",
                           server.url]) == 1
         assert "newest feature job output: s3://features/executions/e2/features" in capsys.readouterr().err
-        assert task.main(["--latest-under", "s3://features/none", "--model", model_uri, "--store", server.url]) == 1
+        assert task.main(["--executions", "s3://features/none", "--model", model_uri, "--store", server.url]) == 1
         assert "no feature job output (no stats.json) under s3://features/none" in capsys.readouterr().err
+        # the event names its execution: that one, not the newest (e3 is older than e2)
+        arn = "arn:aws:sagemaker:eu-west-1:123456789012:pipeline/marketrank-dev/execution/e3"
+        assert task.main(["--executions", "s3://features/executions", "--execution", arn, "--model", model_uri,
+                          "--store", server.url]) == 0
+        assert json.loads(capsys.readouterr().out) == stores["counts"]["embedded"]
         failures = [(["--store", "embedded"], "expected a redis:// or rediss:// URL"),
                     (["--model", "s3://artifacts/weights-only.tar.gz"], "no feature_spec.json in the model"),
                     (["--model", "s3://artifacts/none.tar.gz"], "reading s3://artifacts/none.tar.gz failed")]

@@ -451,9 +451,13 @@ def test_the_feature_store_fill_task_reads_features_and_champion_only(raw):
     assert rule["EventPattern"]["detail"] == {"currentPipelineExecutionStatus": ["Succeeded"],
                                               "pipelineArn": [{"suffix": f":pipeline/{NAMES.pipeline.lower()}"}]}
     [target] = rule["Targets"]
-    command = json.loads(target["Input"])["containerOverrides"][0]["command"]
-    assert command == ["python", "-m", "serving.materialize", "--latest-under",
-                       f"s3://{NAMES.bucket('artifacts')}/marketrank/executions"]
+    transformer = target["InputTransformer"]  # the event's own execution, not the newest features
+    assert transformer["InputPathsMap"] == {"detail-pipelineExecutionArn": "$.detail.pipelineExecutionArn"}
+    # EventBridge puts the event's string in as a JSON value, quotes included
+    command = json.loads(transformer["InputTemplate"].replace("<detail-pipelineExecutionArn>", '"ARN"'))[
+        "containerOverrides"][0]["command"]
+    assert command == ["python", "-m", "serving.materialize", "--executions",
+                       f"s3://{NAMES.bucket('artifacts')}/marketrank/executions", "--execution", "ARN"]
     assert target["EcsParameters"]["LaunchType"] == "FARGATE"
 
 

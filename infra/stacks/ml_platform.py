@@ -126,7 +126,8 @@ class MlPlatformStack(cdk.Stack):
                     f"AwsSolutions-IAM5[Resource::{capture_objects}]",
                     f"AwsSolutions-IAM5[Resource::{s3_arn(artifacts, MLFLOW_PREFIX + '/*')}]")
         acknowledge(role, "GetAuthorizationToken has no resource-level permissions in IAM; image pulls are scoped "
-                    "to the three SageMaker image repositories.", "AwsSolutions-IAM5[Resource::*]")
+                    "to the SageMaker image repositories (and the stage's own Spark image's).",
+                    "AwsSolutions-IAM5[Resource::*]")
         acknowledge(role, "Log streams are named per job and instance at run time; the groups are SageMaker's own "
                     "for jobs and this endpoint.", *(f"AwsSolutions-IAM5[Resource::{arn}]" for arn in log_groups))
         acknowledge(role, "The pipeline service names jobs, experiments and trials per execution "

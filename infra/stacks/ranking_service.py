@@ -4,7 +4,8 @@ feature store (ElastiCache), autoscaling, alarms and logs.
 The image is built from the repository root with a tight context (only what the Dockerfile copies). Where Docker is
 missing (the emulator deploy tests, these machines) the ``marketrank:api_image`` context names a pushed image
 instead. The task role may only invoke this stage's endpoint and read its shadow report; Redis is reachable only
-from the service's security group, over TLS, encrypted at rest with the stage key.
+from the service's security group and its fill task's, over TLS, encrypted at rest with the stage key. The fill
+task (``serving.materialize``) runs after each successful pipeline execution.
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ class RankingServiceStack(cdk.Stack):
     def _materialize_task(self, names: Names, stage: StageConfig, key: kms.IKey, image: ecs.ContainerImage,
                           feature_store: str, redis_sg: ec2.SecurityGroup,
                           log_retention: logs.RetentionDays) -> ecs.FargateTaskDefinition:
-        """The task that fills Redis (``python -m serving.materialize``, the API's image): run once per pipeline
-        execution and promotion with ``aws ecs run-task`` (README, "Filling the feature store in AWS")."""
+        """The task that fills Redis (``python -m serving.materialize``, the API's image): started by EventBridge after
+        each successful pipeline execution, and by hand with ``aws ecs run-task`` (README, "Filling the feature store
+        in AWS")."""
         config = names.pipeline_config()
         artifacts = f"arn:{partition(stage.region)}:s3:::{config.bucket}"
         role = iam.Role(self, "MaterializeRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
@@ -230,8 +232,10 @@ class RankingServiceStack(cdk.Stack):
                         cluster=self.cluster, task_definition=task, security_groups=[group], role=runner,
                         subnet_selection=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
                         container_overrides=[events_targets.ContainerOverride(
-                            container_name="Materialize", command=["python", "-m", "serving.materialize",
-                                                                   "--latest-under", f"{config.base_uri}/executions"])],
+                            container_name="Materialize", command=[
+                                "python", "-m", "serving.materialize", "--executions", f"{config.base_uri}/executions",
+                                # the execution that succeeded, not whichever wrote features last
+                                "--execution", events.EventField.from_path("$.detail.pipelineExecutionArn")])],
                         retry_attempts=2)])
         subnets = self.vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids
         cdk.CfnOutput(self, "MaterializeTaskDefinition", value=task.task_definition_arn)
