@@ -1,8 +1,9 @@
 """Fill the online feature store in AWS: ``python -m serving.materialize`` (the API's image, no TensorFlow).
 
 ``marketrank features materialize`` does this on a laptop. In AWS the Redis store is reachable from the ranking
-service's network only, so the API's own image runs it as a one-off ECS task of the service (README, "Filling the
-feature store in AWS"): after a pipeline execution (fresh counters) and after a promotion (the champion's spec).
+service's network only, so the API's own image runs it as an ECS task (README, "Filling the feature store in AWS"):
+EventBridge starts it after each successful pipeline execution (fresh counters); run it by hand after a promotion
+that changed the champion's features.
 
 * ``--features``: a feature job's output (its ``online/`` state and ``stats.json``), a directory or an s3:// prefix
   (the pipeline writes it to ``<base>/executions/<execution-id>/features``); only those objects are downloaded.
@@ -52,6 +53,7 @@ def model_spec(model: str, workdir: Path) -> FeatureSpec:
             tar.extractall(root, members=members, filter="data")
     else:
         root = storage.stage_in(model, workdir / "model") if storage.is_s3(model) else Path(model)
+    # Not training.export.find_saved_model: that module imports TensorFlow, which this image has not.
     found = sorted(root.rglob(f"assets/{SPEC_FILE}"),
                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else -1)
     if not found:
