@@ -93,6 +93,10 @@ class StageConfig:
         bad = [e for e in self.alarm_emails if not isinstance(e, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+\.\w+", e)]
         if bad:
             fail(f"alarm_emails must be a list of e-mail addresses, got {bad!r}")
+        if self.spark_image_uri and not re.fullmatch(
+                r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[^:@]+[:@].+", self.spark_image_uri):
+            fail(f"spark_image_uri must be an ECR image URI with a tag or digest "
+                 f"(<account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>), got {self.spark_image_uri!r}")
         if self.nat_gateways < 1:
             fail("nat_gateways must be >= 1 (the private subnets reach SageMaker and ECR through it)")
 

@@ -65,3 +65,7 @@ def test_optional_spark_image_reaches_the_pipeline_config():
     image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/spark-with-pyarrow:3.5"
     context = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], "spark_image_uri": image}}, STAGE_KEY: "dev"}
     assert Names(stage_config(context)).pipeline_config().spark_image_uri == image
+    untagged = {STAGES_KEY: {"dev": {**CONTEXT[STAGES_KEY]["dev"], "spark_image_uri": image.split(":")[0]}},
+                STAGE_KEY: "dev"}
+    with pytest.raises(ValueError, match="spark_image_uri must be an ECR image URI with a tag or digest"):
+        stage_config(untagged)
