@@ -258,6 +258,12 @@ def test_execution_role_is_scoped_to_the_stage(raw):
     assert stmts["InvokeDeployStep"]["Resource"] == NAMES.deploy_function_arn
 
 
+def test_model_registry_and_mlflow_outlive_the_stack(raw):
+    for kind in ("AWS::SageMaker::ModelPackageGroup", "AWS::SageMaker::MlflowTrackingServer"):
+        resource = one(raw["MlPlatform"], kind)
+        assert resource["DeletionPolicy"] == resource["UpdateReplacePolicy"] == "Retain", kind
+
+
 def test_model_registry_and_mlflow(templates):
     templates["MlPlatform"].has_resource_properties("AWS::SageMaker::ModelPackageGroup", {
         "ModelPackageGroupName": NAMES.model_package_group})
@@ -423,6 +429,8 @@ def test_redis_is_encrypted_and_reachable_only_from_the_service_and_its_fill_tas
     assert sources[0] in service_sgs or sources[1] in service_sgs
     assert {"Fn::GetAtt": [fill_sg, "GroupId"]} in sources
     assert "SecurityGroupIngress" not in template["Resources"][redis_sg]["Properties"]
+    replication_group = next(iter(resources(template, "AWS::ElastiCache::ReplicationGroup").values()))
+    assert replication_group["DeletionPolicy"] == replication_group["UpdateReplacePolicy"] == "Snapshot"
 
 
 def test_the_feature_store_fill_task_reads_features_and_champion_only(raw):

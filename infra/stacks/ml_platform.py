@@ -163,6 +163,10 @@ class MlPlatformStack(cdk.Stack):
             artifact_store_uri=f"s3://{artifacts}/{MLFLOW_PREFIX}", tracking_server_size=stage.mlflow_server_size,
             automatic_model_registration=False)
         self.mlflow.node.add_dependency(mlflow_role)
+        # Run history and registered models outlive the stack (and a group holding versions cannot be deleted).
+        for kept in (self.mlflow, self.model_package_group):
+            kept.cfn_options.deletion_policy = cdk.CfnDeletionPolicy.RETAIN
+            kept.cfn_options.update_replace_policy = cdk.CfnDeletionPolicy.RETAIN
 
         # ---- Champion and challenger: the deploy Lambda keeps them at the live variants' model data URLs and the
         # Serving stack reads them at deploy time, so `cdk deploy` redeploys what is live and never rolls it back.

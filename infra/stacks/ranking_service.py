@@ -120,6 +120,9 @@ class RankingServiceStack(cdk.Stack):
             at_rest_encryption_enabled=True, kms_key_id=key.key_arn, transit_encryption_enabled=True,
             transit_encryption_mode="required", port=stage.redis_port, cache_subnet_group_name=subnets.ref,
             security_group_ids=[redis_sg.security_group_id], snapshot_retention_limit=1)
+        # A stack deletion or a replacing change (its port, say) keeps a final snapshot instead of losing the store.
+        self.redis.cfn_options.deletion_policy = cdk.CfnDeletionPolicy.SNAPSHOT
+        self.redis.cfn_options.update_replace_policy = cdk.CfnDeletionPolicy.SNAPSHOT
         acknowledge(self.redis, "Access is network-only (the API's security group, TLS required); AUTH would need "
                     "a token in MARKETRANK_FEATURE_STORE, which the API reads as one URL.", "AwsSolutions-AEC6")
         feature_store = f"rediss://{self.redis.attr_primary_end_point_address}:{stage.redis_port}/0"
