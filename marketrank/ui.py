@@ -72,8 +72,9 @@ def print_run(report: dict[str, Any]) -> None:
     console.print(quality_table(report))
     if report.get("comparison"):
         c = report["comparison"]
+        by_user = f", resampling {c['clusters']} users" if c.get("resampled_by") == "user_id" else ""
         console.print(f"challenger - champion ({report.get('champion_model')}) ndcg@10: {c['mean_diff']:+.4f} "
-                      f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}] over {c['lists']} lists")
+                      f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}] over {c['lists']} lists{by_user}")
     if report.get("gate"):
         colour = "green" if report["gate"]["passed"] else "red"
         console.print(f"[{colour}]{report['gate']['message']}[/{colour}]")
@@ -85,7 +86,8 @@ def print_run(report: dict[str, Any]) -> None:
         console.print(f"endpoint {deployment.get('endpoint')}: {deployment.get('action')} ({roles or 'empty'})")
     ratio = report.get("oracle_ratio")
     console.print(f"run {report['run_id']}: {workspace_report_path(report)}"
-                  + (f"; challenger reaches {ratio:.1%} of the oracle's NDCG@10" if ratio else ""))
+                  + (f"; challenger reaches {ratio:.1%} of the oracle's NDCG@10" if ratio else ""),
+                  soft_wrap=True)  # a path is not broken across lines, in a log or a pipe
 
 
 def workspace_report_path(report: dict[str, Any]) -> str:

@@ -405,11 +405,12 @@ def read_state(directory: str | Path, id_column: str, columns: Sequence[str], ba
 
 
 def materialize(features_dir: str | Path, store: FeatureStore, spec: FeatureSpec,
-                batch_size: int = WRITE_BATCH) -> dict[str, int]:
+                batch_size: int = WRITE_BATCH, source: str | None = None) -> dict[str, int]:
     """Load ``<features_dir>/online/{items,users}`` into ``store`` (pipelined batches) with ``spec``.
 
     ``spec`` should be the model's (``training.export.load_spec(version_dir)``): the API builds its inputs from
-    it. Returns ``{"items": n, "users": n}``. Ids no longer in the online state are not deleted.
+    it. Returns ``{"items": n, "users": n}``. Ids no longer in the online state are not deleted. ``source`` (default:
+    ``features_dir``) is recorded in the store's metadata: where the state came from, e.g. the S3 URI staged here.
     """
     online = Path(features_dir) / ONLINE_DIR
     counts = {
@@ -418,7 +419,7 @@ def materialize(features_dir: str | Path, store: FeatureStore, spec: FeatureSpec
     }
     stats_path = Path(features_dir) / "stats.json"
     as_of = json.loads(stats_path.read_text()).get("online_as_of_ms") if stats_path.exists() else None
-    store.put_spec(spec, meta={"source": str(features_dir), "materialized_ms": int(time.time() * 1000),
+    store.put_spec(spec, meta={"source": source or str(features_dir), "materialized_ms": int(time.time() * 1000),
                                "as_of_ms": as_of, **counts})
     store.flush()
     return counts

@@ -83,7 +83,7 @@ def run(features: str, model: str, store_location: str) -> dict[str, int]:
         features_dir = stage_features(features, Path(tmp))
         store = open_store(store_location, socket_timeout_s=30.0, connect_timeout_s=10.0)
         try:
-            return materialize(features_dir, store, spec)
+            return materialize(features_dir, store, spec, source=features)  # the S3 URI, not the staging dir
         finally:
             store.close()
 

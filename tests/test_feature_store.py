@@ -319,6 +319,7 @@ def test_materialize_task_fills_redis_from_s3(tiny_run, spec, stores, redis_fact
     loaded = RedisStore(server.url)
     try:
         assert loaded.get_spec().to_dict() == spec.to_dict()
+        assert loaded.meta()["source"] == "s3://features/executions/e3/features"  # the last fill: where it read
         users, items = list(stores["embedded"]._data["users"])[:5], list(stores["embedded"]._data["items"])[:30]
         for user in users:
             assert loaded.fetch(user, items).items == stores["embedded"].fetch(user, items).items

@@ -59,6 +59,7 @@ def test_gate_registry_and_shadow_deployment_sequence(workspace, monkeypatch):
     bad = _run(workspace, monkeypatch, "--shuffle-labels")
     assert bad["champion_model"] == "marketrank-v1"
     assert bad["comparison"]["ci_high"] < 0  # clearly worse than the champion
+    assert bad["comparison"]["resampled_by"] == "user_id"  # the gate's interval resamples users
     assert not bad["gate"]["passed"]
     failed = {c["threshold_name"]: c for c in bad["gate"]["checks"] if not c["passed"]}
     assert "min_lift" in failed
