@@ -92,10 +92,6 @@ def read_report(run: str = LATEST) -> dict[str, Any]:
     path = runs_dir() / run / REPORT_FILE
     if not path.exists():
         raise FileNotFoundError(f"no report for run {run!r}: {path} does not exist (run `marketrank run` first)")
-    try:
-        report = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"run report {path} is not valid JSON ({err})") from None
-    if not isinstance(report, dict):
-        raise ValueError(f"run report {path} is not a JSON object")
-    return report
+    from training.storage import json_object
+
+    return json_object(path.read_text(), f"run report {path}")

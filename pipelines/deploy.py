@@ -361,13 +361,12 @@ class LocalBackend:
         return EndpointState.from_dict(state)
 
     def _manifest(self) -> dict[str, Any]:
+        from training.storage import json_object  # stdlib only, and in the Lambda's bundle
+
         try:
-            manifest = json.loads(self.path.read_text())
+            return json_object(self.path.read_text(), f"endpoint manifest {self.path}")
         except ValueError as err:
-            raise DeployError(f"endpoint manifest {self.path} is not valid JSON: {err}") from None
-        if not isinstance(manifest, dict):
-            raise DeployError(f"endpoint manifest {self.path} is not a JSON object")
-        return manifest
+            raise DeployError(str(err)) from None
 
     def ensure_settled(self) -> None:  # a manifest is replaced atomically: never mid-update
         return None

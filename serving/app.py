@@ -429,8 +429,7 @@ class Ranker:
             except Exception as err:  # noqa: BLE001 - the store's trouble: requests fall back on their own
                 log.warning("feature spec not reloaded (kept the current one): %s: %s", type(err).__name__, err)
 
-        self._spec_read = time.monotonic()
-        self._spec_task = asyncio.get_running_loop().create_task(reload())
+        self._spec_task = asyncio.get_running_loop().create_task(reload())  # load_spec stamps _spec_read
 
     async def load_spec(self, timeout_s: float = 1.0) -> None:
         self._spec_read = time.monotonic()

@@ -80,13 +80,7 @@ def load_report(location: str | Path) -> dict[str, Any]:
             raise FileNotFoundError(f"no shadow report at {location}") from err
     else:
         text = Path(location).read_text()
-    try:
-        report = json.loads(text)
-    except ValueError as err:
-        raise ValueError(f"shadow report {location} is not valid JSON ({err})") from None
-    if not isinstance(report, dict):
-        raise ValueError(f"shadow report {location} is not a JSON object")
-    return report
+    return storage.json_object(text, f"shadow report {location}")
 
 
 def save_report(report: dict[str, Any], analysis: Analysis, out: str | Path) -> str:

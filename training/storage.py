@@ -7,9 +7,11 @@ with boto3 (which honours ``AWS_ENDPOINT_URL``, so moto and LocalStack work unch
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 class StorageError(OSError):
@@ -25,6 +27,18 @@ def _s3_errors(doing: str, uri: str) -> Iterator[None]:
         yield
     except (BotoCoreError, ClientError, Boto3Error) as err:
         raise StorageError(f"{doing} {uri} failed: {err}") from err
+
+
+def json_object(text: str | bytes, what: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; ValueError naming ``what`` (a file, a URI) when it is not JSON or not an
+    object, so a hand-edited or truncated document is one readable error wherever it is read."""
+    try:
+        document = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{what} is not valid JSON ({err})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return document
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -51,26 +65,22 @@ def stage_in(uri: str | Path, workdir: str | Path | None = None, keep: Callable[
     import boto3
 
     bucket, prefix = split_s3(str(uri))
-    with _s3_errors("reading", str(uri)):
-        return _download(boto3.client("s3"), str(uri), bucket, prefix, workdir, keep, start_after)
-
-
-def _download(s3, uri: str, bucket: str, prefix: str, workdir: str | Path | None, keep: Callable[[str], bool] | None,
-              start_after: str | None) -> Path:
     target = Path(workdir or tempfile.mkdtemp(prefix="marketrank-stage-"))
     found = 0
     listing = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else ""}
     if start_after:
         listing["StartAfter"] = f"{listing['Prefix']}{start_after}"
-    for page in s3.get_paginator("list_objects_v2").paginate(**listing):
-        for obj in page.get("Contents", []):
-            relative = obj["Key"][len(prefix):].lstrip("/")
-            if not relative or relative.endswith("/") or (keep is not None and not keep(relative)):
-                continue
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(destination))
-            found += 1
+    with _s3_errors("reading", str(uri)):
+        s3 = boto3.client("s3")
+        for page in s3.get_paginator("list_objects_v2").paginate(**listing):
+            for obj in page.get("Contents", []):
+                relative = obj["Key"][len(prefix):].lstrip("/")
+                if not relative or relative.endswith("/") or (keep is not None and not keep(relative)):
+                    continue
+                destination = target / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(destination))
+                found += 1
     if not found:
         raise FileNotFoundError(f"input not found: no objects under {uri}")
     return target
