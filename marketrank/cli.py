@@ -103,7 +103,9 @@ def run(
     train_seed: int = DEFAULT.seed,
     ensemble: Ensemble = DEFAULT.ensemble,
     shuffle_labels: Annotated[bool, typer.Option(help="sanity check: train on labels shuffled within lists")] = False,
-    ndcg_floor: Annotated[float, typer.Option(help="gate: minimum NDCG@10")] = GATE.ndcg_floor,
+    ndcg_floor: Annotated[float, typer.Option(
+        help="gate: minimum NDCG@10 on the evaluation label (logged clicks: a lower scale, see README)")
+    ] = GATE.ndcg_floor,
     min_lift: Annotated[float, typer.Option(help="gate: minimum 95% CI lower bound of the lift")] = GATE.min_lift,
     shadow_sampling: Annotated[float, typer.Option(min=0.01, max=100.0, help="% of requests copied to the shadow")
                                ] = 100.0,
@@ -219,6 +221,8 @@ def evaluate(
     test: Annotated[Path, typer.Option(help="test split directory")],
     output: Annotated[Path, typer.Option(help="where evaluation.json goes")],
     champion: Annotated[Path | None, typer.Option(help="champion model to compare against")] = None,
+    propensity_eta: Annotated[float | None, typer.Option(
+        min=0.0, help="position-bias exponent for NDCG on logged clicks (default: the feature spec's)")] = None,
     verbose: bool = False,
 ) -> None:
     """Evaluate a SavedModel on a test split (the processing step's entry point)."""
@@ -227,9 +231,9 @@ def evaluate(
     from training.evaluate import evaluate as run_evaluation
 
     with ui.step("evaluate"):
-        result = run_evaluation(model, test, output, champion)
+        result = run_evaluation(model, test, output, champion, propensity_eta=propensity_eta)
     ui.console.print(ui.quality_table({"eval_label": result["eval_label"], "lists": result["lists"],
-                                       **summarize(result)}))
+                                       "eval_gain_weights": result.get("eval_gain_weights"), **summarize(result)}))
 
 
 @report_app.command("show")

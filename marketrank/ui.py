@@ -53,6 +53,9 @@ def quality_table(report: dict[str, Any], metrics: tuple[str, ...] = ("ndcg@5", 
     rankers = [name for name in ("challenger", "champion", "legacy", "oracle") if report.get(name)]
     segments = sorted({s for name in rankers for s in report[name].get("per_segment", {})})
     label = report.get("eval_label", "label")
+    weights = report.get("eval_gain_weights")
+    if weights:  # logged clicks, de-biased (training.evaluate)
+        label += f"; NDCG inverse-propensity weighted, eta {weights['eta']:.3f}"
     table = Table(title=f"Offline quality on the test split (label: {label}, lists: {report.get('lists', '?')})")
     table.add_column("ranker", no_wrap=True)
     for metric in metrics:

@@ -214,6 +214,7 @@ def run_local(config: LocalRunConfig = LocalRunConfig()) -> dict[str, Any]:
                      "mlflow_run_id": result.mlflow_run_id},
         "evaluation": str(run_dir / "evaluation" / evaluation_report.EVALUATION_FILE),
         "eval_label": evaluation["eval_label"],
+        "eval_gain_weights": evaluation.get("eval_gain_weights"),
         "lists": evaluation["lists"],
         **summarize(evaluation),
         "champion_model": champion.model_name if champion else None,

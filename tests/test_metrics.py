@@ -70,6 +70,62 @@ def test_padding_is_ignored_wherever_it_sits() -> None:
     assert average_precision(scores, labels)[0] == pytest.approx(2.75 / 3)
 
 
+def test_weighted_dcg_hand_computed() -> None:
+    # Clicks [1, 0, 1, 0] in score order; the third item's click is weighted 4x (a slot rarely examined).
+    # DCG = 1/log2(2) + 4/log2(4) = 3; the ideal ranking is by weighted gain [4, 1, 0, 0]: IDCG = 4 + 1/log2(3).
+    clicks, weights = row([1, 0, 1, 0]), row([1.0, 1.0, 4.0, 1.0])
+    gained, ideal = metrics.dcg(SCORES, clicks, 4, weights)
+    assert (gained[0], ideal[0]) == (pytest.approx(3.0), pytest.approx(4 + 1 / L2(3)))
+    assert metrics.dcg(SCORES, LABELS, 4) == (pytest.approx([DCG4]), pytest.approx([IDCG4]))
+    per_list = per_list_metrics(SCORES, clicks, weights)
+    assert per_list["ndcg@20"][0] == pytest.approx(3.0) and per_list["ideal_dcg@20"][0] == pytest.approx(ideal[0])
+    assert per_list["mrr"][0] == 1.0  # MRR and MAP stay unweighted
+
+
+def test_pooled_weighted_ndcg_is_the_ratio_of_sums() -> None:
+    # Two lists: DCG 3 of ideal 3, and 2/log2(3) of ideal 2; a third has no click (NaN, out of the means).
+    scores = np.array([[2.0, 1.0], [2.0, 1.0], [2.0, 1.0]])
+    labels = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float64)
+    weights = np.array([[3.0, 1.0], [1.0, 2.0], [1.0, 1.0]])
+    raw = per_list_metrics(scores, labels, weights)
+    assert raw["ndcg@5"][:2] == pytest.approx([3.0, 1 / L2(3) * 2]) and np.isnan(raw["ndcg@5"][2])
+    pooled = metrics.pooled(raw)
+    assert "ideal_dcg@5" not in pooled and set(pooled) == set(metrics.METRICS)
+    total_dcg, total_ideal = 3.0 + 2 / L2(3), 3.0 + 2.0
+    assert np.nanmean(pooled["ndcg@5"]) == pytest.approx(total_dcg / total_ideal)
+    assert pooled["mrr"] is raw["mrr"]  # unweighted metrics pass through
+    unweighted = per_list_metrics(scores, labels)
+    assert metrics.pooled(unweighted)["ndcg@10"] is unweighted["ndcg@10"]
+
+
+def test_inverse_propensity_ndcg_undoes_the_logging_policys_advantage() -> None:
+    """Clicks logged under a position-biased policy favour that policy's own order; weighting each click's gain by
+    1 / examination (the position-based click model) and pooling over lists restores the truth's order. The
+    per-list ratio does not: which items a list's ideal DCG holds depends on the logging order."""
+    rng = np.random.default_rng(3)
+    lists, size, eta = 4000, 20, 0.8
+    relevance = rng.random((lists, size))  # click probability when examined
+    logging = relevance + rng.normal(0.0, 0.6, (lists, size))  # a noisy policy produced the logs
+    position = np.argsort(np.argsort(-logging, axis=1), axis=1).astype(np.float64)
+    clicks = (rng.random((lists, size)) < relevance * (1.0 + position) ** -eta).astype(np.float64)
+    weights = (1.0 + position) ** eta
+    better = relevance + rng.normal(0.0, 0.2, (lists, size))  # a ranker closer to the truth than the policy
+
+    def pooled(scores: np.ndarray) -> float:
+        return float(np.nanmean(metrics.pooled(per_list_metrics(scores, clicks, weights))["ndcg@10"]))
+
+    def per_list_ratio(scores: np.ndarray) -> float:
+        gained, ideal = metrics.dcg(scores, clicks, 10, weights)
+        return float(np.mean(gained[ideal > 0] / ideal[ideal > 0]))
+
+    truth = float(np.nanmean(ndcg(better, relevance, 10))), float(np.nanmean(ndcg(-position, relevance, 10)))
+    raw = float(np.nanmean(ndcg(better, clicks, 10))), float(np.nanmean(ndcg(-position, clicks, 10)))
+    assert truth[0] > truth[1] + 0.1  # the better ranker is better
+    assert raw[1] > raw[0] + 0.1  # raw clicks: the logging order wins
+    assert pooled(better) > pooled(-position) + 0.03  # inverse-propensity NDCG: the truth's order
+    assert per_list_ratio(-position) > per_list_ratio(better)  # why it pools
+
+
 def test_mrr_hand_computed() -> None:
     # Score order gives labels [0, 0, 2, 1]: first relevant at rank 3 -> 1/3.
     scores = row([0.9, 0.8, 0.7, 0.1])

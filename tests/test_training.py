@@ -139,6 +139,38 @@ def test_champion_comparison_is_a_paired_bootstrap(tiny_run, tmp_path):
         pytest.approx(result["ranking_metrics"]["ndcg@10"]["value"]))
 
 
+def test_logged_clicks_are_scored_with_inverse_propensity_ndcg(tiny_run, tmp_path):
+    """On clicks the logging order looks better than it is; the weighted view must take that advantage away, and
+    on real logs (the logged label is the evaluation label) it is the gate's metric, with the raw view beside.
+    The tiny logs have too little randomised traffic for an estimate of eta: the simulator's 0.8 is passed."""
+    from training.evaluate import evaluate
+
+    spec = FeatureSpec.load(tiny_run["features"])
+    evaluation = json.loads(Path(tiny_run["report"]["evaluation"]).read_text())
+    assert spec.propensity_eta is None and "secondary_ipw" not in evaluation  # nothing to weight with
+    model, test = tiny_run["export_dir"], tiny_run["features"] / "test"
+    result = evaluate(model, test, tmp_path / "truth", propensity_eta=0.8, bootstrap_resamples=50)
+    assert result["eval_gain_weights"] is None  # true relevance needs no weights
+    raw, weighted = result["secondary"], result["secondary_ipw"]
+    assert raw["gain_weights"] is None and weighted["label"] == raw["label"] == spec.label
+    assert weighted["gain_weights"]["eta"] == 0.8
+
+    def gap(view: dict) -> float:  # oracle minus legacy on NDCG@10
+        rankers = view["rankers"]
+        return rankers["oracle"]["overall"]["ndcg@10"]["value"] - rankers["legacy"]["overall"]["ndcg@10"]["value"]
+
+    assert gap(weighted) > gap(raw) + 0.1, (gap(weighted), gap(raw))
+
+    on_clicks = evaluate(model, test, tmp_path / "clicks", eval_label=spec.label, propensity_eta=0.8,
+                         champion_dir=model, bootstrap_resamples=50)
+    assert on_clicks["eval_gain_weights"] == weighted["gain_weights"] and "secondary_ipw" not in on_clicks
+    assert on_clicks["ranking_metrics"]["ndcg@10"]["value"] == pytest.approx(
+        weighted["rankers"]["challenger"]["overall"]["ndcg@10"]["value"])
+    assert on_clicks["secondary"]["rankers"]["challenger"]["overall"]["ndcg@10"]["value"] == pytest.approx(
+        raw["rankers"]["challenger"]["overall"]["ndcg@10"]["value"])
+    assert on_clicks["comparison"]["mean_diff"] == pytest.approx(0.0, abs=1e-12)  # one weighting for both
+
+
 def test_ipw_eta_comes_from_the_spec_unless_set():
     spec = FeatureSpec(features=(), list_size=8, position="position", propensity_eta=0.8)
     assert resolve_ipw_eta(HParams(), spec) == pytest.approx(0.8)

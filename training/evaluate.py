@@ -4,6 +4,12 @@ Scores the test lists with the exported signature (plain TensorFlow, exactly wha
 NDCG@5/10/20, MRR and MAP overall and per segment (surface) against the spec's ``eval_label`` (the simulator's
 true relevance when present), the same for the legacy logging order and the oracle, and, given a champion
 model, a paired bootstrap 95% CI of the NDCG@10 difference.
+
+Logged feedback is position-biased: a click needs the slot to be examined, and the ranking that produced the
+logs put its own favourites in the examined slots, so click NDCG favours it. When the spec carries the logged
+position and the examination exponent the feature job estimated from randomised traffic, NDCG on the logged
+label weights each item's gain by its inverse propensity (``training.propensity``, as training does) and pools
+DCG over lists (``training.metrics``): on real logs that is the gate's metric.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script by SageMaker: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import metrics, report
+from training import metrics, propensity, report
 from training.feature_spec import MASK, FeatureSpec
 
 log = logging.getLogger("marketrank.evaluate")
@@ -97,21 +103,39 @@ def parquet_batches(test_dir: str | Path, spec: FeatureSpec, batch_size: int = 2
                                      keep_columns=per_list)
 
 
+def gain_weighting(spec: FeatureSpec, eta: float | None = None) -> dict[str, Any] | None:
+    """How NDCG on the logged label is de-biased, with ``eta`` or else the spec's estimate (None: it cannot be:
+    no logged position, or no exponent, e.g. logs without a randomised bucket to estimate it from)."""
+    eta = spec.propensity_eta if eta is None else eta
+    if not spec.position or not eta:
+        return None
+    return {"method": "inverse_propensity", "position": spec.position, "eta": float(eta),
+            "clip": propensity.CLIP, "metrics": [f"ndcg@{k}" for k in metrics.CUTOFFS]}
+
+
 def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: str | Path | None = None,
              champion_dir: str | Path | None = None, *, eval_label: str | None = None,
-             bootstrap_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+             propensity_eta: float | None = None, bootstrap_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Evaluate a challenger (and optionally a champion) and write ``evaluation.json`` to ``output_dir``.
 
-    Metrics use ``eval_label`` (default: the spec's: the simulator's true relevance when the data has it).
-    When that is not the training label, every ranker is also scored on the training label (logged feedback)
-    under ``secondary``: on position-biased clicks the logging policy looks better than it is, which is why
-    it is not the primary label.
+    Metrics use ``eval_label`` (default: the spec's: the simulator's true relevance when the data has it); on
+    the logged label, NDCG is inverse-propensity weighted when it can be (``gain_weighting``; ``propensity_eta``
+    overrides the spec's estimate). The other ways of scoring the logged label are reported beside it:
+    ``secondary`` (raw, where the logging policy looks better than it is) and ``secondary_ipw`` (weighted).
     """
     challenger = SavedModelScorer(model_dir)
     spec = challenger.spec
     champion = SavedModelScorer(champion_dir) if champion_dir else None
     label_name = eval_label or spec.eval_label
-    secondary_label = spec.label if spec.label != label_name else None
+    weighting = gain_weighting(spec, propensity_eta)
+    views = {"primary": (label_name, weighting if label_name == spec.label else None)}
+    if label_name == spec.label and spec.position and not weighting:
+        log.warning("no position-bias estimate (the logs have no randomised bucket to fit it on): NDCG is scored on "
+                    "raw logged feedback, which favours the ranking that produced the logs; pass propensity_eta")
+    if views["primary"] != (spec.label, None):
+        views["secondary"] = (spec.label, None)
+    if weighting and views["primary"] != (spec.label, weighting):
+        views["secondary_ipw"] = (spec.label, weighting)
     if not callable(batches):
         batches = parquet_batches(batches, spec, extra_specs=(champion.spec,) if champion else (),
                                   extra_labels=(label_name,))
@@ -130,13 +154,21 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
             candidates["legacy"] = lambda b: -b[spec.position]
         if spec.oracle_score and spec.oracle_score in batch:
             candidates["oracle"] = lambda b: b[spec.oracle_score]
-        labels = {name: np.where(batch[MASK], batch[name], -1.0)
-                  for name in (label_name, secondary_label) if name and name in batch}
+        scored = {}  # view -> (labels, gain weights)
+        for view, (label, weighted) in views.items():
+            if label not in batch:
+                continue
+            if weighted and spec.position not in batch:
+                raise KeyError(f"the logged position {spec.position!r} (for inverse-propensity weights) is not in "
+                               "the evaluation data")
+            scored[view] = (np.where(batch[MASK], batch[label], -1.0),
+                            propensity.propensity_weights(batch[spec.position], weighted["eta"], batch[MASK],
+                                                          weighted["clip"]) if weighted else None)
         for name, scorer in candidates.items():
             scores = scorer(batch)
-            for label, values in labels.items():
-                bucket = per_list.setdefault(label, {}).setdefault(name, {})
-                for metric, array in metrics.per_list_metrics(scores, values).items():
+            for view, (values, weights) in scored.items():
+                bucket = per_list.setdefault(view, {}).setdefault(name, {})
+                for metric, array in metrics.per_list_metrics(scores, values, weights).items():
                     bucket.setdefault(metric, []).append(array)
         if spec.segment and spec.segment in batch:
             segments.append(np.asarray(batch[spec.segment]).astype(str))
@@ -145,17 +177,21 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
         n_lists += len(batch[MASK])
     if n_lists == 0:
         raise ValueError("evaluation data is empty: no test lists")
-    joined = {label: {name: {m: np.concatenate(v) for m, v in values.items()} for name, values in by_name.items()}
-              for label, by_name in per_list.items()}
+    joined = {view: {name: {m: np.concatenate(v) for m, v in values.items()} for name, values in by_name.items()}
+              for view, by_name in per_list.items()}
     segment_values = np.concatenate(segments) if segments else None
 
-    def summary(name: str, label: str = label_name) -> dict[str, Any]:
-        overall = metrics.summarize(joined[label][name])
-        by_segment = ({str(s): metrics.summarize(joined[label][name], segment_values == s)
-                       for s in np.unique(segment_values)} if segment_values is not None else {})
-        return {"overall": overall, "per_segment": by_segment}
+    def summary(name: str, view: str = "primary") -> dict[str, Any]:
+        def of(lists: np.ndarray | None = None) -> dict[str, dict[str, float]]:  # weighted NDCG pools per set
+            values = joined[view][name]
+            return metrics.summarize(metrics.pooled(values if lists is None else
+                                                    {m: v[lists] for m, v in values.items()}))
 
-    primary = joined[label_name]
+        by_segment = ({str(s): of(segment_values == s) for s in np.unique(segment_values)}
+                      if segment_values is not None else {})
+        return {"overall": of(), "per_segment": by_segment}
+
+    primary = {name: metrics.pooled(values) for name, values in joined["primary"].items()}
     challenger_summary = summary("challenger")
     comparison = None
     if champion:
@@ -164,11 +200,14 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
             primary["challenger"][report.PRIMARY_METRIC], primary["champion"][report.PRIMARY_METRIC],
             resamples=bootstrap_resamples, seed=seed, groups=groups),
             "resampled_by": CLUSTER_COLUMN if groups is not None else "list"}
-    info: dict[str, Any] = {"eval_label": label_name, "lists": n_lists, "model": str(challenger.path),
+    info: dict[str, Any] = {"eval_label": label_name, "eval_gain_weights": views["primary"][1], "lists": n_lists,
+                            "model": str(challenger.path),
                             "champion_model": str(champion.path) if champion else None, "source": spec.source}
-    if secondary_label in joined:
-        info["secondary"] = {"label": secondary_label,
-                             "rankers": {name: summary(name, secondary_label) for name in joined[secondary_label]}}
+    for view in ("secondary", "secondary_ipw"):
+        if view in joined:
+            label, weighted = views[view]
+            info[view] = {"label": label, "gain_weights": weighted,
+                          "rankers": {name: summary(name, view) for name in joined[view]}}
     result = report.build_report(
         challenger=challenger_summary["overall"], per_segment=challenger_summary["per_segment"],
         baselines={name: summary(name) for name in ("legacy", "oracle") if name in primary},
@@ -188,11 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="/opt/ml/processing/evaluation")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000)
     parser.add_argument("--eval-label", default=None, help="label column to evaluate on (default: the spec's)")
+    parser.add_argument("--propensity-eta", type=float, default=None,
+                        help="position-bias exponent for inverse-propensity NDCG on logged feedback "
+                             "(default: the feature spec's estimate)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     champion = args.champion if has_model(args.champion) else None
     result = evaluate(args.model, args.test, args.output, champion, eval_label=args.eval_label,
-                      bootstrap_resamples=args.bootstrap_resamples)
+                      propensity_eta=args.propensity_eta, bootstrap_resamples=args.bootstrap_resamples)
     log.info("ndcg@10=%.4f", result["ranking_metrics"][report.PRIMARY_METRIC]["value"])
 
 

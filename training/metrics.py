@@ -5,6 +5,13 @@ and MAP treat ``label > 0`` as relevant. Padded slots have ``label < 0`` and are
 item has no defined NDCG/MRR/MAP: it gets NaN and is left out of the means (the usual LETOR practice), never
 scored as 0 or 1. Ties in scores are broken by list order, so a constant scorer reproduces the input order.
 
+On logged clicks, ``per_list_metrics(gain_weights=...)`` and ``pooled`` give the inverse-propensity
+NDCG: each item's gain is weighted (1 / its examination probability), which makes a list's DCG an unbiased
+estimate of its DCG had every slot been examined, and NDCG is the sum of DCG over the sum of ideal DCG over
+lists. A per-list ratio would not do: a list's ideal DCG depends on which items happened to be clicked, which
+the logging order decides, and on simulated clicks the mean of per-list ratios still ranks the logging order
+above a better ranker (``tests/test_metrics.py``).
+
 Two deliberate differences from ``tfr.keras.metrics`` (the ``val_ndcg_10`` of training logs and MLflow): those
 score a list with no relevant item as 0 and still count it, and break ties at random. On click labels, where
 many lists have no click, ``val_ndcg_10`` therefore reads lower than the same model's NDCG here; compare
@@ -27,16 +34,25 @@ def _order(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.take_along_axis(np.where(valid, labels, 0.0), order, axis=1)
 
 
+def dcg(scores: np.ndarray, labels: np.ndarray, k: int,
+        gain_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DCG@k and the ideal DCG@k per list; ``gain_weights`` (per item, >= 0) multiply the gains."""
+    labels = np.asarray(labels, dtype=np.float64)
+    valid = labels >= 0
+    gains = 2.0 ** np.where(valid, labels, 0.0) - 1.0
+    if gain_weights is not None:
+        gains = gains * np.asarray(gain_weights, dtype=np.float64)
+    ranked = _order(np.asarray(scores, dtype=np.float64), np.where(valid, gains, -1.0))[:, :k]
+    ideal = -np.sort(-np.where(valid, gains, 0.0), axis=1)[:, :k]
+    discount = 1.0 / np.log2(np.arange(2, ranked.shape[1] + 2))
+    return (ranked * discount).sum(axis=1), (ideal * discount[: ideal.shape[1]]).sum(axis=1)
+
+
 def ndcg(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """NDCG@k per list; NaN where the list has no relevant item."""
-    labels = np.asarray(labels, dtype=np.float64)
-    ranked = _order(np.asarray(scores, dtype=np.float64), labels)[:, :k]
-    ideal = -np.sort(-np.where(labels >= 0, labels, 0.0), axis=1)[:, :k]
-    discount = 1.0 / np.log2(np.arange(2, ranked.shape[1] + 2))
-    dcg = ((2.0 ** ranked - 1.0) * discount).sum(axis=1)
-    idcg = ((2.0 ** ideal - 1.0) * discount[: ideal.shape[1]]).sum(axis=1)
+    gained, ideal = dcg(scores, labels, k)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(idcg > 0, dcg / idcg, np.nan)
+        return np.where(ideal > 0, gained / ideal, np.nan)
 
 
 def mrr(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -56,11 +72,37 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.where(total > 0, (precision * relevant).sum(axis=1) / total, np.nan)
 
 
-def per_list_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric of ``METRICS`` per list, for padded [N, L] scores and labels."""
-    out = {f"ndcg@{k}": ndcg(scores, labels, k) for k in CUTOFFS}
+def per_list_metrics(scores: np.ndarray, labels: np.ndarray,
+                     gain_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every metric of ``METRICS`` per list, for padded [N, L] scores and labels.
+
+    With ``gain_weights`` each ``ndcg@k`` holds the weighted DCG@k instead (NaN where the list has no relevant
+    item) and ``ideal_dcg@k`` its ideal: ``pooled`` turns them into NDCG once every list is in. MRR and
+    MAP, which look at the first or at every relevant item, stay unweighted."""
+    if gain_weights is None:
+        out = {f"ndcg@{k}": ndcg(scores, labels, k) for k in CUTOFFS}
+    else:
+        out = {}
+        for k in CUTOFFS:
+            gained, ideal = dcg(scores, labels, k, gain_weights)
+            out[f"ndcg@{k}"], out[f"ideal_dcg@{k}"] = np.where(ideal > 0, gained, np.nan), ideal
     out["mrr"] = mrr(scores, labels)
     out["map"] = average_precision(scores, labels)
+    return out
+
+
+def pooled(per_list: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``per_list_metrics`` of a set of lists, ready to average: a weighted DCG becomes NDCG as DCG over the mean
+    ideal DCG of the set's lists that have one, so that its mean (and a paired difference's) is the ratio of
+    the sums; unweighted metrics are returned as they are."""
+    out = {}
+    for name, values in per_list.items():
+        if name.startswith("ideal_"):
+            continue
+        ideal = per_list.get(f"ideal_{name.replace('ndcg', 'dcg')}")
+        if ideal is not None:
+            values = values / (ideal[ideal > 0].mean() if (ideal > 0).any() else np.nan)
+        out[name] = values
     return out
 
 

@@ -14,6 +14,8 @@ import numpy as np
 
 #: Positions with fewer impressions than this are left out of the fit (too noisy).
 MIN_IMPRESSIONS = 30
+#: Largest inverse-propensity weight (training and evaluation): deep slots' rare clicks must not dominate.
+CLIP = 20.0
 
 
 def fit_power_law(positions: np.ndarray, impressions: np.ndarray, clicks: np.ndarray) -> dict[str, float]:
@@ -76,12 +78,12 @@ def _binomial_fit(x: np.ndarray, n: np.ndarray, k: np.ndarray, start: np.ndarray
     return theta if np.isfinite(theta).all() and np.isfinite(loglik(theta)) else np.asarray(start, np.float64)
 
 
-def propensity_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = 20.0) -> np.ndarray:
+def propensity_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = CLIP) -> np.ndarray:
     """Per-item weights ``(1 + p) ** eta`` clipped at ``clip``, 0 where not ``valid`` (before scaling)."""
     return np.where(valid, np.minimum((1.0 + np.maximum(positions, 0.0)) ** eta, clip), 0.0).astype(np.float32)
 
 
-def ipw_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = 20.0) -> np.ndarray:
+def ipw_weights(positions: np.ndarray, eta: float, valid: np.ndarray, clip: float = CLIP) -> np.ndarray:
     """Per-item weights ``(1 + p) ** eta`` clipped at ``clip`` and scaled to mean 1 over ``valid`` items (the
     scaling is per batch: ``training.data`` does it in TensorFlow for batches it cuts itself)."""
     weights = propensity_weights(positions, eta, valid, clip).astype(np.float64)
