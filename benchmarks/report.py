@@ -127,6 +127,10 @@ def quality_section(name: str, result: dict[str, Any], out_dir: Path) -> list[st
         g = goals["oracle_share"]
         lines.append(f"- `{best}` reaches {g['value']:.1%} of the oracle's test NDCG@10: goal >= {g['goal']:.0%} "
                      f"{_yes(g['met'])}.")
+    stops = {n: r.get("early_stopping") for n, r in rankers if r.get("kind") == "lambdamart"}
+    if stops:  # results from before the record stopped every LambdaMART on raw click NDCG
+        lines.append("- LambdaMART early stopping: " + "; ".join(
+            f"`{n}` on {stops[n] or 'validation ndcg@10 of the logged label (not recorded)'}" for n in stops) + ".")
     if best and "feature_ceiling" in goals:
         g = goals["feature_ceiling"]
         lines.append(f"- Feature ceiling: `reference-ceiling` is LambdaMART trained on the training split's "

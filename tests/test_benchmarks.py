@@ -72,6 +72,7 @@ def test_oracle_is_perfect_and_lambdamart_beats_random_order(tiny):
 
 @pytest.mark.slow
 def test_ipw_lambdamart_weights_clicked_items_only_and_position_debiasing_trains(tiny):
+    from training import metrics
     from training.propensity import propensity_weights
 
     eta = 0.8  # the tiny log is too small for the feature job's estimate
@@ -83,7 +84,41 @@ def test_ipw_lambdamart_weights_clicked_items_only_and_position_debiasing_trains
     assert weight[clicked].max() > 1.0 and position.shape == label.shape and group.sum() == label.size
     score, info = rankers.train_lambdamart(tiny, dataclasses.replace(FAST_LAMBDAMART, position_debiasing=True))
     assert info["best_iteration"] >= 1 and info["ipw_eta"] == 0.0
+    assert info["early_stopping"] == "validation ndcg@10 of the logged label"  # no estimate to weight with
     assert np.isfinite(score(next(tiny.batches("test")()))[next(tiny.batches("test")())["mask"]]).all()
+    with_eta = dataclasses.replace(tiny, spec=dataclasses.replace(tiny.spec, propensity_eta=eta))
+    for params in ({"ipw": True}, {"position_debiasing": True}):  # both de-biased variants stop on de-biased NDCG
+        score, info = rankers.train_lambdamart(with_eta, dataclasses.replace(FAST_LAMBDAMART, **params))
+        assert info["early_stopping"] == "validation ipw_ndcg@10 of the logged label", params
+        gained = ideal = 0.0  # the kept iteration's validation score is the weighted NDCG the evaluation computes
+        for batch in with_eta.batches("valid")():
+            mask = batch["mask"]
+            dcg, best = metrics.dcg(score(batch), np.where(mask, batch["label"], -1.0), 10,
+                                    propensity_weights(batch["position"], eta, mask))
+            gained, ideal = gained + dcg.sum(), ideal + best.sum()
+        assert info["valid_ndcg@10_logged"] == pytest.approx(gained / ideal, rel=1e-6), params
+
+
+def test_lambdamart_early_stopping_metric_is_the_evaluations_weighted_ndcg():
+    """The feval's flat LightGBM rows must give exactly what ``training.evaluate`` reports on padded lists."""
+    from training import metrics
+    from training.propensity import propensity_weights
+
+    rng = np.random.default_rng(5)
+    group = np.array([3, 7, 1, 12, 5])
+    label = (rng.random(group.sum()) < 0.3) * rng.integers(1, 5, group.sum())
+    position = np.concatenate([rng.permutation(n) for n in group])
+    predictions = rng.normal(size=group.sum())
+    _, value, higher_is_better = rankers.ipw_ndcg_at_10(group, label, position, 0.8)(predictions, None)
+    padded = np.full((len(group), group.max()), -1.0)
+    scores, slots = np.zeros_like(padded), np.zeros_like(padded)
+    for row, (start, n) in enumerate(zip(np.cumsum(group) - group, group, strict=True)):
+        padded[row, :n], scores[row, :n], slots[row, :n] = (label[start:start + n], predictions[start:start + n],
+                                                             position[start:start + n])
+    weights = propensity_weights(slots, 0.8, padded >= 0)
+    expected = np.nanmean(metrics.pooled(metrics.per_list_metrics(scores, padded, weights))["ndcg@10"])
+    assert higher_is_better and value == pytest.approx(expected, rel=1e-12)
+    assert 0.0 < value < 1.0
 
 
 def test_item_matrix_broadcasts_context_and_codes_strings(tiny):

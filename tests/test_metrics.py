@@ -78,7 +78,8 @@ def test_weighted_dcg_hand_computed() -> None:
     assert (gained[0], ideal[0]) == (pytest.approx(3.0), pytest.approx(4 + 1 / L2(3)))
     assert metrics.dcg(SCORES, LABELS, 4) == (pytest.approx([DCG4]), pytest.approx([IDCG4]))
     per_list = per_list_metrics(SCORES, clicks, weights)
-    assert per_list["ndcg@20"][0] == pytest.approx(3.0) and per_list["ideal_dcg@20"][0] == pytest.approx(ideal[0])
+    assert per_list["dcg@20"][0] == pytest.approx(3.0) and per_list["ideal_dcg@20"][0] == pytest.approx(ideal[0])
+    assert "ndcg@20" not in per_list  # a DCG is not an NDCG until pooled
     assert per_list["mrr"][0] == 1.0  # MRR and MAP stay unweighted
 
 
@@ -88,14 +89,37 @@ def test_pooled_weighted_ndcg_is_the_ratio_of_sums() -> None:
     labels = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float64)
     weights = np.array([[3.0, 1.0], [1.0, 2.0], [1.0, 1.0]])
     raw = per_list_metrics(scores, labels, weights)
-    assert raw["ndcg@5"][:2] == pytest.approx([3.0, 1 / L2(3) * 2]) and np.isnan(raw["ndcg@5"][2])
+    assert raw["dcg@5"][:2] == pytest.approx([3.0, 1 / L2(3) * 2]) and np.isnan(raw["dcg@5"][2])
     pooled = metrics.pooled(raw)
-    assert "ideal_dcg@5" not in pooled and set(pooled) == set(metrics.METRICS)
-    total_dcg, total_ideal = 3.0 + 2 / L2(3), 3.0 + 2.0
-    assert np.nanmean(pooled["ndcg@5"]) == pytest.approx(total_dcg / total_ideal)
+    assert set(pooled) == set(metrics.METRICS) and np.isnan(pooled["ndcg@5"][2])
+    ratio = (3.0 + 2 / L2(3)) / (3.0 + 2.0)
+    summary = summarize(pooled)["ndcg@5"]
+    assert summary["value"] == pytest.approx(ratio) and summary["lists"] == 2
+    # Its standard error is the ratio's (delta method): spread of DCG - R * ideal over the mean ideal.
+    residual = np.array([3.0, 2 / L2(3)]) - ratio * np.array([3.0, 2.0])
+    assert summary["standard_deviation"] == pytest.approx(residual.std(ddof=1) / np.sqrt(2) / 2.5)
     assert pooled["mrr"] is raw["mrr"]  # unweighted metrics pass through
     unweighted = per_list_metrics(scores, labels)
     assert metrics.pooled(unweighted)["ndcg@10"] is unweighted["ndcg@10"]
+
+
+def test_paired_comparison_of_pooled_ndcg_is_the_difference_of_the_ratios() -> None:
+    rng = np.random.default_rng(11)
+    labels = np.where(rng.random((300, 15)) < 0.15, 1.0, 0.0)
+    labels[rng.random(300) < 0.2] = 0.0  # lists without a click
+    labels[:, 12:] = -1.0  # padding
+    weights = rng.uniform(1.0, 6.0, labels.shape)
+    first, second = rng.random(labels.shape), rng.random(labels.shape) + labels * 0.5
+    a = metrics.pooled(per_list_metrics(first, labels, weights))["ndcg@10"]
+    b = metrics.pooled(per_list_metrics(second, labels, weights))["ndcg@10"]
+
+    def ratio(scores: np.ndarray) -> float:
+        gained, ideal = metrics.dcg(scores, labels, 10, weights)
+        return gained.sum() / ideal.sum()
+
+    result = paired_bootstrap(b, a, resamples=200, groups=np.arange(300) // 3)
+    assert result["mean_diff"] == pytest.approx(ratio(second) - ratio(first), abs=1e-12)
+    assert result["mean_diff"] > 0.05 and result["ci_low"] < result["mean_diff"] < result["ci_high"]
 
 
 def test_inverse_propensity_ndcg_undoes_the_logging_policys_advantage() -> None:

@@ -127,9 +127,11 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
     spec = challenger.spec
     champion = SavedModelScorer(champion_dir) if champion_dir else None
     label_name = eval_label or spec.eval_label
+    if propensity_eta is not None and not spec.position:
+        raise ValueError(f"propensity_eta {propensity_eta}: the model's feature spec names no logged position column")
     weighting = gain_weighting(spec, propensity_eta)
     views = {"primary": (label_name, weighting if label_name == spec.label else None)}
-    if label_name == spec.label and spec.position and not weighting:
+    if label_name == spec.label and spec.position and propensity_eta is None and not weighting:
         log.warning("no position-bias estimate (the logs have no randomised bucket to fit it on): NDCG is scored on "
                     "raw logged feedback, which favours the ranking that produced the logs; pass propensity_eta")
     if views["primary"] != (spec.label, None):

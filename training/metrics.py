@@ -6,11 +6,13 @@ item has no defined NDCG/MRR/MAP: it gets NaN and is left out of the means (the 
 scored as 0 or 1. Ties in scores are broken by list order, so a constant scorer reproduces the input order.
 
 On logged clicks, ``per_list_metrics(gain_weights=...)`` and ``pooled`` give the inverse-propensity
-NDCG: each item's gain is weighted (1 / its examination probability), which makes a list's DCG an unbiased
-estimate of its DCG had every slot been examined, and NDCG is the sum of DCG over the sum of ideal DCG over
-lists. A per-list ratio would not do: a list's ideal DCG depends on which items happened to be clicked, which
-the logging order decides, and on simulated clicks the mean of per-list ratios still ranks the logging order
-above a better ranker (``tests/test_metrics.py``).
+NDCG: each item's gain is weighted by 1 / its examination probability, which under the position-based click
+model (with the true exponent, and up to the weights' clip) makes a list's DCG an unbiased estimate of its DCG
+had every slot been examined; NDCG is then the sum of DCG over the sum of ideal DCG over lists. A per-list
+ratio would not do: a list's ideal DCG depends on which items happened to be clicked, which the logging order
+decides, and on simulated clicks the mean of per-list ratios still ranks the logging order above a better
+ranker (``tests/test_metrics.py``). The pooled ratio compares rankers on the same lists; its level depends on
+the lists and the exponent, so it is not comparable across test sets.
 
 Two deliberate differences from ``tfr.keras.metrics`` (the ``val_ndcg_10`` of training logs and MLflow): those
 score a list with no relevant item as 0 and still count it, and break ties at random. On click labels, where
@@ -76,32 +78,36 @@ def per_list_metrics(scores: np.ndarray, labels: np.ndarray,
                      gain_weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every metric of ``METRICS`` per list, for padded [N, L] scores and labels.
 
-    With ``gain_weights`` each ``ndcg@k`` holds the weighted DCG@k instead (NaN where the list has no relevant
-    item) and ``ideal_dcg@k`` its ideal: ``pooled`` turns them into NDCG once every list is in. MRR and
-    MAP, which look at the first or at every relevant item, stay unweighted."""
-    if gain_weights is None:
-        out = {f"ndcg@{k}": ndcg(scores, labels, k) for k in CUTOFFS}
-    else:
-        out = {}
-        for k in CUTOFFS:
+    With ``gain_weights`` there is ``dcg@k`` (the weighted DCG, NaN where the list has no relevant item) and
+    ``ideal_dcg@k`` instead of ``ndcg@k``: ``pooled`` turns them into NDCG once every list is in. MRR and MAP,
+    which look at the first or at every relevant item, stay unweighted."""
+    out = {}
+    for k in CUTOFFS:
+        if gain_weights is None:
+            out[f"ndcg@{k}"] = ndcg(scores, labels, k)
+        else:
             gained, ideal = dcg(scores, labels, k, gain_weights)
-            out[f"ndcg@{k}"], out[f"ideal_dcg@{k}"] = np.where(ideal > 0, gained, np.nan), ideal
+            out[f"dcg@{k}"], out[f"ideal_dcg@{k}"] = np.where(ideal > 0, gained, np.nan), ideal
     out["mrr"] = mrr(scores, labels)
     out["map"] = average_precision(scores, labels)
     return out
 
 
 def pooled(per_list: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``per_list_metrics`` of a set of lists, ready to average: a weighted DCG becomes NDCG as DCG over the mean
-    ideal DCG of the set's lists that have one, so that its mean (and a paired difference's) is the ratio of
-    the sums; unweighted metrics are returned as they are."""
+    """``per_list_metrics`` of a set of lists, ready to average: weighted ``dcg@k`` and ``ideal_dcg@k`` become
+    ``ndcg@k`` = R = sum DCG / sum ideal DCG over the lists that have one, given per list as its linearised
+    share ``R + (DCG - R * ideal) / mean ideal``. Their mean is R, their standard error R's (delta method), and a
+    paired difference's mean the difference of two rankers' R. Unweighted metrics are returned as they are."""
     out = {}
     for name, values in per_list.items():
-        if name.startswith("ideal_"):
+        if name.startswith("ideal_dcg@"):
             continue
-        ideal = per_list.get(f"ideal_{name.replace('ndcg', 'dcg')}")
-        if ideal is not None:
-            values = values / (ideal[ideal > 0].mean() if (ideal > 0).any() else np.nan)
+        if name.startswith("dcg@"):
+            ideal = per_list[f"ideal_{name}"]
+            defined = ~np.isnan(values)
+            scale = ideal[defined].mean() if defined.any() else np.nan
+            ratio = values[defined].sum() / ideal[defined].sum() if defined.any() else np.nan
+            name, values = f"n{name}", ratio + (values - ratio * ideal) / scale
         out[name] = values
     return out
 
