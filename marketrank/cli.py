@@ -107,6 +107,8 @@ def run(
         help="gate: minimum NDCG@10 on the evaluation label (logged clicks: a lower scale, see README)")
     ] = GATE.ndcg_floor,
     min_lift: Annotated[float, typer.Option(help="gate: minimum 95% CI lower bound of the lift")] = GATE.min_lift,
+    min_lift_over_logged: Annotated[float, typer.Option(
+        help="gate: minimum 95% CI lower bound of the lift over the logged order")] = GATE.min_lift_over_logged,
     shadow_sampling: Annotated[float, typer.Option(min=0.01, max=100.0, help="% of requests copied to the shadow")
                                ] = 100.0,
     fresh: Annotated[bool, typer.Option(help="regenerate data and features")] = False,
@@ -120,7 +122,8 @@ def run(
     hparams = dataclasses.replace(_hparams(scorer, loss, epochs, learning_rate, batch_size, ipw_eta, train_seed,
                                            ensemble), shuffle_labels=shuffle_labels)
     config = LocalRunConfig(size=size, seed=seed, dataset=dataset, fresh=fresh, hparams=hparams,
-                            thresholds=GateThresholds(ndcg_floor=ndcg_floor, min_lift=min_lift),
+                            thresholds=GateThresholds(ndcg_floor=ndcg_floor, min_lift=min_lift,
+                                                      min_lift_over_logged=min_lift_over_logged),
                             shadow_sampling_percentage=shadow_sampling)
     report = run_local(config)
     ui.print_run(report)

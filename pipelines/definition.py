@@ -172,6 +172,7 @@ def parameter_defaults(config: PipelineConfig = PipelineConfig()) -> dict[str, s
         "Ensemble": hparams.ensemble,
         "NdcgFloor": thresholds.ndcg_floor,
         "MinLift": thresholds.min_lift,
+        "MinLiftOverLogged": thresholds.min_lift_over_logged,
         # Approved: the quality gate is the approval. DeployShadow creates a SageMaker Model from the package,
         # which SageMaker only allows for Approved versions; the challenger then only shadows the champion
         # (copied traffic, no user impact) and promotion stays a separate, explicit action. With
@@ -188,7 +189,7 @@ HYPERPARAMETERS = {"Scorer": "scorer", "Loss": "loss", "Epochs": "epochs", "Lear
                    "BatchSize": "batch-size", "IpwEta": "ipw-eta", "Ensemble": "ensemble",
                    "MlflowTrackingServerArn": "mlflow-tracking-uri"}
 #: Gate threshold (``pipelines.gate.Check.threshold``) -> pipeline parameter.
-THRESHOLD_PARAMETERS = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift"}
+THRESHOLD_PARAMETERS = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift", "min_lift_over_logged": "MinLiftOverLogged"}
 ENUMS = {"Scorer": list(SCORERS), "Loss": list(LOSS_NAMES), "ModelApprovalStatus": list(APPROVAL_STATUSES)}
 
 

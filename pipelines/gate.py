@@ -1,9 +1,12 @@
 """The quality gate: thresholds and decision, in one place for the SageMaker ConditionStep and the local run.
 
-A challenger passes when BOTH checks hold:
-  * its NDCG@10 on the test split is at least the floor, and
+A challenger passes when ALL checks hold:
+  * its NDCG@10 on the test split is at least the floor,
   * the lower bound of the paired-bootstrap 95% CI of (challenger - champion) NDCG@10 is at least the minimum lift
-    (with no champion yet, ``evaluation.json`` carries ``NO_CHAMPION_LIFT`` there, so the first model passes).
+    (with no champion yet, ``evaluation.json`` carries ``NO_CHAMPION_LIFT`` there, so the first model passes), and
+  * the same lower bound against the logged order, the ranking the test lists were shown in (what production
+    served), is at least its minimum: on real logs, where the floor's scale is the weighted clicks', this is
+    what keeps a first model worse than production out (no logged positions, e.g. LETOR: it passes).
 
 ``CHECKS`` names each check's JSON path in ``evaluation.json`` (from ``training.report``) and its threshold;
 ``decide`` evaluates them on a report, ``conditions`` turns them into SageMaker conditions.
@@ -28,6 +31,8 @@ class Check:
 CHECKS: tuple[Check, ...] = (
     Check("ndcg@10", report.metric_path(report.PRIMARY_METRIC), "ndcg_floor"),
     Check("ndcg@10 lift over champion (95% CI lower bound)", report.LIFT_LOWER_BOUND_PATH, "min_lift"),
+    Check("ndcg@10 lift over the logged order (95% CI lower bound)", report.LOGGED_ORDER_LIFT_PATH,
+          "min_lift_over_logged"),
 )
 
 
@@ -38,6 +43,8 @@ class GateThresholds:
     #: Minimum lower bound of the bootstrap CI of (challenger - champion) NDCG@10. 0 means "not worse, with 95%
     #: confidence"; a small negative value tolerates noise-level regressions.
     min_lift: float = -0.005
+    #: Minimum lower bound of the same CI against the logged order: 0 means "better than what was shown".
+    min_lift_over_logged: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -518,10 +518,12 @@ def test_a_failed_quality_gate_leaves_the_endpoint_as_it_was(world):
         decision = gate.decide(evaluation, gate.GateThresholds())
         return invoke(world, "deploy_shadow", package) if decision.passed else None
 
-    def evaluation(ndcg: float, lift_low: float) -> dict:
-        doc = {"ranking_metrics": {"ndcg@10": {"value": ndcg}}, "comparison": {"ci_low": lift_low}}
+    def evaluation(ndcg: float, lift_low: float, over_logged_low: float = 0.3) -> dict:
+        doc = {"ranking_metrics": {"ndcg@10": {"value": ndcg}}, "comparison": {"ci_low": lift_low},
+               "logged_order_comparison": {"ci_low": over_logged_low}}
         assert report.get_path(doc, report.metric_path()) == ndcg  # the gate's own paths resolve in it
         assert report.get_path(doc, report.LIFT_LOWER_BOUND_PATH) == lift_low
+        assert report.get_path(doc, report.LOGGED_ORDER_LIFT_PATH) == over_logged_low
         return doc
 
     assert deploy_if_passed(evaluation(0.7, report.NO_CHAMPION_LIFT), 1)["action"] == "create"
@@ -530,6 +532,8 @@ def test_a_failed_quality_gate_leaves_the_endpoint_as_it_was(world):
     decision = gate.decide(bad, gate.GateThresholds())
     assert not decision.passed and "lift" in decision.message
     assert not gate.decide(evaluation(0.2, 0.01), gate.GateThresholds()).passed  # under the floor
+    worse_than_shown = gate.decide(evaluation(0.7, report.NO_CHAMPION_LIFT, -0.02), gate.GateThresholds())
+    assert not worse_than_shown.passed and "logged order" in worse_than_shown.message  # a first model, too
     assert not gate.decide({"comparison": {"ci_low": 0.1}}, gate.GateThresholds()).passed  # metric missing
     assert deploy_if_passed(bad, 2) is None
     after = (world.sm.describe_endpoint(EndpointName=ENDPOINT), endpoint_config(world.sm), n_configs(world.sm))

@@ -173,7 +173,7 @@ def test_gate_conditions_are_the_gate_checks(steps):
     assert [c["Type"] for c in conditions] == ["GreaterThanOrEqualTo"] * len(gate.CHECKS)
     assert [c["LeftValue"] for c in conditions] == [json_get(check.path) for check in gate.CHECKS]
     assert [c["LeftValue"]["Std:JsonGet"]["Path"] for c in conditions] == [c.path for c in gate.CHECKS]
-    thresholds = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift"}
+    thresholds = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift", "min_lift_over_logged": "MinLiftOverLogged"}
     assert [c["RightValue"] for c in conditions] == [param(thresholds[c.threshold]) for c in gate.CHECKS]
     assert {c.threshold for c in gate.CHECKS} == set(thresholds)
 
@@ -181,7 +181,7 @@ def test_gate_conditions_are_the_gate_checks(steps):
 def test_fail_message_names_every_metric_value_and_threshold(steps):
     message = steps["QualityGateFailed"]["Arguments"]["ErrorMessage"]["Std:Join"]["Values"]
     text = "".join(v for v in message if isinstance(v, str))
-    thresholds = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift"}
+    thresholds = {"ndcg_floor": "NdcgFloor", "min_lift": "MinLift", "min_lift_over_logged": "MinLiftOverLogged"}
     for check in gate.CHECKS:
         assert check.metric in text
         at = message.index(json_get(check.path))
@@ -207,6 +207,7 @@ def test_parameters_and_defaults(definition):
         "Ensemble": ("Integer", hparams.ensemble),
         "NdcgFloor": ("Float", thresholds.ndcg_floor),
         "MinLift": ("Float", thresholds.min_lift),
+        "MinLiftOverLogged": ("Float", thresholds.min_lift_over_logged),
         "ModelApprovalStatus": ("String", "Approved"),
         "MlflowTrackingServerArn": ("String", ""),
         "ShadowSamplingPercentage": ("Float", 20.0),

@@ -82,6 +82,9 @@ def test_build_report_without_champion() -> None:
     assert get_path(rep, LIFT_LOWER_BOUND_PATH) == NO_CHAMPION_LIFT
     assert rep["comparison"]["metric"] == PRIMARY_METRIC
     assert rep["comparison"]["mean_diff"] is None
+    # No logged-order comparison given (LETOR has no positions): its check's path resolves to a pass.
+    assert get_path(rep, report.LOGGED_ORDER_LIFT_PATH) == report.NO_LOGGED_ORDER_LIFT
+    assert rep["logged_order_comparison"]["mean_diff"] is None
     assert rep["champion"] is None
     assert rep["model"] == "m-1" and rep["lists"] == 3
     assert get_path(rep, "per_segment.search['ndcg@5'].value") == pytest.approx(0.6)

@@ -108,6 +108,11 @@ def test_evaluation_json_has_sagemaker_model_metrics_shape(tiny_run):
     evaluation = json.loads(Path(tiny_run["report"]["evaluation"]).read_text())
     assert set(evaluation["ranking_metrics"]["ndcg@10"]) >= {"value", "standard_deviation"}
     assert evaluation["comparison"]["ci_low"] == 1.0  # no champion: the lift condition passes by definition
+    logged = evaluation["logged_order_comparison"]  # the gate's third check: better than what users were shown
+    assert logged["resampled_by"] == "user_id" and logged["ci_low"] <= logged["mean_diff"] <= logged["ci_high"]
+    assert logged["mean_diff"] == pytest.approx(evaluation["ranking_metrics"]["ndcg@10"]["value"]
+                                                - evaluation["baselines"]["legacy"]["overall"]["ndcg@10"]["value"])
+    assert logged["ci_low"] > 0.1  # four epochs already rank far better than popularity + recency
     assert evaluation["secondary"]["label"] == "label"  # also scored on logged feedback
     assert {"legacy", "oracle"} <= set(evaluation["baselines"])
 

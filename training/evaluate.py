@@ -3,7 +3,8 @@
 Scores the test lists with the exported signature (plain TensorFlow, exactly what TF Serving runs), computes
 NDCG@5/10/20, MRR and MAP overall and per segment (surface) against the spec's ``eval_label`` (the simulator's
 true relevance when present), the same for the legacy logging order and the oracle, and, given a champion
-model, a paired bootstrap 95% CI of the NDCG@10 difference.
+model, a paired bootstrap 95% CI of the NDCG@10 difference; the same against the logged order (what users were
+shown), which the gate also checks.
 
 Logged feedback is position-biased: a click needs the slot to be examined, and the ranking that produced the
 logs put its own favourites in the examined slots, so click NDCG favours it. When the spec carries the logged
@@ -195,13 +196,16 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
 
     primary = {name: metrics.pooled(values) for name, values in joined["primary"].items()}
     challenger_summary = summary("challenger")
-    comparison = None
-    if champion:
-        groups = np.concatenate(clusters) if len(clusters) and sum(map(len, clusters)) == n_lists else None
-        comparison = {"metric": report.PRIMARY_METRIC, **metrics.paired_bootstrap(
-            primary["challenger"][report.PRIMARY_METRIC], primary["champion"][report.PRIMARY_METRIC],
+    groups = np.concatenate(clusters) if len(clusters) and sum(map(len, clusters)) == n_lists else None
+
+    def lift_over(other: str) -> dict[str, Any] | None:  # paired bootstrap of (challenger - other), by user
+        if other not in primary:
+            return None
+        return {"metric": report.PRIMARY_METRIC, **metrics.paired_bootstrap(
+            primary["challenger"][report.PRIMARY_METRIC], primary[other][report.PRIMARY_METRIC],
             resamples=bootstrap_resamples, seed=seed, groups=groups),
             "resampled_by": CLUSTER_COLUMN if groups is not None else "list"}
+
     info: dict[str, Any] = {"eval_label": label_name, "eval_gain_weights": views["primary"][1], "lists": n_lists,
                             "model": str(challenger.path),
                             "champion_model": str(champion.path) if champion else None, "source": spec.source}
@@ -213,7 +217,8 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
     result = report.build_report(
         challenger=challenger_summary["overall"], per_segment=challenger_summary["per_segment"],
         baselines={name: summary(name) for name in ("legacy", "oracle") if name in primary},
-        champion=summary("champion") if champion else None, comparison=comparison, info=info)
+        champion=summary("champion") if champion else None, comparison=lift_over("champion"), info=info,
+        logged_order_comparison=lift_over("legacy"))
     if output_dir is not None:
         path = report.write_report(result, output_dir)
         log.info("wrote %s", path)

@@ -41,16 +41,22 @@ def metric_path(metric: str = PRIMARY_METRIC) -> str:
 LIFT_LOWER_BOUND_PATH = "comparison.ci_low"
 #: Value written at LIFT_LOWER_BOUND_PATH when there is no champion yet (the first model always passes lift).
 NO_CHAMPION_LIFT = 1.0
+#: The same for (challenger - the logged order): the ranking users were shown, i.e. what production served.
+LOGGED_ORDER_LIFT_PATH = "logged_order_comparison.ci_low"
+#: Value written at LOGGED_ORDER_LIFT_PATH when the data has no logged positions (LETOR).
+NO_LOGGED_ORDER_LIFT = 1.0
 
 
 def build_report(challenger: dict[str, Any], per_segment: dict[str, Any], baselines: dict[str, Any],
                  champion: dict[str, Any] | None, comparison: dict[str, Any] | None,
-                 info: dict[str, Any]) -> dict[str, Any]:
-    """Assemble ``evaluation.json``; the comparison block is always present so the gate's path always resolves."""
+                 info: dict[str, Any], logged_order_comparison: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble ``evaluation.json``; the comparison blocks are always present so the gate's paths always resolve."""
     comparison = comparison or {"metric": PRIMARY_METRIC, "mean_diff": None, "ci_low": NO_CHAMPION_LIFT,
                                 "ci_high": None, "note": "no champion: nothing to compare against"}
+    logged = logged_order_comparison or {"metric": PRIMARY_METRIC, "mean_diff": None, "ci_low": NO_LOGGED_ORDER_LIFT,
+                                         "ci_high": None, "note": "no logged positions: no logged order to compare"}
     return {"ranking_metrics": challenger, "per_segment": per_segment, "baselines": baselines,
-            "champion": champion, "comparison": comparison, **info}
+            "champion": champion, "comparison": comparison, "logged_order_comparison": logged, **info}
 
 
 def get_path(report: dict[str, Any], path: str) -> Any:
