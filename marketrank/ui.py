@@ -73,10 +73,13 @@ def quality_table(report: dict[str, Any], metrics: tuple[str, ...] = ("ndcg@5", 
 def print_run(report: dict[str, Any]) -> None:
     """The run report as the CLI shows it: quality table, gate decision, deployment."""
     console.print(quality_table(report))
-    if report.get("comparison"):
-        c = report["comparison"]
+    for key, against in (("comparison", f"champion ({report.get('champion_model')})"),
+                         ("logged_order_comparison", "the logged order")):
+        c = report.get(key)
+        if not c or c.get("mean_diff") is None:
+            continue
         by_user = f", resampling {c['clusters']} users" if c.get("resampled_by") == "user_id" else ""
-        console.print(f"challenger - champion ({report.get('champion_model')}) ndcg@10: {c['mean_diff']:+.4f} "
+        console.print(f"challenger - {against} ndcg@10: {c['mean_diff']:+.4f} "
                       f"[95% CI {c['ci_low']:+.4f}, {c['ci_high']:+.4f}] over {c['lists']} lists{by_user}")
     if report.get("gate"):
         colour = "green" if report["gate"]["passed"] else "red"

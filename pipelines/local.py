@@ -145,6 +145,8 @@ def summarize(evaluation: dict[str, Any]) -> dict[str, Any]:
     if evaluation.get("champion"):
         out["champion"] = evaluation["champion"]
         out["comparison"] = evaluation["comparison"]
+    if (evaluation.get("logged_order_comparison") or {}).get("mean_diff") is not None:
+        out["logged_order_comparison"] = evaluation["logged_order_comparison"]
     primary = evaluation_report.PRIMARY_METRIC
     challenger = evaluation["ranking_metrics"][primary]["value"]
     if "oracle" in out and out["oracle"]["overall"][primary]["value"]:

@@ -46,6 +46,7 @@ def test_metric_path_brackets_non_identifier_keys() -> None:
     assert metric_path("mrr") == "ranking_metrics.mrr.value"
     assert metric_path("ndcg_10") == "ranking_metrics.ndcg_10.value"
     assert LIFT_LOWER_BOUND_PATH == "comparison.ci_low"
+    assert report.LOGGED_ORDER_LIFT_PATH == "logged_order_comparison.ci_low"
     for unreadable in ("ndcg.10", "it's", "a]b"):
         with pytest.raises(ValueError, match="cannot be a JsonGet path step"):
             metric_path(unreadable)

@@ -174,6 +174,12 @@ def test_logged_clicks_are_scored_with_inverse_propensity_ndcg(tiny_run, tmp_pat
     assert on_clicks["secondary"]["rankers"]["challenger"]["overall"]["ndcg@10"]["value"] == pytest.approx(
         raw["rankers"]["challenger"]["overall"]["ndcg@10"]["value"])
     assert on_clicks["comparison"]["mean_diff"] == pytest.approx(0.0, abs=1e-12)  # one weighting for both
+    assert on_clicks["logged_order_comparison"]["ci_low"] > 0  # weighted clicks: the model beats the logged order
+    raw_clicks = evaluate(model, test, None, eval_label=spec.label, bootstrap_resamples=50)  # no estimate at all
+    assert raw_clicks["eval_gain_weights"] is None and raw_clicks["comparison"]["mean_diff"] is None
+    # On raw clicks the logged order wins by construction: no comparison is made, and the note says why.
+    assert raw_clicks["logged_order_comparison"]["mean_diff"] is None
+    assert "propensity_eta" in raw_clicks["logged_order_comparison"]["note"]
 
 
 def test_ipw_eta_comes_from_the_spec_unless_set():

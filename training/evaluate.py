@@ -153,7 +153,9 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
         if label_name not in batch:
             raise KeyError(f"evaluation label {label_name!r} is not in the evaluation data")
         candidates = dict(scorers)
-        if spec.position and spec.position in batch:
+        if spec.position and spec.position not in batch:  # the gate compares against the logged order
+            raise KeyError(f"the logged position {spec.position!r} is not in the evaluation data")
+        if spec.position:
             candidates["legacy"] = lambda b: -b[spec.position]
         if spec.oracle_score and spec.oracle_score in batch:
             candidates["oracle"] = lambda b: b[spec.oracle_score]
@@ -161,9 +163,6 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
         for view, (label, weighted) in views.items():
             if label not in batch:
                 continue
-            if weighted and spec.position not in batch:
-                raise KeyError(f"the logged position {spec.position!r} (for inverse-propensity weights) is not in "
-                               "the evaluation data")
             scored[view] = (np.where(batch[MASK], batch[label], -1.0),
                             propensity.propensity_weights(batch[spec.position], weighted["eta"], batch[MASK],
                                                           weighted["clip"]) if weighted else None)
@@ -198,13 +197,25 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
     challenger_summary = summary("challenger")
     groups = np.concatenate(clusters) if len(clusters) and sum(map(len, clusters)) == n_lists else None
 
-    def lift_over(other: str) -> dict[str, Any] | None:  # paired bootstrap of (challenger - other), by user
-        if other not in primary:
-            return None
-        return {"metric": report.PRIMARY_METRIC, **metrics.paired_bootstrap(
-            primary["challenger"][report.PRIMARY_METRIC], primary[other][report.PRIMARY_METRIC],
-            resamples=bootstrap_resamples, seed=seed, groups=groups),
-            "resampled_by": CLUSTER_COLUMN if groups is not None else "list"}
+    def lift_over(other: str) -> dict[str, Any]:  # paired bootstrap of (challenger - other), by user
+        try:
+            return {"metric": report.PRIMARY_METRIC, **metrics.paired_bootstrap(
+                primary["challenger"][report.PRIMARY_METRIC], primary[other][report.PRIMARY_METRIC],
+                resamples=bootstrap_resamples, seed=seed, groups=groups),
+                "resampled_by": CLUSTER_COLUMN if groups is not None else "list"}
+        except ValueError as err:  # no list with a relevant item: the gate's check fails on the missing bound
+            return {"metric": report.PRIMARY_METRIC, "mean_diff": None, "ci_low": None, "ci_high": None,
+                    "note": str(err)}
+
+    logged_order = None  # no positions (LETOR): report.build_report's passing placeholder
+    if "legacy" in primary and views["primary"] == (spec.label, None):
+        # Raw logged feedback: the logging order wins by construction, so the comparison would fail any model.
+        log.warning("no comparison with the logged order on raw logged feedback (no position-bias estimate)")
+        logged_order = {"metric": report.PRIMARY_METRIC, "mean_diff": None, "ci_low": report.NO_LOGGED_ORDER_LIFT,
+                        "ci_high": None, "note": "raw logged feedback favours the logging order: no fair "
+                                                 "comparison without a position-bias estimate (propensity_eta)"}
+    elif "legacy" in primary:
+        logged_order = lift_over("legacy")
 
     info: dict[str, Any] = {"eval_label": label_name, "eval_gain_weights": views["primary"][1], "lists": n_lists,
                             "model": str(challenger.path),
@@ -217,8 +228,8 @@ def evaluate(model_dir: str | Path, batches: Batches | str | Path, output_dir: s
     result = report.build_report(
         challenger=challenger_summary["overall"], per_segment=challenger_summary["per_segment"],
         baselines={name: summary(name) for name in ("legacy", "oracle") if name in primary},
-        champion=summary("champion") if champion else None, comparison=lift_over("champion"), info=info,
-        logged_order_comparison=lift_over("legacy"))
+        champion=summary("champion") if champion else None, comparison=lift_over("champion") if champion else None,
+        info=info, logged_order_comparison=logged_order)
     if output_dir is not None:
         path = report.write_report(result, output_dir)
         log.info("wrote %s", path)
