@@ -135,3 +135,27 @@ def test_missing_strings_in_the_data_read_as_empty(string_codes):
     np.testing.assert_array_equal(brand, [["acme", "", ""], ["", "", ""]])
     np.testing.assert_array_equal(arrays["surface"], ["feed", ""])
     np.testing.assert_array_equal(arrays[MASK], [[True, True, False], [True, False, False]])
+
+
+def test_inverse_propensity_ndcg_metric_is_the_evaluations_pooled_ndcg():
+    """The Keras curve (``val_ipw_ndcg_10``) must be the number ``training.evaluate`` reports on logged clicks,
+    summed over batches: weighted DCG over weighted ideal DCG, padding (-1) and clickless lists ignored."""
+    from training import metrics
+    from training.model import InversePropensityNDCG
+
+    rng = np.random.default_rng(1)
+    labels = np.where(rng.random((8, 15)) < 0.2, rng.integers(1, 5, (8, 15)), 0).astype(np.float32)
+    labels[:, 12:] = -1.0
+    labels[3] = np.where(labels[3] >= 0, 0.0, -1.0)  # a list without a click
+    scores = rng.normal(size=(8, 15)).astype(np.float32)
+    weights = rng.uniform(1.0, 5.0, (8, 15)).astype(np.float32)
+    metric = InversePropensityNDCG()
+    metric.update_state(labels[:4], scores[:4], weights[:4])
+    metric.update_state(labels[4:], scores[4:], weights[4:])
+    per_list = metrics.per_list_metrics(scores.astype(np.float64), labels.astype(np.float64), weights)
+    expected = np.nanmean(metrics.pooled(per_list)["ndcg@10"])
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-9)
+    raw = float(np.nanmean(metrics.ndcg(scores, labels, 10)))
+    assert abs(float(metric.result()) - raw) > 0.01  # the weights matter: this is not tfr's per-list NDCG
+    metric.reset_state()
+    assert float(metric.result()) == 0.0

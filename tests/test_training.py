@@ -182,6 +182,22 @@ def test_logged_clicks_are_scored_with_inverse_propensity_ndcg(tiny_run, tmp_pat
     assert "propensity_eta" in raw_clicks["logged_order_comparison"]["note"]
 
 
+def test_training_with_ipw_tracks_and_can_stop_on_the_weighted_click_ndcg(tiny_run, tmp_path):
+    from training.train import train
+
+    features = tiny_run["features"]
+    spec = FeatureSpec.load(features / "feature_spec.json")
+    hparams = HParams(epochs=2, learning_rate=0.003, ipw_eta=0.8, early_stopping="val_ipw_ndcg_10")
+    result = train(features / "train", features / "valid", spec, hparams, tmp_path / "model")
+    curve = result.history["val_ipw_ndcg_10"]
+    assert len(curve) == len(result.history["loss"]) and all(0.0 < v <= 1.0 for v in curve)
+    assert result.best_epoch == 1 + int(np.argmax(curve))  # the epoch kept is the curve's best
+    assert result.validation["val_ipw_ndcg_10"] == max(curve)
+    with pytest.raises(ValueError, match="val_ipw_ndcg_10 needs inverse-propensity weights"):
+        train(features / "train", features / "valid", spec, HParams(epochs=1, ipw_eta=0.0,
+                                                                    early_stopping="val_ipw_ndcg_10"), tmp_path / "m2")
+
+
 def test_ipw_eta_comes_from_the_spec_unless_set():
     spec = FeatureSpec(features=(), list_size=8, position="position", propensity_eta=0.8)
     assert resolve_ipw_eta(HParams(), spec) == pytest.approx(0.8)

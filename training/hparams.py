@@ -28,7 +28,8 @@ class HParams:
     #: the export averages their scores. On ``default``, 3 members: test NDCG@10 0.9262 against 0.9204, at 3.4x
     #: the training time and +0.3 ms a 300-candidate model call (README, "Measured results").
     ensemble: int = 1
-    #: "val_loss" or "val_ndcg_10" (see training.train.EARLY_STOPPING).
+    #: "val_loss", "val_ndcg_10" (raw clicks) or "val_ipw_ndcg_10" (weighted clicks; needs IPW) (see
+    #: training.train.EARLY_STOPPING).
     early_stopping: str = "val_loss"
     #: Inverse-propensity weighting of click labels by logged position: examination ~ (1 + pos) ** -ipw_eta.
     #: None uses the estimate the feature job wrote into the spec (no weighting if it has none); 0 disables.
@@ -46,8 +47,9 @@ class HParams:
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if self.early_stopping not in ("val_loss", "val_ndcg_10"):
-            raise ValueError(f"early_stopping must be val_loss or val_ndcg_10, got {self.early_stopping!r}")
+        if self.early_stopping not in ("val_loss", "val_ndcg_10", "val_ipw_ndcg_10"):
+            raise ValueError("early_stopping must be val_loss, val_ndcg_10 or val_ipw_ndcg_10, got "
+                             f"{self.early_stopping!r}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1 (members), got {self.ensemble}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -164,13 +164,56 @@ def average_scores(members: list[tf.keras.Model]) -> tf.keras.Model:
     return members[0] if len(members) == 1 else _Average(members, name=f"marketrank_x{len(members)}")
 
 
-def compile_model(model: tf.keras.Model, hparams: HParams) -> tf.keras.Model:
+class InversePropensityNDCG(tf.keras.metrics.Metric):
+    """NDCG@topn on logged clicks with each item's gain weighted by its sample weight (the inverse examination
+    propensity) and pooled over lists: sum of DCG over sum of ideal DCG, what ``training.metrics`` and the
+    evaluation report on logged clicks. ``tfr.keras.metrics.NDCGMetric`` averages per-list ratios of the raw
+    clicks, which reward the logging order. Training cuts the weights to mean 1 per batch, which scales a batch's
+    DCG and ideal alike: the pooled ratio only weighs batches a little differently."""
+
+    def __init__(self, topn: int = 10, name: str = "ipw_ndcg_10", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.topn = topn
+        self.gained = self.add_weight(name="dcg", initializer="zeros", dtype=tf.float64)
+        self.ideal = self.add_weight(name="ideal_dcg", initializer="zeros", dtype=tf.float64)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labels = tf.cast(y_true, tf.float64)
+        valid = labels >= 0  # padding is labelled -1
+        weights = tf.ones_like(labels) if sample_weight is None else tf.cast(sample_weight, tf.float64)
+        zeros = tf.zeros_like(labels)
+        gains = tf.where(valid, (tf.pow(tf.constant(2.0, tf.float64), tf.maximum(labels, zeros)) - 1.0) * weights,
+                         zeros)
+        scores = tf.where(valid, tf.cast(y_pred, tf.float64), zeros + tf.constant(-np.inf, tf.float64))
+        order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)[:, : self.topn]
+        ranked = tf.gather(gains, order, batch_dims=1)
+        best = tf.sort(gains, axis=1, direction="DESCENDING")[:, : self.topn]
+        ranks = tf.range(2, tf.shape(ranked)[1] + 2)
+        discount = tf.constant(np.log(2.0), tf.float64) / tf.math.log(tf.cast(ranks, tf.float64))
+        self.gained.assign_add(tf.reduce_sum(ranked * discount))
+        self.ideal.assign_add(tf.reduce_sum(best * discount))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.gained, self.ideal)
+
+    def reset_state(self):
+        self.gained.assign(0.0)
+        self.ideal.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "topn": self.topn}
+
+
+def compile_model(model: tf.keras.Model, hparams: HParams, ipw: bool = False) -> tf.keras.Model:
+    """``ipw``: the labels come with inverse-propensity sample weights; the loss takes them, and so does
+    ``ipw_ndcg_10`` (``InversePropensityNDCG``), the training and validation curve that does not reward the
+    logging order. The other metrics score the raw clicks."""
     model.compile(
         optimizer=tf.keras.optimizers.Adam(hparams.learning_rate),
         loss=LOSSES[hparams.loss](),
         metrics=[tfr.keras.metrics.NDCGMetric(topn=10, name="ndcg_10"),
                  tfr.keras.metrics.NDCGMetric(topn=5, name="ndcg_5"),
                  tfr.keras.metrics.MRRMetric(name="mrr")],
-        weighted_metrics=[],
+        weighted_metrics=[InversePropensityNDCG()] if ipw else [],
     )
     return model

@@ -32,12 +32,13 @@ log = logging.getLogger("marketrank.train")
 LETOR_FEATURE = "features"
 #: Early-stopping signal -> (Keras log key, mode). The validation loss is weighted like training (IPW), so on
 #: position-biased clicks it tracks true relevance more smoothly than NDCG@10 of the sparse clicks does.
-EARLY_STOPPING = {"val_loss": ("val_loss", "min"), "val_ndcg_10": ("val_ndcg_10", "max")}
+EARLY_STOPPING = {"val_loss": ("val_loss", "min"), "val_ndcg_10": ("val_ndcg_10", "max"),
+                  "val_ipw_ndcg_10": ("val_ipw_ndcg_10", "max")}
 #: Lists longer than this are sampled down for LETOR training (evaluation always uses whole lists).
 LETOR_TRAIN_LIST_SIZE = 200
 #: What a SageMaker training job reads from this script's log (its MetricDefinitions): the Keras log key of
 #: each metric shown in Studio and Experiments, per epoch. ``epoch_line`` writes the lines they match.
-LOGGED_METRICS = ("loss", "ndcg_10", "mrr", "val_loss", "val_ndcg_10", "val_mrr")
+LOGGED_METRICS = ("loss", "ndcg_10", "mrr", "val_loss", "val_ndcg_10", "val_mrr", "val_ipw_ndcg_10")
 
 
 def epoch_line(epoch: int, logs: dict[str, float]) -> str:
@@ -232,6 +233,9 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
     tf.keras.utils.set_random_seed(hparams.seed)
     preprocessor = Preprocessor(spec)
     eta = resolve_ipw_eta(hparams, spec)
+    if hparams.early_stopping == "val_ipw_ndcg_10" and eta <= 0:
+        raise ValueError("early_stopping val_ipw_ndcg_10 needs inverse-propensity weights: the feature spec has no "
+                         "position-bias estimate and --ipw-eta is not set (or is 0)")
     extra = ("position",) if eta > 0 else ()
 
     batch_size = hparams.batch_size if in_memory(hparams, spec, train_source, valid_source) else None
@@ -270,7 +274,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
             with strategy.scope():
                 # Members need names of their own inside the ensemble; a single model keeps build_model's.
                 name = f"marketrank_{hparams.scorer}_{member + 1}" if hparams.ensemble > 1 else None
-                model = compile_model(build_model(spec, hparams, name), hparams)
+                model = compile_model(build_model(spec, hparams, name), hparams, ipw=eta > 0)
             epoch_logger.offset = len(history.get("loss", ()))
             fitted, took = _fit(model, train_ds, valid_ds, hparams, [*callbacks, epoch_logger.callback])
             member_seconds.append(took)
@@ -283,7 +287,7 @@ def train(train_source, valid_source, spec: FeatureSpec, hparams, model_dir: str
             validation = {k: v[best_epochs[0] - 1] for k, v in history.items() if k.startswith("val_")}
         else:
             with strategy.scope():
-                model = compile_model(average_scores(members), hparams)
+                model = compile_model(average_scores(members), hparams, ipw=eta > 0)
             scores = model.evaluate(valid_ds, verbose=0, return_dict=True)
             validation = {f"val_{k}": float(v) for k, v in scores.items()}
             log.info("ensemble of %d: %s", len(members), " ".join(f"{k}={v:.4f}" for k, v in
