@@ -442,7 +442,7 @@ def pipeline_start(
     param: Annotated[list[str] | None, typer.Option("--param", help="KEY=VALUE pipeline parameter override")] = None,
     name: PipelineName = None, region: Region = None, bucket: Bucket = None, role_arn: RoleArn = None,
 ) -> None:
-    """Start an execution, optionally overriding parameters (--param Epochs=20 --param NdcgFloor=0.6)."""
+    """Start an execution, optionally overriding parameters (--param Epochs=20 --param NdcgFloor=0.4)."""
     _quiet_logs(False)
     from pipelines.definition import start
 

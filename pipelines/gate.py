@@ -40,7 +40,7 @@ CHECKS: tuple[Check, ...] = (
 class GateThresholds:
     #: Absolute floor on the challenger's NDCG@10: a sanity check on both of the metric's scales (true relevance;
     #: inverse-propensity weighted clicks on real logs, which read about half as high). Random order scores 0.27
-    #: and 0.14 on the default data; the lift checks carry the real bar.
+    #: and 0.14 on the default data; where there is a champion or a logged order, the lift checks carry the bar.
     ndcg_floor: float = 0.3
     #: Minimum lower bound of the bootstrap CI of (challenger - champion) NDCG@10. 0 means "not worse, with 95%
     #: confidence"; a small negative value tolerates noise-level regressions.

@@ -159,3 +159,27 @@ def test_inverse_propensity_ndcg_metric_is_the_evaluations_pooled_ndcg():
     assert abs(float(metric.result()) - raw) > 0.01  # the weights matter: this is not tfr's per-list NDCG
     metric.reset_state()
     assert float(metric.result()) == 0.0
+
+
+def test_inverse_propensity_ndcg_gets_the_sample_weights_through_keras():
+    """Through ``compile(weighted_metrics=...)`` and ``evaluate``, with ties and lists shorter than the cut-off:
+    the same number as ``metrics.pooled``; the same metric compiled unweighted reads differently."""
+    import tensorflow as tf
+    import tensorflow_ranking as tfr
+
+    from training import metrics
+    from training.model import InversePropensityNDCG
+
+    rng = np.random.default_rng(4)
+    labels = np.where(rng.random((6, 7)) < 0.3, rng.integers(1, 3, (6, 7)), 0).astype(np.float32)
+    labels[:, 5:] = -1.0
+    scores = rng.integers(0, 3, (6, 7)).astype(np.float32)  # many ties
+    weights = np.where(labels >= 0, rng.uniform(1.0, 6.0, (6, 7)), 0.0).astype(np.float32)
+    inputs = tf.keras.Input(shape=(7,))
+    model = tf.keras.Model(inputs, tf.keras.layers.Lambda(lambda x: x)(inputs))
+    model.compile(loss=tfr.keras.losses.SoftmaxLoss(), weighted_metrics=[InversePropensityNDCG()],
+                  metrics=[InversePropensityNDCG(name="raw")])
+    got = model.evaluate(scores, labels, sample_weight=weights, batch_size=6, verbose=0, return_dict=True)
+    per_list = metrics.per_list_metrics(scores.astype(np.float64), labels.astype(np.float64), weights)
+    assert got["ipw_ndcg_10"] == pytest.approx(np.nanmean(metrics.pooled(per_list)["ndcg@10"]), rel=1e-6)
+    assert abs(got["raw"] - got["ipw_ndcg_10"]) > 1e-3

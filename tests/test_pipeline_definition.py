@@ -264,7 +264,7 @@ def test_training_metrics_match_the_lines_train_py_logs(steps):
     definitions = steps["Train"]["Arguments"]["AlgorithmSpecification"]["MetricDefinitions"]
     assert [d["Name"] for d in definitions] == [f"train:{key}" for key in LOGGED_METRICS]
     logs = {"loss": 0.5, "mrr": 0.9, "ndcg_10": 0.8123, "ndcg_5": 0.7, "val_loss": 0.61, "val_mrr": 0.95,
-            "val_ndcg_10": 0.7766, "val_ndcg_5": 0.72, "val_ipw_ndcg_10": 0.4879}
+            "val_ndcg_10": 0.7766, "val_ndcg_5": 0.72, "ipw_ndcg_10": 0.4512, "val_ipw_ndcg_10": 0.4879}
     line = "2026-11-26 07:00:00 INFO marketrank.train " + epoch_line(4, logs)
     for definition in definitions:
         key = definition["Name"].removeprefix("train:")

@@ -194,8 +194,11 @@ def test_training_with_ipw_tracks_and_can_stop_on_the_weighted_click_ndcg(tiny_r
     assert result.best_epoch == 1 + int(np.argmax(curve))  # the epoch kept is the curve's best
     assert result.validation["val_ipw_ndcg_10"] == max(curve)
     with pytest.raises(ValueError, match="val_ipw_ndcg_10 needs inverse-propensity weights"):
-        train(features / "train", features / "valid", spec, HParams(epochs=1, ipw_eta=0.0,
-                                                                    early_stopping="val_ipw_ndcg_10"), tmp_path / "m2")
+        HParams(ipw_eta=0.0, early_stopping="val_ipw_ndcg_10")  # refused before any work
+    assert spec.propensity_eta is None  # tiny logs: no estimate, so "auto" means no weights either
+    with pytest.raises(ValueError, match="val_ipw_ndcg_10 needs inverse-propensity weights"):
+        train(features / "train", features / "valid", spec, HParams(epochs=1, early_stopping="val_ipw_ndcg_10"),
+              tmp_path / "m2")
 
 
 def test_ipw_eta_comes_from_the_spec_unless_set():

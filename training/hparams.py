@@ -50,6 +50,8 @@ class HParams:
         if self.early_stopping not in ("val_loss", "val_ndcg_10", "val_ipw_ndcg_10"):
             raise ValueError("early_stopping must be val_loss, val_ndcg_10 or val_ipw_ndcg_10, got "
                              f"{self.early_stopping!r}")
+        if self.early_stopping == "val_ipw_ndcg_10" and self.ipw_eta == 0:
+            raise ValueError("early_stopping val_ipw_ndcg_10 needs inverse-propensity weights, but ipw_eta is 0")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1 (members), got {self.ensemble}")
         if self.epochs < 1 or self.batch_size < 1:

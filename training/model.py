@@ -166,10 +166,11 @@ def average_scores(members: list[tf.keras.Model]) -> tf.keras.Model:
 
 class InversePropensityNDCG(tf.keras.metrics.Metric):
     """NDCG@topn on logged clicks with each item's gain weighted by its sample weight (the inverse examination
-    propensity) and pooled over lists: sum of DCG over sum of ideal DCG, what ``training.metrics`` and the
-    evaluation report on logged clicks. ``tfr.keras.metrics.NDCGMetric`` averages per-list ratios of the raw
-    clicks, which reward the logging order. Training cuts the weights to mean 1 per batch, which scales a batch's
-    DCG and ideal alike: the pooled ratio only weighs batches a little differently."""
+    propensity) and pooled over lists: sum of DCG over sum of ideal DCG, as ``training.metrics`` computes the
+    evaluation's number on logged clicks. ``tfr.keras.metrics.NDCGMetric`` averages per-list ratios of the raw
+    clicks, which reward the logging order. Close to, not the same as, the evaluation's number: training scales
+    the weights to mean 1 per batch (a batch's DCG and ideal alike, so batches weigh a little differently) and
+    cuts lists to the spec's list size."""
 
     def __init__(self, topn: int = 10, name: str = "ipw_ndcg_10", **kwargs):
         super().__init__(name=name, **kwargs)

@@ -38,7 +38,7 @@ EARLY_STOPPING = {"val_loss": ("val_loss", "min"), "val_ndcg_10": ("val_ndcg_10"
 LETOR_TRAIN_LIST_SIZE = 200
 #: What a SageMaker training job reads from this script's log (its MetricDefinitions): the Keras log key of
 #: each metric shown in Studio and Experiments, per epoch. ``epoch_line`` writes the lines they match.
-LOGGED_METRICS = ("loss", "ndcg_10", "mrr", "val_loss", "val_ndcg_10", "val_mrr", "val_ipw_ndcg_10")
+LOGGED_METRICS = ("loss", "ndcg_10", "mrr", "val_loss", "val_ndcg_10", "val_mrr", "ipw_ndcg_10", "val_ipw_ndcg_10")
 
 
 def epoch_line(epoch: int, logs: dict[str, float]) -> str:
