@@ -82,6 +82,16 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 1000, confidence: float = 
             "ci_high": float(np.quantile(means, 1.0 - alpha)), "lists": int(values.size)}
 
 
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-a of two score lists over the same items (pairs tied in either count as neither)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size != b.size or a.size < 2:
+        raise ValueError(f"kendall_tau needs two equal-length lists of >= 2 values, got {a.size} and {b.size}")
+    upper = np.triu_indices(a.size, 1)
+    signs = np.sign(a[:, None] - a[None, :])[upper] * np.sign(b[:, None] - b[None, :])[upper]
+    return float(signs.sum() / signs.size)
+
+
 def gap_closed(naive: float, debiased: float, oracle: float) -> float:
     """Share of the naive model's gap to the oracle that the debiased model closes (1 = reaches the oracle)."""
     gap = oracle - naive

@@ -4,6 +4,10 @@ the same splits and features and scored on the same whole test lists.
 Metrics are NDCG@5/10 and MRR on the evaluation label (the simulator's true relevance; the logged label on LETOR)
 with percentile-bootstrap 95% CIs, overall and per surface. The TF-Ranking model that the goals compare is the
 one with the best *validation* NDCG@10: picking it on the test split would flatter it.
+
+On simulated data every ranker is also scored on the logged clicks, raw and inverse-propensity weighted (the
+evaluation's metric on real logs), and ``click_metric_agreement`` says how well each orders the rankers as the
+true relevance does (Kendall's tau): the evidence for scoring real logs, and gating on them, the weighted way.
 """
 
 from __future__ import annotations
@@ -40,19 +44,47 @@ def tfr_name(scorer: str, loss: str, members: int = 1) -> str:
 
 
 def evaluate_rankers(dataset: Dataset, scorers: dict[str, rankers.Scorer], split: str) -> dict[str, Any]:
-    """Per-list metrics of every scorer on ``split`` against the spec's evaluation label, and the segments."""
+    """Per-list metrics of every scorer on ``split`` against the spec's evaluation label, and the segments. When
+    the logged label is another one and the spec has a position-bias estimate, also ``clicks``: each scorer's
+    NDCG@10 on the logged clicks, raw and inverse-propensity weighted (pooled, as ``training.evaluate``)."""
+    from training.propensity import propensity_weights
+
     spec = dataset.spec
+    eta = spec.propensity_eta if spec.position and spec.eval_label != spec.label else None
     per_list: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in scorers}
+    clicks: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in scorers}
     segments: list[np.ndarray] = []
     for batch in dataset.batches(split)():
         labels = np.where(batch[MASK], batch[spec.eval_label], -1.0)
+        logged = np.where(batch[MASK], batch[spec.label], -1.0) if eta else None
+        weights = propensity_weights(batch[spec.position], eta, batch[MASK]) if eta else None
         for name, scorer in scorers.items():
-            for metric, values in metrics.per_list_metrics(scorer(batch), labels).items():
+            scores = scorer(batch)
+            for metric, values in metrics.per_list_metrics(scores, labels).items():
                 per_list[name].setdefault(metric, []).append(values)
+            if eta:
+                dcg, ideal = metrics.dcg(scores, logged, 10, weights)
+                for key, values in (("raw", metrics.ndcg(scores, logged, 10)), ("dcg", dcg), ("ideal", ideal)):
+                    clicks[name].setdefault(key, []).append(values)
         if spec.segment:
             segments.append(np.asarray(batch[spec.segment]).astype(str))
-    return {"per_list": {name: {m: np.concatenate(v) for m, v in by.items()} for name, by in per_list.items()},
-            "segments": np.concatenate(segments) if segments else None}
+    out = {"per_list": {name: {m: np.concatenate(v) for m, v in by.items()} for name, by in per_list.items()},
+           "segments": np.concatenate(segments) if segments else None}
+    if eta:
+        out["clicks"] = {name: {"raw": float(np.nanmean(np.concatenate(c["raw"]))),
+                                "weighted": float(np.concatenate(c["dcg"]).sum() / np.concatenate(c["ideal"]).sum())}
+                         for name, c in clicks.items()}
+    return out
+
+
+def click_metric_agreement(result: dict[str, Any], clicks: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Kendall's tau between the rankers' test NDCG@10 on the evaluation label and on the logged clicks, raw and
+    weighted: which click metric orders rankers as the truth does."""
+    names = sorted(clicks)
+    truth = [result["rankers"][n]["overall"][PRIMARY]["value"] for n in names]
+    return {"metric": PRIMARY, "eta": result["propensity_eta"], "rankers": len(names),
+            **{f"kendall_tau_{kind}": common.kendall_tau(truth, [clicks[n][kind] for n in names])
+               for kind in ("raw", "weighted")}}
 
 
 def summarize(per_list: dict[str, np.ndarray], segments: np.ndarray | None, resamples: int = 1000) -> dict:
@@ -120,6 +152,10 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple, ...] =
                            **summarize(test["per_list"][name], test["segments"], resamples)}
                     for name in scorers},
     }
+    if "clicks" in test:
+        for name, values in test["clicks"].items():
+            result["rankers"][name]["test_click_ndcg@10"] = values
+        result["click_metric_agreement"] = click_metric_agreement(result, test["clicks"])
     result["goals"] = goals(result, test["per_list"], resamples)
     result["seconds"] = time.perf_counter() - started
     return result

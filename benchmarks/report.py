@@ -127,6 +127,13 @@ def quality_section(name: str, result: dict[str, Any], out_dir: Path) -> list[st
         g = goals["oracle_share"]
         lines.append(f"- `{best}` reaches {g['value']:.1%} of the oracle's test NDCG@10: goal >= {g['goal']:.0%} "
                      f"{_yes(g['met'])}.")
+    agreement = result.get("click_metric_agreement")
+    if agreement:
+        lines.append(f"- Scored on the logged clicks instead (`test_click_ndcg@10` per ranker), the "
+                     f"inverse-propensity weighted NDCG@10 (eta {_f(agreement['eta'], 3)}; what real logs are "
+                     f"evaluated and gated on) orders the {agreement['rankers']} rankers as `{result['eval_label']}` "
+                     f"does with Kendall's tau {agreement['kendall_tau_weighted']:+.3f}; raw click NDCG@10 with "
+                     f"{agreement['kendall_tau_raw']:+.3f}.")
     stops = {n: r.get("early_stopping") for n, r in rankers if r.get("kind") == "lambdamart"}
     if stops:  # results from before the record stopped every LambdaMART on raw click NDCG
         lines.append("- LambdaMART early stopping: " + "; ".join(

@@ -21,6 +21,14 @@ FAST_LAMBDAMART = rankers.LambdaMartParams(max_rounds=60, early_stopping_rounds=
 # ---------------------------------------------------------------- arithmetic
 
 
+def test_kendall_tau():
+    assert common.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert common.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert common.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)  # 2 concordant pairs, 1 discordant
+    with pytest.raises(ValueError, match="equal-length"):
+        common.kendall_tau([1, 2], [1])
+
+
 def test_gap_closed():
     assert common.gap_closed(naive=0.6, debiased=0.8, oracle=1.0) == pytest.approx(0.5)
     assert common.gap_closed(naive=0.6, debiased=0.5, oracle=1.0) == pytest.approx(-0.25)
@@ -71,6 +79,31 @@ def test_oracle_is_perfect_and_lambdamart_beats_random_order(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_rankers_are_also_scored_on_raw_and_weighted_clicks(tiny):
+    """With a position-bias estimate, each ranker's click NDCG@10 comes raw and weighted (the evaluation's pooled
+    metric); the weighted one must take away the logging order's advantage on its own clicks."""
+    from training import metrics
+    from training.propensity import propensity_weights
+
+    assert "clicks" not in quality.evaluate_rankers(tiny, quality.baselines(tiny), "test")  # tiny: no estimate
+    with_eta = dataclasses.replace(tiny, spec=dataclasses.replace(tiny.spec, propensity_eta=0.8))
+    clicks = quality.evaluate_rankers(with_eta, quality.baselines(with_eta), "test")["clicks"]
+    gained = ideal = 0.0
+    for batch in with_eta.batches("test")():
+        mask = batch["mask"]
+        dcg, best = metrics.dcg(-batch["position"].astype(np.float64), np.where(mask, batch["label"], -1.0), 10,
+                                propensity_weights(batch["position"], 0.8, mask))
+        gained, ideal = gained + dcg.sum(), ideal + best.sum()
+    assert clicks["legacy"]["weighted"] == pytest.approx(gained / ideal)
+    raw_gap = clicks["oracle"]["raw"] - clicks["legacy"]["raw"]
+    assert clicks["oracle"]["weighted"] - clicks["legacy"]["weighted"] > raw_gap + 0.1, clicks
+    result = {"propensity_eta": 0.8, "rankers": {n: {"overall": {"ndcg@10": {"value": v}}}
+                                                 for n, v in (("legacy", 0.3), ("oracle", 1.0))}}
+    agreement = quality.click_metric_agreement(result, clicks)
+    assert agreement["rankers"] == 2 and agreement["kendall_tau_weighted"] == 1.0
+
+
 def test_ipw_lambdamart_weights_clicked_items_only_and_position_debiasing_trains(tiny):
     from training import metrics
     from training.propensity import propensity_weights
@@ -286,6 +319,8 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
     # a number changed in the JSON is the number in the report: nothing is typed by hand
     changed = copy.deepcopy(result)
     changed["rankers"]["lambdamart"]["overall"]["ndcg@10"]["value"] = 0.123456
+    changed["click_metric_agreement"] = {"metric": "ndcg@10", "eta": 0.784, "rankers": 12,
+                                         "kendall_tau_raw": -0.5454, "kendall_tau_weighted": 0.9091}
     (results / "quality-tiny.json").write_text(json.dumps(changed))
     serving = _serving()
     serving["results"][1]["latency_ms"]["p99"] = 77.77
@@ -296,6 +331,7 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
         (results / "quality-tiny.json").write_text(json.dumps(result))
         (results / "serving.json").write_text(json.dumps(_serving()))
     assert "| `lambdamart` | " in text and "0.1235 [" in text
+    assert "orders the 12 rankers as `relevance` does with Kendall's tau +0.909; raw click NDCG@10 with -0.545" in text
     assert "| 300 | 9.0 | 20.0 | 77.8 |" in text
 
 
