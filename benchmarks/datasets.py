@@ -65,12 +65,17 @@ def from_features(features: Path, name: str, simulator: dict[str, Any] | None = 
     extra = ("position",) if spec.position else ()
     if spec.eval_label != spec.label and spec.eval_label in data.available_columns(features / "train"):
         extra += (spec.eval_label,)  # the feature ceiling's training label
+    # Simulated data: item and user ids, which the taste-informed reference looks the simulator's latents up by.
+    available = data.available_columns(features / "train") if simulator is not None else set()
+    ids = tuple(c for c in ("item_id",) if c in available)
+    users = tuple(c for c in (evaluate.CLUSTER_COLUMN,) if c in available)
 
     def batches(split: str) -> Batches:
         if split == "train":
-            return lambda: data.iter_batches(features / split, spec, 1024, list_size=None, columns_extra=extra)
-        # whole lists with the logged label, the evaluation label, position and oracle score
-        return evaluate.parquet_batches(features / split, spec, extra_labels=(spec.eval_label,))
+            return lambda: data.iter_batches(features / split, spec, 1024, list_size=None,
+                                             columns_extra=extra + ids, keep_columns=users)
+        # whole lists with the logged label, the evaluation label, position and oracle score (and user ids)
+        return evaluate.parquet_batches(features / split, spec, extra_labels=(spec.eval_label, *ids))
 
     return Dataset(name=name, spec=spec, train_source=features / "train", valid_source=features / "valid",
                    batches=batches, sizes={**stats["splits"], "path": str(features)}, simulator=simulator,

@@ -36,6 +36,9 @@ TFR_MODELS: tuple[tuple, ...] = (*((scorer, loss) for scorer in ("dnn", "din")
 ORACLE_SHARE_GOAL = 0.95
 #: The feature-ceiling reference (``rankers.train_feature_ceiling``): trained on true relevance, not a contender.
 CEILING = "reference-ceiling"
+#: The same with the simulator's latent taste added to the features (``rankers.taste_columns``): how much of the
+#: oracle the logged features miss of the users' taste and the items' quality.
+TASTE_CEILING = "reference-taste"
 Progress = Callable[[str], None]
 
 
@@ -137,6 +140,10 @@ def run_quality(dataset: Dataset, work_dir: Path, *, models: tuple[tuple, ...] =
     if dataset.spec.oracle_score and dataset.spec.eval_label and dataset.spec.eval_label != dataset.spec.label:
         note("feature ceiling: LambdaMART on the training split's true relevance (a reference)")
         scorers[CEILING], trained[CEILING] = rankers.train_feature_ceiling(dataset, lambdamart)
+        if dataset.simulator:
+            note("taste ceiling: the same with the simulator's latent taste as features (a reference)")
+            scorers[TASTE_CEILING], trained[TASTE_CEILING] = rankers.train_feature_ceiling(
+                dataset, lambdamart, extra=rankers.taste_columns(dataset))
     if trained_out is not None:
         trained_out.update({name: (scorers[name], trained[name]) for name in trained if name.startswith("tfr-")})
     note("scoring the validation and test splits")
@@ -191,4 +198,8 @@ def goals(result: dict[str, Any], per_list: dict[str, dict[str, np.ndarray]], re
             ceiling = rank[CEILING]["overall"][PRIMARY]["value"]
             out["feature_ceiling"] = {"value": ceiling, "oracle_share": ceiling / oracle,
                                       "best_tf_ranking_share": value / ceiling}
+        if TASTE_CEILING in rank:
+            taste = rank[TASTE_CEILING]["overall"][PRIMARY]["value"]
+            out["taste_ceiling"] = {"value": taste, "oracle_share": taste / oracle,
+                                    "features": rank[TASTE_CEILING].get("extra_features", [])}
     return out

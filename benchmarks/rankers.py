@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.datasets import Dataset, feature_columns, item_matrix
+from training.evaluate import CLUSTER_COLUMN
 from training.feature_spec import MASK
 
 Scorer = Callable[[dict[str, Any]], np.ndarray]
@@ -44,7 +45,16 @@ class LambdaMartParams:
     seed: int = 42
 
 
-def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
+#: Columns appended to a batch's ``item_matrix`` rows (one row per real item), e.g. the simulator's latents.
+ExtraColumns = Callable[[dict[str, Any]], np.ndarray]
+
+
+def _rows(batch: dict[str, Any], spec, extra: ExtraColumns | None) -> tuple[np.ndarray, np.ndarray]:
+    x, group = item_matrix(batch, spec)
+    return (np.column_stack([x, extra(batch).astype(np.float32)]) if extra else x), group  # float32 as x
+
+
+def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None, extra: ExtraColumns | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Rows, group sizes, labels, IPW weights (``eta`` > 0) and logged positions (None without them).
 
@@ -55,7 +65,7 @@ def _matrices(dataset: Dataset, split: str, eta: float, label: str | None = None
 
     xs, groups, labels, positions = [], [], [], []
     for batch in dataset.batches(split)():
-        x, group = item_matrix(batch, dataset.spec)
+        x, group = _rows(batch, dataset.spec, extra)
         mask = batch[MASK]
         xs.append(x)
         groups.append(group)
@@ -105,12 +115,12 @@ def ipw_ndcg_at_10(group: np.ndarray, label: np.ndarray, position: np.ndarray, e
     return feval
 
 
-def _scorer(booster, spec) -> Scorer:
+def _scorer(booster, spec, extra: ExtraColumns | None = None) -> Scorer:
     """Scores [B, L] for a padded batch: the booster's prediction per real item, -1e9 on padding."""
     def score(batch: dict[str, Any]) -> np.ndarray:
         mask = batch[MASK]
         out = np.full(mask.shape, -1e9, dtype=np.float64)
-        out[mask] = booster.predict(item_matrix(batch, spec)[0], num_iteration=booster.best_iteration)
+        out[mask] = booster.predict(_rows(batch, spec, extra)[0], num_iteration=booster.best_iteration)
         return out
 
     return score
@@ -154,19 +164,22 @@ def train_lambdamart(dataset: Dataset, params: LambdaMartParams = LambdaMartPara
 
 
 def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMartParams(),
-                          threads: int = 0) -> tuple[Scorer, dict[str, Any]]:
+                          threads: int = 0, extra: tuple[list[str], ExtraColumns] | None = None
+                          ) -> tuple[Scorer, dict[str, Any]]:
     """A reference, not a contender: LambdaMART trained on the training split's *evaluation label* (the
     simulator's true relevance), early-stopped on the validation split's. No production model sees that label,
     so its test NDCG@10 estimates how much of the oracle the features can carry at all, whatever the learner and
-    however clean the clicks."""
+    however clean the clicks. ``extra``: (names, columns) added to the features (``taste_columns``)."""
     import lightgbm as lgb
 
     spec = dataset.spec
     if not spec.eval_label or spec.eval_label == spec.label:
         raise ValueError(f"{dataset.name}: the feature ceiling needs an evaluation label apart from the logged one")
     names, categorical = feature_columns(spec)
-    x, group, label, _, _ = _matrices(dataset, "train", 0.0, label=spec.eval_label)
-    vx, vgroup, vlabel, _, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label)
+    extra_names, columns = extra if extra else ([], None)
+    names = [*names, *extra_names]
+    x, group, label, _, _ = _matrices(dataset, "train", 0.0, label=spec.eval_label, extra=columns)
+    vx, vgroup, vlabel, _, _ = _matrices(dataset, "valid", 0.0, label=spec.eval_label, extra=columns)
     train_set = lgb.Dataset(x, label, group=group, feature_name=names, categorical_feature=categorical,
                             free_raw_data=True)
     stop_set = lgb.Dataset(vx, vlabel, group=vgroup, reference=train_set)
@@ -178,7 +191,33 @@ def train_feature_ceiling(dataset: Dataset, params: LambdaMartParams = LambdaMar
     info = {"trained_on": f"train split's {spec.eval_label} ({len(group)} lists; early-stopped on the valid "
                           f"split's)", "best_iteration": booster.best_iteration,
             "train_seconds": time.perf_counter() - start, "train_items": int(label.size)}
-    return _scorer(booster, spec), info
+    if extra_names:
+        info["extra_features"] = list(extra_names)
+    return _scorer(booster, spec, columns), info
+
+
+def taste_columns(dataset: Dataset) -> tuple[list[str], ExtraColumns]:
+    """The simulator's latent terms of each item's utility for its list's user (``marketrank.simulator.Taste``:
+    style preference, preferred brand, price miss, item quality), drawn again from the dataset's simulator
+    config, as (names, columns) for ``train_feature_ceiling``. Needs the batches' item and user ids."""
+    from marketrank.simulator import STYLES, SimConfig, Taste, taste
+
+    if not dataset.simulator:
+        raise ValueError(f"{dataset.name}: not simulated, so there is no latent taste to read")
+    latent = taste(SimConfig(**dataset.simulator))
+
+    def columns(batch: dict[str, Any]) -> np.ndarray:
+        mask = batch[MASK]
+        users = np.broadcast_to(np.asarray(batch[CLUSTER_COLUMN])[:, None], mask.shape)[mask]
+        items = Taste.index(np.asarray(batch["item_id"])[mask])
+        # The replay must be the simulation that wrote these logs (same config, same simulator code).
+        if "item_style" in batch and not np.array_equal(np.array(STYLES)[latent.item_style[items]],
+                                                        np.asarray(batch["item_style"])[mask].astype(str)):
+            raise ValueError(f"{dataset.name}: the simulator's replayed items differ from the logged ones (logs "
+                             f"simulated by other simulator code?): simulate the data again")
+        return latent.parts(Taste.index(users), items)
+
+    return list(Taste.PARTS), columns
 
 
 def eval_label_callback(dataset: Dataset):

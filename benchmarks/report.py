@@ -145,6 +145,15 @@ def quality_section(name: str, result: dict[str, Any], out_dir: Path) -> list[st
                      f"On test it reaches {_f(g['value'])} = {g['oracle_share']:.1%} of the oracle: "
                      f"roughly what these features can carry with clean labels. `{best}`, learning from clicks, "
                      f"reaches {g['best_tf_ranking_share']:.1%} of that.")
+    if "taste_ceiling" in goals:
+        g = goals["taste_ceiling"]
+        parts = ", ".join(f"`{n}`" for n in g["features"])
+        lines.append(f"- Taste ceiling: `reference-taste` is the same LambdaMART given, besides the features, the "
+                     f"simulator's latent terms of each item's utility for its user ({parts}; no log holds them). "
+                     f"It reaches {_f(g['value'])} = {g['oracle_share']:.1%} of the oracle; the rest is the "
+                     f"utility's noise and what the learner does not fit. The distance from the feature ceiling to "
+                     f"it is what the logged features do not reveal of these terms (the user's taste and the "
+                     f"item's quality).")
     return [*lines, ""]
 
 
@@ -240,6 +249,15 @@ def _paced_cells(r: dict[str, Any]) -> list[str]:
     return [f"{_f(paced['p50'], 2)} / {_f(paced['p99'], 2)}", f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x"]
 
 
+def _alone_cell(r: dict[str, Any]) -> str:
+    """The endpoint driven alone at the same arrivals (results from before it was measured: n/a)."""
+    latency = (r.get("endpoint_alone") or {}).get("latency_ms") or {}
+    if latency.get("p99") is None:
+        return "n/a"
+    errors = r["endpoint_alone"]["errors"]
+    return f"{_f(latency['p50'], 1)} / {_f(latency['p99'], 1)}" + (f" ({errors} errors)" if errors else "")
+
+
 def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
     rows = []
     for r in result["results"]:
@@ -247,10 +265,10 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
         rows.append([str(r["candidates"]), _f(lat["p50"], 1), _f(lat["p95"], 1), _f(lat["p99"], 1),
                      _f(r["throughput_rps"], 1), f"{r['errors']} ({_pct(r.get('error_rate'))})",
                      f"{r['fallbacks']} ({_pct(r.get('fallback_rate'))})", _f(floor["p50"], 2), _f(floor["p99"], 2),
-                     f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x", *_paced_cells(r)])
+                     f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x", *_paced_cells(r), _alone_cell(r)])
     header = ["candidates", "p50 ms", "p95 ms", "p99 ms", "throughput req/s", "errors", "fallbacks",
               "raw model p50 ms", "raw model p99 ms", "overhead vs raw model p50 / p99",
-              "raw model paced p50 / p99 ms", "overhead vs paced p50 / p99"]
+              "raw model paced p50 / p99 ms", "overhead vs paced p50 / p99", "endpoint alone p50 / p99 ms"]
     settings, target = result.get("settings", {}), result.get("target", {})
     machine = {**result.get("machine", {}), "versions": result.get("versions", {}),
                "loadavg": (result.get("machine") or {}).get("loadavg_before")}
@@ -260,7 +278,9 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              f"{settings.get('seconds')} s per candidate count. Raw model floor: the SavedModel signature run in "
              "process on the same inputs, in a session as the local endpoint (and TF Serving) runs it, back to "
              "back, and *paced* (each call after an idle pause drawn like "
-             "the load's arrival gaps, as every request under the load finds the cores idle).", ""]
+             "the load's arrival gaps, as every request under the load finds the cores idle). Endpoint alone: "
+             "the same arrivals sent straight to the model endpoint with the API's predict bodies; the API's "
+             "p99 cannot be lower than its.", ""]
     lines += _table(header, rows)
     feature_change = _feature_change(result.get("workspace") or {})
     if feature_change:

@@ -109,6 +109,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"feature ceiling (LambdaMART on true relevance) {ceiling['value']:.4f} = "
                          f"{ceiling['oracle_share']:.1%} of the oracle; best TF-Ranking reaches "
                          f"{ceiling['best_tf_ranking_share']:.1%} of it")
+        taste = result.get("goals", {}).get("taste_ceiling")
+        if taste:
+            lines.append(f"taste ceiling (the same with the simulator's latent taste) {taste['value']:.4f} = "
+                         f"{taste['oracle_share']:.1%} of the oracle")
         return lines
     return [f"{s['dataset']:8s} {s['train_lists']:>7,} lists {s['train_seconds']:7.1f}s "
             f"{s['lists_per_second']:7.0f} lists/s, time-to-quality {s['time_to_quality']['seconds']}s, "

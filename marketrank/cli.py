@@ -715,6 +715,8 @@ def bench_serve(
     model_server: Annotated[str, typer.Option(
         help="local endpoint in a 'process' of its own (as `serve` and production run it) or a 'thread' of the "
              "benchmark's")] = "process",
+    endpoint_alone: Annotated[bool, typer.Option(
+        help="after each load, send the same arrivals straight to the model endpoint (the API's lower bound)")] = True,
     out: Results = None,
     endpoint: EndpointName = "marketrank",
 ) -> None:
@@ -730,7 +732,8 @@ def bench_serve(
     with ui.step("serving benchmark") as s:
         report = bench.run_serving_benchmark(workspace.home(), candidates=counts,
                                              rate=rate, seconds=seconds, endpoint=endpoint, out=out,
-                                             model_server=model_server, progress=s.note)
+                                             model_server=model_server, endpoint_alone=endpoint_alone,
+                                             progress=s.note)
     ui.console.print(bench.format_table(report))
     ui.console.print(f"results {out / 'serving.json'}, plot {out / 'serving_latency.png'}")
 

@@ -109,11 +109,169 @@ def _brands(rng: np.random.Generator, n: int = 120) -> pd.DataFrame:
     return pd.DataFrame({"brand": names, "popularity": popularity / popularity.sum(), "tier": tier, "style": style})
 
 
+@dataclasses.dataclass(frozen=True)
+class Taste:
+    """What an impression's true utility is made of beyond the logs: each user's latent style mixture, preferred
+    brands, price level and price sensitivity, and each item's latent quality (``taste`` draws them as
+    ``simulate`` does). The benchmark's taste-informed reference reads them to measure how much of the oracle
+    the logged features miss of these terms."""
+
+    style_pref: np.ndarray  # [users, styles]
+    is_pref_brand: np.ndarray  # [users, brands]
+    price_level: np.ndarray  # [users]
+    price_sensitivity: np.ndarray  # [users]
+    quality: np.ndarray  # [items]
+    item_style: np.ndarray  # [items], index into STYLES
+    item_brand: np.ndarray  # [items]
+    item_category: np.ndarray  # [items]
+    price: np.ndarray  # [items]
+
+    #: The latent terms of the utility, in the order ``parts`` returns them.
+    PARTS = ("taste_style", "taste_brand", "taste_price", "taste_quality")
+
+    @staticmethod
+    def index(ids: np.ndarray) -> np.ndarray:
+        """Row indices of the simulator's user or item ids (``u000042`` -> 42, ``i0000042`` -> 42)."""
+        return pd.Series(np.asarray(ids, dtype=object)).str.slice(1).astype(np.int64).to_numpy()
+
+    def parts(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
+        """[n, 4] latent utility terms of (user, item) index pairs, as ``simulate`` weighs them: style preference,
+        preferred brand, the price-miss penalty and item quality."""
+        base = np.array(CATEGORY_BASE_PRICE, dtype=float)[self.item_category[item]]
+        price_miss = np.abs(np.log(self.price[item] / (base * self.price_level[user])))
+        return np.stack([2.0 * self.style_pref[user, self.item_style[item]],
+                         1.0 * self.is_pref_brand[user, self.item_brand[item]],
+                         -self.price_sensitivity[user] * price_miss,
+                         0.35 * self.quality[item]], axis=1)
+
+
+def taste(config: SimConfig) -> Taste:
+    """The latent taste and quality a simulation with ``config`` draws (its seed's first draws)."""
+    return _population(config, np.random.default_rng(config.seed))[2]
+
+
 def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, pd.DataFrame]:
     """Run the marketplace for ``config.days`` and return its raw log tables (see README, "Data schema")."""
     if config.items < MIN_ITEMS or config.users < 1 or config.requests < 1:
         raise ValueError(f"simulation needs at least {MIN_ITEMS} items, 1 user and 1 request: got {config}")
     rng = np.random.default_rng(config.seed)
+    users, items, latent, state = _population(config, rng)
+    n_users, n_items, n_styles = config.users, config.items, len(STYLES)
+    end_ms = START_MS + config.days * DAY_MS
+    style_pref, item_brand, item_style, item_category = latent.style_pref, latent.item_brand, latent.item_style, \
+        latent.item_category
+    (brands, main_style, pref_brands, user_country, user_size, activity, item_size, item_condition, seller,
+     seller_country, seller_rating, listed_ms, initial_views, initial_likes) = state
+
+    # Running counters the legacy policy ranks on (the feature job recomputes its own from the logs).
+    views = initial_views.astype(float)
+    likes = initial_likes.astype(float)
+    bags = np.zeros(n_items)
+    order = np.argsort(listed_ms, kind="stable")
+    listed_sorted = listed_ms[order]
+    same_country_item = seller_country[seller]
+
+    request_ms = np.sort(rng.integers(START_MS, end_ms, config.requests))
+    request_user = rng.choice(n_users, size=config.requests, p=activity / activity.sum())
+    is_search = rng.random(config.requests) < 0.55
+    # A small exploration bucket shows results in random order: what lets position bias be measured from logs.
+    randomized = rng.random(config.requests) < config.randomized_share
+    req_rows, imp_rows, int_rows = [], [], []
+    for r in range(config.requests):
+        u, ts = request_user[r], request_ms[r]
+        available = order[: np.searchsorted(listed_sorted, ts)]
+        item_age = (ts - listed_ms[available]) / DAY_MS
+        style_match = style_pref[u, item_style[available]]
+        query, intent_cat, intent_brand, intent_style = None, -1, -1, -1
+        if is_search[r]:
+            intent_cat = rng.choice(len(CATEGORIES))
+            if rng.random() < 0.35:
+                intent_brand = pref_brands[u, rng.integers(0, 5)] if rng.random() < 0.7 else item_brand[
+                    available[rng.integers(0, len(available))]]
+            if rng.random() < 0.35:
+                intent_style = main_style[u] if rng.random() < 0.7 else rng.integers(0, n_styles)
+            words = ([brands["brand"].iat[intent_brand]] if intent_brand >= 0 else []) + (
+                [STYLES[intent_style]] if intent_style >= 0 else []) + [CATEGORIES[intent_cat]]
+            query = " ".join(words)
+            same_brand = item_brand[available] == intent_brand
+            same_style = item_style[available] == intent_style
+            retrieval = 0.05 + (item_category[available] == intent_cat) * (1 + 4 * same_brand + 2 * same_style)
+        else:
+            retrieval = np.log1p(views[available] + 3 * likes[available]) * np.exp(-item_age / 20) + 2 * style_match
+        n_shown = min(int(rng.integers(20, 61)), len(available))
+        shown = available[_weighted_sample(rng, retrieval + 1e-3, n_shown)]
+        age = (ts - listed_ms[shown]) / DAY_MS
+
+        # Legacy policy: popularity + recency, nothing personal.
+        legacy = popularity_recency(views[shown], likes[shown], bags[shown], age) + rng.normal(0, 0.3, n_shown)
+        shown = shown[rng.permutation(n_shown) if randomized[r] else np.argsort(-legacy, kind="stable")]
+        age = (ts - listed_ms[shown]) / DAY_MS
+
+        latent_terms = latent.parts(np.full(n_shown, u), shown)  # the taste a ranker can only estimate
+        utility = (latent_terms[:, 0] + latent_terms[:, 1] + np.where(item_size[shown] == user_size[u], 0.6, -0.4)
+                   + latent_terms[:, 2] + latent_terms[:, 3] + np.array(CONDITION_UTILITY)[item_condition[shown]]
+                   + 0.5 * np.exp(-age / 7) + 0.4 * (seller_rating[shown] - 4.3)
+                   + 0.3 * (same_country_item[shown] == user_country[u]) + rng.normal(0, 0.15, n_shown))
+        if intent_cat >= 0:
+            utility += (np.where(item_category[shown] == intent_cat, 1.5, -1.5)
+                        + 1.0 * (item_brand[shown] == intent_brand) + 0.8 * (item_style[shown] == intent_style))
+
+        position = np.arange(n_shown)
+        examined = rng.random(n_shown) < examination_probability(position, config.position_bias)
+        click = examined & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 2.0)))
+        like = click & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 2.6)))
+        bag = click & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 3.0)))
+        purchase = bag & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 3.0)))
+
+        request_id = f"r{r:08d}"
+        req_rows.append((request_id, u, ts, "search" if is_search[r] else "feed", query,
+                         "random" if randomized[r] else "legacy"))
+        imp_rows.append((np.full(n_shown, r), shown, position, utility))
+        for name, mask, delay in (("click", click, 3_000), ("like", like, 9_000),
+                                  ("add_to_bag", bag, 15_000), ("purchase", purchase, 60_000)):
+            if mask.any():
+                hit = np.flatnonzero(mask)
+                int_rows.append((np.full(hit.size, r), shown[hit], ts + delay + position[hit] * 1_000
+                                 + rng.integers(0, 2_000, hit.size), name))
+        views[shown[examined]] += 1
+        likes[shown[like]] += 1
+        bags[shown[bag]] += 1
+        if progress is not None and (r % 500 == 0 or r == config.requests - 1):
+            progress(r + 1, config.requests)
+
+    user_ids, item_ids = users["user_id"].to_numpy(), items["item_id"].to_numpy()
+    requests = pd.DataFrame(req_rows, columns=["request_id", "user", "ts", "surface", "query", "policy"])
+    requests["user_id"] = user_ids[requests.pop("user").to_numpy()]
+    requests["ts"] = _timestamps(requests["ts"])
+    requests = requests[["request_id", "user_id", "ts", "surface", "query", "policy"]]
+
+    req_idx = np.concatenate([x[0] for x in imp_rows])
+    utility = np.concatenate([x[3] for x in imp_rows])
+    # True relevance grades 0..4 from global utility quantiles: ~55% irrelevant, 3% perfect.
+    cuts = np.quantile(utility, [0.55, 0.8, 0.92, 0.97])
+    impressions = pd.DataFrame({
+        "request_id": np.char.add("r", np.char.zfill(req_idx.astype(str), 8)),
+        "item_id": item_ids[np.concatenate([x[1] for x in imp_rows])],
+        "position": np.concatenate([x[2] for x in imp_rows]).astype(np.int32),
+        "relevance": np.digitize(utility, cuts).astype(np.int32),
+        "true_score": utility.round(5),
+    })
+    interactions = pd.DataFrame({
+        "request_id": np.char.add("r", np.char.zfill(np.concatenate([x[0] for x in int_rows]).astype(str), 8)),
+        "item_id": item_ids[np.concatenate([x[1] for x in int_rows])],
+        "ts": _timestamps(np.concatenate([x[2] for x in int_rows])),
+        "event": np.concatenate([np.full(len(x[0]), x[3]) for x in int_rows]),
+    })
+    interactions = interactions.merge(requests[["request_id", "user_id"]], on="request_id")
+    interactions = interactions.sort_values(["ts", "request_id", "item_id"], kind="stable").reset_index(drop=True)
+    interactions = interactions[["request_id", "user_id", "item_id", "ts", "event"]]
+    return {"users": users, "items": items, "requests": requests, "impressions": impressions,
+            "interactions": interactions}
+
+
+def _population(config: SimConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame, Taste, tuple]:
+    """Users and items (tables, latent taste, and the state the request loop reads), drawn first from ``rng``:
+    ``taste`` replays exactly these draws."""
     n_users, n_items, n_styles = config.users, config.items, len(STYLES)
     brands = _brands(rng)
     n_brands = len(brands)
@@ -195,115 +353,14 @@ def simulate(config: SimConfig, progress: Callable[[int, int], None] | None = No
         "likes": initial_likes,
     })
 
-    # Running counters the legacy policy ranks on (the feature job recomputes its own from the logs).
-    views = initial_views.astype(float)
-    likes = initial_likes.astype(float)
-    bags = np.zeros(n_items)
-    order = np.argsort(listed_ms, kind="stable")
-    listed_sorted = listed_ms[order]
     is_pref_brand = np.zeros((n_users, n_brands), dtype=bool)
     is_pref_brand[np.arange(n_users)[:, None], pref_brands] = True
-    same_country_item = seller_country[seller]
-    base_price = np.array(CATEGORY_BASE_PRICE, dtype=float)
-
-    request_ms = np.sort(rng.integers(START_MS, end_ms, config.requests))
-    request_user = rng.choice(n_users, size=config.requests, p=activity / activity.sum())
-    is_search = rng.random(config.requests) < 0.55
-    # A small exploration bucket shows results in random order: what lets position bias be measured from logs.
-    randomized = rng.random(config.requests) < config.randomized_share
-    req_rows, imp_rows, int_rows = [], [], []
-    for r in range(config.requests):
-        u, ts = request_user[r], request_ms[r]
-        available = order[: np.searchsorted(listed_sorted, ts)]
-        item_age = (ts - listed_ms[available]) / DAY_MS
-        style_match = style_pref[u, item_style[available]]
-        query, intent_cat, intent_brand, intent_style = None, -1, -1, -1
-        if is_search[r]:
-            intent_cat = rng.choice(len(CATEGORIES))
-            if rng.random() < 0.35:
-                intent_brand = pref_brands[u, rng.integers(0, 5)] if rng.random() < 0.7 else item_brand[
-                    available[rng.integers(0, len(available))]]
-            if rng.random() < 0.35:
-                intent_style = main_style[u] if rng.random() < 0.7 else rng.integers(0, n_styles)
-            words = ([brands["brand"].iat[intent_brand]] if intent_brand >= 0 else []) + (
-                [STYLES[intent_style]] if intent_style >= 0 else []) + [CATEGORIES[intent_cat]]
-            query = " ".join(words)
-            same_brand = item_brand[available] == intent_brand
-            same_style = item_style[available] == intent_style
-            retrieval = 0.05 + (item_category[available] == intent_cat) * (1 + 4 * same_brand + 2 * same_style)
-        else:
-            retrieval = np.log1p(views[available] + 3 * likes[available]) * np.exp(-item_age / 20) + 2 * style_match
-        n_shown = min(int(rng.integers(20, 61)), len(available))
-        shown = available[_weighted_sample(rng, retrieval + 1e-3, n_shown)]
-        age = (ts - listed_ms[shown]) / DAY_MS
-
-        # Legacy policy: popularity + recency, nothing personal.
-        legacy = popularity_recency(views[shown], likes[shown], bags[shown], age) + rng.normal(0, 0.3, n_shown)
-        shown = shown[rng.permutation(n_shown) if randomized[r] else np.argsort(-legacy, kind="stable")]
-        age = (ts - listed_ms[shown]) / DAY_MS
-
-        price_miss = np.abs(np.log(price[shown] / (base_price[item_category[shown]] * price_level[u])))
-        utility = (2.0 * style_pref[u, item_style[shown]] + 1.0 * is_pref_brand[u, item_brand[shown]]
-                   + np.where(item_size[shown] == user_size[u], 0.6, -0.4)
-                   - price_sensitivity[u] * price_miss
-                   + 0.35 * quality[shown] + np.array(CONDITION_UTILITY)[item_condition[shown]]
-                   + 0.5 * np.exp(-age / 7) + 0.4 * (seller_rating[shown] - 4.3)
-                   + 0.3 * (same_country_item[shown] == user_country[u]) + rng.normal(0, 0.15, n_shown))
-        if intent_cat >= 0:
-            utility += (np.where(item_category[shown] == intent_cat, 1.5, -1.5)
-                        + 1.0 * (item_brand[shown] == intent_brand) + 0.8 * (item_style[shown] == intent_style))
-
-        position = np.arange(n_shown)
-        examined = rng.random(n_shown) < examination_probability(position, config.position_bias)
-        click = examined & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 2.0)))
-        like = click & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 2.6)))
-        bag = click & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 3.0)))
-        purchase = bag & (rng.random(n_shown) < _sigmoid(2.0 * (utility - 3.0)))
-
-        request_id = f"r{r:08d}"
-        req_rows.append((request_id, u, ts, "search" if is_search[r] else "feed", query,
-                         "random" if randomized[r] else "legacy"))
-        imp_rows.append((np.full(n_shown, r), shown, position, utility))
-        for name, mask, delay in (("click", click, 3_000), ("like", like, 9_000),
-                                  ("add_to_bag", bag, 15_000), ("purchase", purchase, 60_000)):
-            if mask.any():
-                hit = np.flatnonzero(mask)
-                int_rows.append((np.full(hit.size, r), shown[hit], ts + delay + position[hit] * 1_000
-                                 + rng.integers(0, 2_000, hit.size), name))
-        views[shown[examined]] += 1
-        likes[shown[like]] += 1
-        bags[shown[bag]] += 1
-        if progress is not None and (r % 500 == 0 or r == config.requests - 1):
-            progress(r + 1, config.requests)
-
-    user_ids, item_ids = users["user_id"].to_numpy(), items["item_id"].to_numpy()
-    requests = pd.DataFrame(req_rows, columns=["request_id", "user", "ts", "surface", "query", "policy"])
-    requests["user_id"] = user_ids[requests.pop("user").to_numpy()]
-    requests["ts"] = _timestamps(requests["ts"])
-    requests = requests[["request_id", "user_id", "ts", "surface", "query", "policy"]]
-
-    req_idx = np.concatenate([x[0] for x in imp_rows])
-    utility = np.concatenate([x[3] for x in imp_rows])
-    # True relevance grades 0..4 from global utility quantiles: ~55% irrelevant, 3% perfect.
-    cuts = np.quantile(utility, [0.55, 0.8, 0.92, 0.97])
-    impressions = pd.DataFrame({
-        "request_id": np.char.add("r", np.char.zfill(req_idx.astype(str), 8)),
-        "item_id": item_ids[np.concatenate([x[1] for x in imp_rows])],
-        "position": np.concatenate([x[2] for x in imp_rows]).astype(np.int32),
-        "relevance": np.digitize(utility, cuts).astype(np.int32),
-        "true_score": utility.round(5),
-    })
-    interactions = pd.DataFrame({
-        "request_id": np.char.add("r", np.char.zfill(np.concatenate([x[0] for x in int_rows]).astype(str), 8)),
-        "item_id": item_ids[np.concatenate([x[1] for x in int_rows])],
-        "ts": _timestamps(np.concatenate([x[2] for x in int_rows])),
-        "event": np.concatenate([np.full(len(x[0]), x[3]) for x in int_rows]),
-    })
-    interactions = interactions.merge(requests[["request_id", "user_id"]], on="request_id")
-    interactions = interactions.sort_values(["ts", "request_id", "item_id"], kind="stable").reset_index(drop=True)
-    interactions = interactions[["request_id", "user_id", "item_id", "ts", "event"]]
-    return {"users": users, "items": items, "requests": requests, "impressions": impressions,
-            "interactions": interactions}
+    latent = Taste(style_pref=style_pref, is_pref_brand=is_pref_brand, price_level=price_level,
+                   price_sensitivity=price_sensitivity, quality=quality, item_style=item_style,
+                   item_brand=item_brand, item_category=item_category, price=price)
+    state = (brands, main_style, pref_brands, user_country, user_size, activity, item_size, item_condition,
+             seller, seller_country, seller_rating, listed_ms, initial_views, initial_likes)
+    return users, items, latent, state
 
 
 def _arrow_schemas() -> dict[str, pa.Schema]:

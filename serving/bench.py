@@ -25,6 +25,9 @@ materialised first when it is empty. Then, per candidate count:
   pause drawn like the load's arrival gaps (``floor.paced``, and the API's ``ratio_to_paced_floor``). Under
   open-loop load every request finds the cores idle, and on the 2-core dev VM such a call takes longer than
   one right after another (a waking vCPU, colder caches).
+* **Endpoint alone** (``endpoint_alone``, on by default): the same arrivals again, sent straight to the model
+  endpoint's predict route with the predict body the API would send for each request (built before the load).
+  It is the model stage at this rate with nothing in front of it: the API's p99 cannot be lower than its.
 
 The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
 count the latency percentiles of all answers (and of model-ranked and fallback answers apart), the achieved
@@ -272,9 +275,11 @@ def build_plan(catalogue: Catalogue, candidates: int, rate: float, seconds: floa
 # ---------------------------------------------------------------------------------------------- load generator
 
 async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float] | None, timeout_s: float,
-                 max_connections: int = CLIENT_CONNECTIONS) -> list[dict[str, Any]]:
+                 max_connections: int = CLIENT_CONNECTIONS, path: str = "/v1/rank", health: str = "/healthz"
+                 ) -> list[dict[str, Any]]:
     """Open loop: request i is sent at ``offsets[i]`` whatever happened to the earlier ones. ``offsets`` None:
-    closed loop, one request at a time (the unloaded service time)."""
+    closed loop, one request at a time (the unloaded service time). ``path``: the API's rank route, or the
+    endpoint's predict route (``health`` its ``/ping``) for the endpoint-alone phase."""
     import aiohttp
 
     if not base_url.startswith(f"http://{HOST}:"):
@@ -286,14 +291,14 @@ async def _drive(base_url: str, bodies: Sequence[str], offsets: Sequence[float] 
     async with aiohttp.ClientSession(base_url=base_url, connector=connector, trust_env=False,
                                      timeout=aiohttp.ClientTimeout(total=timeout_s),
                                      headers={"Content-Type": "application/json"}) as client:
-        async with client.get("/healthz") as health:
-            health.raise_for_status()
+        async with client.get(health) as answer:
+            answer.raise_for_status()
 
         async def one(i: int, intended: float) -> None:
             sent = time.perf_counter()
             record: dict[str, Any] = {"lag_ms": (sent - intended) * 1000}
             try:
-                async with client.post("/v1/rank", data=bodies[i]) as response:
+                async with client.post(path, data=bodies[i]) as response:
                     content = await response.read()
                 done = time.perf_counter()
                 record["status"] = response.status
@@ -347,18 +352,20 @@ def _client_main(plan_path: str, result_path: str) -> None:
 
     plan = json.loads(Path(plan_path).read_text())
     heap.settle("loading the plan")  # a full collection over the plan's bodies (~13 ms) must not land mid-load
-    records = _run(_drive(plan["base_url"], plan["bodies"], plan.get("offsets"), plan["timeout_s"]))
+    records = _run(_drive(plan["base_url"], plan["bodies"], plan.get("offsets"), plan["timeout_s"],
+                          path=plan.get("path", "/v1/rank"), health=plan.get("health", "/healthz")))
     Path(result_path).write_text(json.dumps(records))
 
 
 def run_load(base_url: str, bodies: Sequence[str], offsets: Sequence[float] | None, workdir: Path,
-             client_process: bool = True, timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
+             client_process: bool = True, timeout_s: float = REQUEST_TIMEOUT_S, path: str = "/v1/rank",
+             health: str = "/healthz") -> list[dict[str, Any]]:
     """Every request's record, in order: open loop at ``offsets``, or one at a time when ``offsets`` is None."""
     if not client_process:
-        return _run(_drive(base_url, bodies, offsets, timeout_s))
+        return _run(_drive(base_url, bodies, offsets, timeout_s, path=path, health=health))
     plan_path, result_path = workdir / "plan.json", workdir / "records.json"
     plan_path.write_text(json.dumps({"base_url": base_url, "bodies": list(bodies), "offsets": offsets,
-                                     "timeout_s": timeout_s}))
+                                     "timeout_s": timeout_s, "path": path, "health": health}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     code = "import sys; from serving.bench import _client_main; _client_main(sys.argv[1], sys.argv[2])"
     limit = (offsets[-1] if offsets else len(bodies) * timeout_s) + timeout_s + 60
@@ -400,6 +407,28 @@ def _paced(fn: Callable[[int], Any], calls: int, rate: float, seed: int = 0) -> 
     return _timed(fn, calls, np.random.default_rng(seed).exponential(1 / rate, calls))
 
 
+def _api_now_ms(store: Any) -> int:
+    """The API's clock: the online state's as-of time plus the time since materialising."""
+    meta = store.meta() or {}
+    offset = int(meta["as_of_ms"]) - int(meta["materialized_ms"]) if meta.get("as_of_ms") and meta.get(
+        "materialized_ms") else 0
+    return int(time.time() * 1000) + offset
+
+
+def predict_body(store: Any, spec: Any, request: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    """What the API sends the model for ``request``: its fetched state, ``build_inputs`` arrays and the encoded
+    TF Serving predict body (``raw``)."""
+    from serving import wire
+    from serving.feature_store import RequestContext, build_inputs
+
+    fetched = store.fetch(request["user_id"], request["candidates"])
+    known = fetched.known_items()
+    context = RequestContext(request["surface"], request.get("query"), now_ms)
+    inputs = build_inputs(spec, context, fetched.user, known)
+    return {"request": request, "context": context, "user": fetched.user, "known": known, "inputs": inputs,
+            "raw": wire.encode(wire.predict_request(inputs))}
+
+
 def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
                   calls: int = 200, rate: float | None = None) -> dict[str, Any]:
     """The SavedModel's own time (``servable.call``: its ``serving_default`` signature run in a session, as TF
@@ -412,22 +441,13 @@ def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[
     every request does: the paced floor is the model's cost as the load meets it."""
     from serving import wire
     from serving.backends import scores_from_body
-    from serving.feature_store import RequestContext, build_inputs
+    from serving.feature_store import build_inputs
 
-    meta = store.meta() or {}  # the API's clock: the online state's as-of time plus the time since materialising
-    offset = int(meta["as_of_ms"]) - int(meta["materialized_ms"]) if meta.get("as_of_ms") and meta.get(
-        "materialized_ms") else 0
-    now_ms = int(time.time() * 1000) + offset
+    now_ms = _api_now_ms(store)
     batches = []
     for request in requests[:FLOOR_BATCHES]:
-        fetched = store.fetch(request["user_id"], request["candidates"])
-        known = fetched.known_items()
-        context = RequestContext(request["surface"], request.get("query"), now_ms)
-        inputs = build_inputs(spec, context, fetched.user, known)
-        raw = wire.encode(wire.predict_request(inputs))
-        batches.append({"request": request, "context": context, "user": fetched.user, "known": known,
-                        "inputs": inputs, "raw": raw,
-                        "response": wire.encode(servable.predict(wire.decode(raw)))})
+        batch = predict_body(store, spec, request, now_ms)
+        batches.append({**batch, "response": wire.encode(servable.predict(wire.decode(batch["raw"])))})
     if not batches:
         raise ValueError("no requests to measure the floor on")
     n = len(batches)
@@ -612,6 +632,13 @@ def _where_time_goes(results: Sequence[dict[str, Any]]) -> list[str]:
                          f"{back['p50']}) and the endpoint's predict path p50 {paced['endpoint_predict_ms']['p50']} "
                          f"ms (back to back {predict['p50']})"
                          + (": a core that was idle wakes slower and colder" if idle["p50"] > back["p50"] else ""))
+        alone = result.get("endpoint_alone")
+        if alone and alone["latency_ms"]["p99"] is not None:
+            lines.append(f"{result['candidates']} candidates: the endpoint alone, sent the API's predict bodies "
+                         f"({alone['request_body_kb']} KB) at the same arrival times, answers in p50 "
+                         f"{alone['latency_ms']['p50']} ms, p99 {alone['latency_ms']['p99']} ms ({alone['errors']} "
+                         f"errors), against the API's p50 {result['latency_ms']['p50']} ms, p99 "
+                         f"{result['latency_ms']['p99']} ms")
         if result.get("estimated_utilization") is not None:
             unloaded_mean = result["unloaded"]["latency_ms"]["mean"]
             lines.append(f"{result['candidates']} candidates: {result['offered_rps']} req/s x unloaded mean "
@@ -629,6 +656,9 @@ def evaluate_target(results: Sequence[dict[str, Any]], rate: float) -> dict[str,
                                                  f"candidates at {TARGET['rate_rps']:.0f} req/s)"}
     p99 = match["latency_ms"]["p99"]
     met = p99 is not None and p99 <= TARGET["p99_ms"] and match["errors"] == 0 and match["fallbacks"] == 0
+    alone = (match.get("endpoint_alone") or {}).get("latency_ms", {}).get("p99")
+    if alone is not None:  # the model stage alone at this rate: the API's p99 cannot be lower
+        target["endpoint_alone_p99_ms"] = alone
     return {**target, "met": met, "measured_p99_ms": p99, "measured_errors": match["errors"],
             "measured_fallbacks": match["fallbacks"], "measured_throughput_rps": match["throughput_rps"],
             "detail": f"p99 {p99} ms vs {TARGET['p99_ms']} ms, {match['errors']} errors, {match['fallbacks']} "
@@ -784,8 +814,10 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
                           budget_ms: float = 150.0, out: Path | None = None, seed: int = 7,
                           arrivals: str = "poisson", k: int | None = None, floor_calls: int = 200,
                           unloaded_requests: int = 50, client_process: bool = True, model_server: str = "thread",
-                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          endpoint_alone: bool = True, progress: Callable[[str], None] | None = None
+                          ) -> dict[str, Any]:
     """Benchmark the ranking API over the workspace ``home`` (see the module doc); the report dict.
+    ``endpoint_alone``: after each load, the same arrivals straight to the model endpoint (``_endpoint_alone``).
 
     Writes ``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given.
     """
@@ -851,8 +883,9 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             # The API runs in this process, which now holds TensorFlow for the floor (the real API never does):
             # freeze it too, or full GC passes over TF's objects (~200 ms) would land inside the API's requests.
             heap.settle("loading the floor models")
-            servers = _Servers(api_url, api_app, servable, store, spec,
-                               catalogue, tmp, client_process, note, model_pid, sidecar_pids)
+            servers = _Servers(api_url, api_app, servable, store, spec, catalogue, tmp, client_process, note,
+                               model_pid, sidecar_pids, model_url if endpoint_alone else None,
+                               f"/v1/models/{endpoint}:predict")
             for requested in candidates:
                 n = min(requested, len(catalogue.items), settings.max_candidates)
                 plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
@@ -876,7 +909,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
         "settings": {
             "candidates": list(candidates), "rate_rps": rate, "seconds": seconds, "warmup_seconds": warmup_seconds,
             "arrivals": arrivals, "seed": seed, "k": k, "floor_calls": floor_calls,
-            "unloaded_requests": unloaded_requests, "endpoint": endpoint,
+            "unloaded_requests": unloaded_requests, "endpoint": endpoint, "endpoint_alone": endpoint_alone,
             "budget_ms": budget_ms, "host": HOST,
             "client": {"process": "child process" if client_process else "in the servers' process",
                        "library": "aiohttp.ClientSession on uvloop", "keep_alive": True,
@@ -930,6 +963,9 @@ class _Servers:
     note: Callable[[str], None]
     model_pid: int | None = None  # the local endpoint's process, when it runs in one
     sidecar_pids: tuple[int, ...] = ()  # the endpoint's sidecar: shadow variant and data capture
+    #: The endpoint's base URL and predict route: the endpoint-alone phase drives it with the API's bodies.
+    model_url: str | None = None
+    predict_path: str | None = None
 
     def wait_breaker_closed(self) -> float:
         """Seconds waited for an open breaker (a previous phase's) to reach half-open; the next request probes."""
@@ -965,6 +1001,8 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
     floor = measure_floor(servers.servable, servers.store, servers.spec,
                           plan.requests[plan.warmup:], floor_calls, plan.rate)
     result = summarize_phase(plan, requested, records, floor, servers.catalogue, unloaded)
+    if servers.model_url and servers.predict_path:
+        result["endpoint_alone"] = _endpoint_alone(servers, plan)
     result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
     result["breaker"] = {"state_after_load": breaker, "waited_s": waited}
     result["floor"]["quiet_wait_s"] = quiet
@@ -973,6 +1011,25 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
          f"{' ' + str(result['fallback_reasons']) if result['fallbacks'] else ''}; unloaded p50 "
          f"{unloaded['latency_ms']['p50'] if unloaded else None} ms; floor p50 {floor['signature_ms']['p50']} ms")
     return result
+
+
+def _endpoint_alone(servers: _Servers, plan: Plan) -> dict[str, Any]:
+    """The same open loop sent straight to the model endpoint: each request's predict body as the API would
+    send it (built before the load), at the same arrival times. Its latency is what the API's model stage
+    costs at this rate with nothing in front of it, so the API's p99 cannot be lower than this one's."""
+    servers.note(f"{plan.candidates} candidates: the endpoint alone, {len(plan.requests) - plan.warmup} predict "
+                 "requests at the same arrival times")
+    now_ms = _api_now_ms(servers.store)
+    bodies = [predict_body(servers.store, servers.spec, request, now_ms)["raw"].decode() for request in plan.requests]
+    _wait_quiet()
+    records = run_load(servers.model_url, bodies, plan.offsets, servers.workdir, servers.client_process,
+                       path=servers.predict_path, health="/ping")[plan.warmup:]
+    ok = [r for r in records if r.get("status") == 200]
+    return {"requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
+            "error_samples": sorted({r.get("error") or str(r.get("status")) for r in records
+                                     if r.get("status") != 200})[:3],
+            "latency_ms": _stats([r["latency_ms"] for r in ok]),
+            "request_body_kb": round(float(np.mean([len(b) for b in bodies])) / 1024, 1) if bodies else None}
 
 
 def _endpoint_environ(model_server: str) -> dict[str, str]:
@@ -1055,7 +1112,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 def format_table(report: dict[str, Any]) -> str:
     header = (f"{'cands':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'req/s':>7} {'err':>4} {'fb':>5} "
               f"{'un-p50':>7} {'un-p99':>7} {'feat':>7} {'model':>7} {'rank':>7} {'floor50':>8} {'floor99':>8} "
-              f"{'x50':>7} {'x99':>7}")
+              f"{'x50':>7} {'x99':>7} {'alone50':>8} {'alone99':>8}")
     lines = [header]
     def cell(value: Any, width: int) -> str:
         return f"{'-' if value is None else value:>{width}}"
@@ -1063,12 +1120,14 @@ def format_table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         lat, st, fl = r["latency_ms"], r["stages_ms"], r["floor"]["signature_ms"]
         unloaded = (r.get("unloaded") or {}).get("latency_ms") or {}
+        alone = (r.get("endpoint_alone") or {}).get("latency_ms") or {}
         lines.append(" ".join([cell(r["candidates"], 5), *(cell(lat[key], 8) for key in ("p50", "p95", "p99", "max")),
                                cell(r["throughput_rps"], 7), cell(r["errors"], 4), cell(r["fallbacks"], 5),
                                cell(unloaded.get("p50"), 7), cell(unloaded.get("p99"), 7),
                                *(cell(st[key]["mean"], 7) for key in ("features", "model", "rank")),
                                cell(fl["p50"], 8), cell(fl["p99"], 8), cell(r["ratio_to_floor"]["p50"], 7),
-                               cell(r["ratio_to_floor"]["p99"], 7)]))
+                               cell(r["ratio_to_floor"]["p99"], 7),
+                               *(cell(alone.get(key), 8) for key in ("p50", "p99"))]))
     target = report["target"]
     verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
     lines.append(f"target (p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, {target['candidates']} "
@@ -1095,6 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-server", choices=("thread", "process"), default="thread",
                         help="the local endpoint in a thread of this process (as `marketrank serve`) or in a child "
                              "process (as production's separate model server)")
+    parser.add_argument("--no-endpoint-alone", action="store_true",
+                        help="skip driving the endpoint alone at the same arrivals after each load")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -1105,7 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds, warmup_seconds=args.warmup_seconds, endpoint=args.endpoint, budget_ms=args.budget_ms,
         out=args.out, seed=args.seed, arrivals=args.arrivals, k=args.k, floor_calls=args.floor_calls,
         unloaded_requests=args.unloaded_requests, client_process=not args.inline_client,
-        model_server=args.model_server)
+        model_server=args.model_server, endpoint_alone=not args.no_endpoint_alone)
     print(format_table(report))
     for line in report["where_time_goes"]:
         print(line)

@@ -130,6 +130,15 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
         assert sum(parts[k] for k in bench.BREAKDOWN) == pytest.approx(parts["client_latency"], abs=0.05)
         assert parts["model_signature"] > 0 and parts["features"] > 0
     assert result["latency_model_ranked_ms"]["n"] == 40 and result["latency_fallback_ms"]["n"] == 0
+    # the same arrivals straight to the endpoint, with the predict bodies the API sends
+    alone = result["endpoint_alone"]
+    assert alone["requests"] == 40 and alone["ok"] == 40 and alone["errors"] == 0 and not alone["error_samples"]
+    assert 0 < alone["latency_ms"]["p50"] <= alone["latency_ms"]["p99"] and alone["latency_ms"]["n"] == 40
+    assert alone["request_body_kb"] > 0
+    assert any("the endpoint alone" in line for line in report["where_time_goes"])
+    table = bench.format_table(report).splitlines()
+    assert table[0].split()[-2:] == ["alone50", "alone99"]
+    assert table[1].split()[-2:] == [str(alone["latency_ms"]["p50"]), str(alone["latency_ms"]["p99"])]
     assert result["cpu"]["servers_process_cores"] > 0
     assert 0 < result["mix"]["search_share"] < 1
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import common, datasets, quality, rankers, report, suite, throughput
+from marketrank import simulator
 from training.hparams import HParams
 
 LETOR_SAMPLE = Path(__file__).parent / "data" / "letor-sample"
@@ -62,7 +63,8 @@ def test_bootstrap_ci_brackets_the_mean_and_skips_undefined_lists():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_run) -> datasets.Dataset:
-    return datasets.from_features(tiny_run["features"], "tiny")
+    config = json.loads((tiny_run["features"].parent / "raw" / simulator.CONFIG_FILE).read_text())
+    return datasets.from_features(tiny_run["features"], "tiny", simulator=config)
 
 
 @pytest.mark.slow
@@ -152,6 +154,24 @@ def test_lambdamart_early_stopping_metric_is_the_evaluations_weighted_ndcg():
     expected = np.nanmean(metrics.pooled(metrics.per_list_metrics(scores, padded, weights))["ndcg@10"])
     assert higher_is_better and value == pytest.approx(expected, rel=1e-12)
     assert 0.0 < value < 1.0
+
+
+@pytest.mark.slow
+def test_taste_columns_line_up_with_each_items_row(tiny):
+    names, columns = rankers.taste_columns(tiny)
+    assert names == list(simulator.Taste.PARTS)
+    batch = next(tiny.batches("test")())
+    mask = batch["mask"]
+    parts = columns(batch)
+    x, _ = datasets.item_matrix(batch, tiny.spec)
+    assert parts.shape == (x.shape[0], len(names))
+    truth = np.asarray(batch[tiny.spec.oracle_score])[mask]
+    # The latent terms are a large share of each item's true utility; shifted one row, they are not.
+    assert np.corrcoef(parts.sum(axis=1), truth)[0, 1] > 0.4
+    assert abs(np.corrcoef(np.roll(parts.sum(axis=1), 1), truth)[0, 1]) < 0.2
+    other = dataclasses.replace(tiny, simulator={**tiny.simulator, "seed": tiny.simulator["seed"] + 1})
+    with pytest.raises(ValueError, match="replayed items differ from the logged ones"):
+        rankers.taste_columns(other)[1](batch)
 
 
 def test_item_matrix_broadcasts_context_and_codes_strings(tiny):
@@ -271,7 +291,7 @@ def test_quality_result_has_every_ranker_and_goal(results):
     result = json.loads((results / "quality-tiny.json").read_text())
     # no lambdamart-ipw: the tiny log has no position-bias estimate; LightGBM's own debiasing needs none
     assert set(result["rankers"]) == {"legacy", "oracle", "lambdamart", "lambdamart-position", "tfr-dnn-softmax",
-                                      quality.CEILING}
+                                      quality.CEILING, quality.TASTE_CEILING}
     for ranker in result["rankers"].values():
         for metric in quality.METRICS:
             stat = ranker["overall"][metric]
@@ -293,6 +313,16 @@ def test_quality_result_has_every_ranker_and_goal(results):
     lines = suite.summary_lines(result)  # what `marketrank bench quality` prints
     assert f"goal oracle_share: {'met' if goals['oracle_share']['met'] else 'NOT met'}" in lines
     assert any(line.startswith(f"feature ceiling (LambdaMART on true relevance) {value:.4f}") for line in lines)
+    # Told each user's latent taste, the same learner gets closer to the oracle than on the features alone.
+    taste = result["rankers"][quality.TASTE_CEILING]
+    assert taste["kind"] == "reference" and taste["extra_features"] == list(simulator.Taste.PARTS)
+    taste_value = taste["overall"]["ndcg@10"]["value"]
+    assert taste_value > value
+    assert goals["taste_ceiling"]["features"] == list(simulator.Taste.PARTS)
+    assert (goals["taste_ceiling"]["value"], goals["taste_ceiling"]["oracle_share"]) == pytest.approx(
+        (taste_value, taste_value / oracle))
+    assert any(line.startswith(f"taste ceiling (the same with the simulator's latent taste) {taste_value:.4f}")
+               for line in lines)
 
 
 @pytest.mark.slow
@@ -304,8 +334,10 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         assert f"{ranker['overall']['ndcg@10']['value']:.4f}" in row
     rows = {c: next(line for line in text.splitlines() if line.startswith(f"| {c} |")) for c in (50, 300, 1000)}
-    assert rows[300].endswith("| 1.10 / 2.00 | 8.2x / 15.0x |")  # the paced floor and the API's ratio to it
-    assert rows[50].endswith("| n/a | n/a |")  # a result from before the paced floor was measured
+    # the paced floor, the API's ratio to it and the endpoint alone at the same arrivals
+    assert rows[300].endswith("| 1.10 / 2.00 | 8.2x / 15.0x | 3.0 / 7.5 |")
+    assert rows[1000].endswith("| 9.0 / 40.0 (2 errors) |")
+    assert rows[50].endswith("| n/a | n/a | n/a |")  # a result from before the paced floor was measured
     assert "| `small` | 3,500 |" in text and "1.05x (0.980 to 1.080) **met**" in text
     assert "1.50x (1.300 to 1.700) **NOT met**" in text and "in each of 15 rounds" in text
     assert "the cached step time varied across rounds by `tiny` 30%, `small` 2% ((max - min) / median)" in text
@@ -315,6 +347,9 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
     (results / "serving_latency.png").write_bytes((results / "quality-tiny.png").read_bytes())
     assert "/serving_latency.png)" in report.write_report(results, tmp_path / "BENCHMARKS.md").read_text()
     assert result["machine"]["versions"]["lightgbm"] in text
+    taste = result["goals"]["taste_ceiling"]
+    assert "- Taste ceiling: `reference-taste` is the same LambdaMART given, besides the features" in text
+    assert f"It reaches {taste['value']:.4f} = {taste['oracle_share']:.1%} of the oracle" in text
 
     # a number changed in the JSON is the number in the report: nothing is typed by hand
     changed = copy.deepcopy(result)
@@ -417,8 +452,9 @@ def _serving() -> dict:
             "results": [row(50, 12.0), {**row(300, 30.0), "latency_ms": {"p50": 9.0, "p95": 20.0, "p99": 30.0},
                                         "floor": {"signature_ms": {"p50": 0.5, "p99": 0.9},
                                                   "paced": {"signature_ms": {"p50": 1.1, "p99": 2.0}}},
-                                        "ratio_to_paced_floor": {"p50": 8.2, "p99": 15.0}},
-                        row(1000, 60.0)]}
+                                        "ratio_to_paced_floor": {"p50": 8.2, "p99": 15.0},
+                                        "endpoint_alone": {"errors": 0, "latency_ms": {"p50": 3.0, "p99": 7.5}}},
+                        {**row(1000, 60.0), "endpoint_alone": {"errors": 2, "latency_ms": {"p50": 9.0, "p99": 40.0}}}]}
 
 
 def test_cli_bench_report_names_the_missing_results(tmp_path):

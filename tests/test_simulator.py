@@ -41,6 +41,33 @@ def labelled_impressions(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return imp
 
 
+# ---------------------------------------------------------------- latent taste
+
+
+def test_taste_is_what_the_simulation_drew(tiny: dict[str, pd.DataFrame]) -> None:
+    taste = simulator.taste(TINY)
+    items = tiny["items"]
+    assert np.array_equal(taste.price, items["price"].to_numpy())
+    assert np.array_equal(np.array(simulator.STYLES)[taste.item_style], items["style"].to_numpy())
+    impressions = tiny["impressions"].merge(tiny["requests"][["request_id", "user_id"]], on="request_id")
+    users = simulator.Taste.index(impressions["user_id"].to_numpy())
+    shown = simulator.Taste.index(impressions["item_id"].to_numpy())
+    parts = taste.parts(users, shown)
+    assert parts.shape == (len(impressions), len(simulator.Taste.PARTS))
+    truth = impressions["true_score"].to_numpy()
+    # The latent terms are a large share of the true utility; another seed's taste is unrelated to it.
+    other = simulator.taste(dataclasses.replace(TINY, seed=TINY.seed + 1)).parts(users, shown)
+    assert np.corrcoef(parts.sum(axis=1), truth)[0, 1] > 0.4
+    assert abs(np.corrcoef(other.sum(axis=1), truth)[0, 1]) < 0.15
+    # Each term carries the weight simulate gives it: least squares puts ~1 on each (the rest is other terms).
+    coefficients, *_ = np.linalg.lstsq(np.column_stack([parts, np.ones(len(truth))]), truth, rcond=None)
+    assert np.all(np.abs(coefficients[:4] - 1.0) < 0.3), coefficients
+
+
+def test_taste_index_reads_the_simulators_ids() -> None:
+    assert simulator.Taste.index(np.array(["u000042", "i0000007"])).tolist() == [42, 7]
+
+
 # ---------------------------------------------------------------- determinism
 
 

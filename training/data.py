@@ -160,8 +160,12 @@ def batch_to_arrays(table: pa.Table, spec: FeatureSpec, list_size: int | None,
     out[spec.label] = label
     for name in extra_item_columns:
         if name != spec.label and name in table.column_names:
-            out[name] = _pad(table.column(name), list_size, LABEL_PAD if name != "position" else -1, np.float32,
-                             layouts)
+            column = table.column(name)
+            value_type = column.type.value_type
+            if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):  # e.g. item ids
+                out[name] = _pad(column, list_size, "", object, layouts)
+            else:
+                out[name] = _pad(column, list_size, LABEL_PAD if name != "position" else -1, np.float32, layouts)
     return out
 
 
