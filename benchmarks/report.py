@@ -279,8 +279,8 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              "process on the same inputs, in a session as the local endpoint (and TF Serving) runs it, back to "
              "back, and *paced* (each call after an idle pause drawn like "
              "the load's arrival gaps, as every request under the load finds the cores idle). Endpoint alone: "
-             "the same arrivals sent straight to the model endpoint with the API's predict bodies; the API's "
-             "p99 cannot be lower than its.", ""]
+             "the same arrivals sent straight to the model endpoint with the API's predict bodies, a lower bound "
+             "for the API's latency up to run-to-run noise.", ""]
     lines += _table(header, rows)
     feature_change = _feature_change(result.get("workspace") or {})
     if feature_change:

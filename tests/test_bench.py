@@ -134,7 +134,9 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
     alone = result["endpoint_alone"]
     assert alone["requests"] == 40 and alone["ok"] == 40 and alone["errors"] == 0 and not alone["error_samples"]
     assert 0 < alone["latency_ms"]["p50"] <= alone["latency_ms"]["p99"] and alone["latency_ms"]["n"] == 40
-    assert alone["request_body_kb"] > 0
+    assert alone["request_body_kb"] > 0 and alone["distinct_bodies"] == 50  # every request of the plan
+    assert alone["quiet_wait_after_s"] >= 0 and "error" not in alone
+    assert report["target"].get("endpoint_alone_p99_ms") is None  # not at the target's conditions
     assert any("the endpoint alone" in line for line in report["where_time_goes"])
     table = bench.format_table(report).splitlines()
     assert table[0].split()[-2:] == ["alone50", "alone99"]
