@@ -350,6 +350,7 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
     taste = result["goals"]["taste_ceiling"]
     assert "- Taste ceiling: `reference-taste` is the same LambdaMART given, besides the features" in text
     assert f"It reaches {taste['value']:.4f} = {taste['oracle_share']:.1%} of the oracle" in text
+    assert f"taste ceiling {taste['oracle_share']:.1%})" in text  # beside the 95% goal in the goals table
 
     # a number changed in the JSON is the number in the report: nothing is typed by hand
     changed = copy.deepcopy(result)
