@@ -62,13 +62,13 @@ def from_features(features: Path, name: str, simulator: dict[str, Any] | None = 
 
     spec = FeatureSpec.load(features / "train")
     stats = json.loads((features / "stats.json").read_text())
+    available = data.available_columns(features / "train")
     extra = ("position",) if spec.position else ()
-    if spec.eval_label != spec.label and spec.eval_label in data.available_columns(features / "train"):
+    if spec.eval_label != spec.label and spec.eval_label in available:
         extra += (spec.eval_label,)  # the feature ceiling's training label
     # Simulated data: item and user ids, which the taste-informed reference looks the simulator's latents up by.
-    available = data.available_columns(features / "train") if simulator is not None else set()
-    ids = tuple(c for c in ("item_id",) if c in available)
-    users = tuple(c for c in (evaluate.CLUSTER_COLUMN,) if c in available)
+    ids = tuple(c for c in ("item_id",) if simulator is not None and c in available)
+    users = tuple(c for c in (evaluate.CLUSTER_COLUMN,) if simulator is not None and c in available)
 
     def batches(split: str) -> Batches:
         if split == "train":
