@@ -418,14 +418,6 @@ def _paced(fn: Callable[[int], Any], calls: int, rate: float, seed: int = 0) -> 
     return _timed(fn, calls, np.random.default_rng(seed).exponential(1 / rate, calls))
 
 
-def _api_now_ms(store: Any) -> int:
-    """The API's clock: the online state's as-of time plus the time since materialising."""
-    meta = store.meta() or {}
-    offset = int(meta["as_of_ms"]) - int(meta["materialized_ms"]) if meta.get("as_of_ms") and meta.get(
-        "materialized_ms") else 0
-    return int(time.time() * 1000) + offset
-
-
 def predict_body(store: Any, spec: Any, request: dict[str, Any], now_ms: int) -> dict[str, Any]:
     """What the API sends the model for ``request``: its fetched state, ``build_inputs`` arrays and the encoded
     TF Serving predict body (``raw``)."""
@@ -441,7 +433,7 @@ def predict_body(store: Any, spec: Any, request: dict[str, Any], now_ms: int) ->
 
 
 def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[str, Any]],
-                  calls: int = 200, rate: float | None = None) -> dict[str, Any]:
+                  calls: int = 200, rate: float | None = None, *, now_ms: int) -> dict[str, Any]:
     """The SavedModel's own time (``servable.call``: its ``serving_default`` signature run in a session, as TF
     Serving runs it) on ``build_inputs`` batches of ``requests`` (cycled), and the in-process cost of the model
     stage's other steps on the same batches, all called back to back.
@@ -449,12 +441,12 @@ def measure_floor(servable: Any, store: Any, spec: Any, requests: Sequence[dict[
     With ``rate``, the signature and the endpoint's predict path are also timed *paced*: each call after an idle
     pause drawn like the load's arrival gaps. On this class of machine a call that finds the core idle runs
     slower than one right after another (a waking vCPU, colder caches), and under open-loop load at ``rate``
-    every request does: the paced floor is the model's cost as the load meets it."""
+    every request does: the paced floor is the model's cost as the load meets it. ``now_ms``: the request time
+    the features are built at, the API's own clock (``Ranker.now_ms``)."""
     from serving import wire
     from serving.backends import scores_from_body
     from serving.feature_store import build_inputs
 
-    now_ms = _api_now_ms(store)
     batches = []
     for request in requests[:FLOOR_BATCHES]:
         batch = predict_body(store, spec, request, now_ms)
@@ -1009,8 +1001,8 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
     breaker = servers.api_app.state.runtime.breaker.state
     quiet = _wait_quiet()  # cancelled model calls and queued data capture finish before the floor is timed
     note(f"{n} candidates: floor ({floor_calls} signature calls)")
-    floor = measure_floor(servers.servable, servers.store, servers.spec,
-                          plan.requests[plan.warmup:], floor_calls, plan.rate)
+    floor = measure_floor(servers.servable, servers.store, servers.spec, plan.requests[plan.warmup:], floor_calls,
+                          plan.rate, now_ms=servers.api_app.state.runtime.now_ms())
     result = summarize_phase(plan, requested, records, floor, servers.catalogue, unloaded)
     if servers.model_url and servers.predict_path:
         result["endpoint_alone"] = _endpoint_alone(servers, plan)
@@ -1034,7 +1026,7 @@ def _endpoint_alone(servers: _Servers, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": len(plan.requests) - plan.warmup, "ok": 0, "errors": None,
                            "latency_ms": _stats([])}
     try:
-        now_ms = _api_now_ms(servers.store)
+        now_ms = servers.api_app.state.runtime.now_ms()  # the API's own clock (its store's as-of time)
         pool = [predict_body(servers.store, servers.spec, request, now_ms)["raw"].decode()
                 for request in plan.requests[:ALONE_BODIES]]
         out["quiet_wait_before_s"] = _wait_quiet()
