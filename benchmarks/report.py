@@ -249,12 +249,13 @@ def _paced_cells(r: dict[str, Any]) -> list[str]:
     return [f"{_f(paced['p50'], 2)} / {_f(paced['p99'], 2)}", f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x"]
 
 
-def _alone_cell(r: dict[str, Any]) -> str:
-    """The endpoint driven alone at the same arrivals (results from before it was measured: n/a)."""
-    latency = (r.get("endpoint_alone") or {}).get("latency_ms") or {}
+def _phase_cell(r: dict[str, Any], phase: str) -> str:
+    """p50 / p99 of a phase driven at the same arrivals (``endpoint_alone``, ``transport_floor``); n/a for results
+    from before it was measured."""
+    latency = (r.get(phase) or {}).get("latency_ms") or {}
     if latency.get("p99") is None:
         return "n/a"
-    errors = r["endpoint_alone"]["errors"]
+    errors = r[phase]["errors"]
     return f"{_f(latency['p50'], 1)} / {_f(latency['p99'], 1)}" + (f" ({errors} errors)" if errors else "")
 
 
@@ -265,10 +266,12 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
         rows.append([str(r["candidates"]), _f(lat["p50"], 1), _f(lat["p95"], 1), _f(lat["p99"], 1),
                      _f(r["throughput_rps"], 1), f"{r['errors']} ({_pct(r.get('error_rate'))})",
                      f"{r['fallbacks']} ({_pct(r.get('fallback_rate'))})", _f(floor["p50"], 2), _f(floor["p99"], 2),
-                     f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x", *_paced_cells(r), _alone_cell(r)])
+                     f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x", *_paced_cells(r), _phase_cell(r, "endpoint_alone"),
+                     _phase_cell(r, "transport_floor")])
     header = ["candidates", "p50 ms", "p95 ms", "p99 ms", "throughput req/s", "errors", "fallbacks",
               "raw model p50 ms", "raw model p99 ms", "overhead vs raw model p50 / p99",
-              "raw model paced p50 / p99 ms", "overhead vs paced p50 / p99", "endpoint alone p50 / p99 ms"]
+              "raw model paced p50 / p99 ms", "overhead vs paced p50 / p99", "endpoint alone p50 / p99 ms",
+              "transport floor p50 / p99 ms"]
     settings, target = result.get("settings", {}), result.get("target", {})
     machine = {**result.get("machine", {}), "versions": result.get("versions", {}),
                "loadavg": (result.get("machine") or {}).get("loadavg_before")}
@@ -280,7 +283,9 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
              "back, and *paced* (each call after an idle pause drawn like "
              "the load's arrival gaps, as every request under the load finds the cores idle). Endpoint alone: "
              "the same arrivals sent straight to the model endpoint with the API's predict bodies, a lower bound "
-             "for the API's latency up to run-to-run noise.", ""]
+             "for the API's latency up to run-to-run noise. Transport floor: the same arrivals and rank bodies "
+             "through an API and an endpoint that do no ranking work on the same stacks (canned answers of the "
+             "same sizes): what the HTTP servers, the model client and the machine cost at this rate.", ""]
     lines += _table(header, rows)
     feature_change = _feature_change(result.get("workspace") or {})
     if feature_change:
@@ -331,8 +336,13 @@ def goals_section(results: dict[str, Any]) -> list[str]:
                          _yes(low <= minutes <= high)])
     if "serving" in results and results["serving"].get("target"):
         target = results["serving"]["target"]
+        bounds = [f"{name} p99 {_f(target[key], 1)} ms" for name, key in (
+            ("endpoint alone", "endpoint_alone_p99_ms"), ("transport floor", "transport_floor_p99_ms"))
+            if target.get(key) is not None]
         rows.append([f"serving p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, "
-                     f"{target['candidates']} candidates", target.get("detail", ""), _yes(target.get("met"))])
+                     f"{target['candidates']} candidates",
+                     target.get("detail", "") + (f" ({', '.join(bounds)})" if bounds else ""),
+                     _yes(target.get("met"))])
     return ["## Goals", "", *_table(["goal", "measured", "status"], rows), ""] if rows else []
 
 

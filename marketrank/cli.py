@@ -717,6 +717,9 @@ def bench_serve(
              "benchmark's")] = "process",
     endpoint_alone: Annotated[bool, typer.Option(
         help="after each load, send the same arrivals straight to the model endpoint (the API's lower bound)")] = True,
+    transport_floor: Annotated[bool, typer.Option(
+        help="then through an API and an endpoint that do no ranking work (what the stacks and machine cost)")
+    ] = True,
     out: Results = None,
     endpoint: EndpointName = "marketrank",
 ) -> None:
@@ -733,6 +736,7 @@ def bench_serve(
         report = bench.run_serving_benchmark(workspace.home(), candidates=counts,
                                              rate=rate, seconds=seconds, endpoint=endpoint, out=out,
                                              model_server=model_server, endpoint_alone=endpoint_alone,
+                                             transport_floor=transport_floor,
                                              progress=s.note)
     ui.console.print(bench.format_table(report))
     ui.console.print(f"results {out / 'serving.json'}, plot {out / 'serving_latency.png'}")

@@ -30,6 +30,11 @@ materialised first when it is empty. Then, per candidate count:
   It is the model stage at this rate with nothing in front of it: a lower bound for the API's latency, up to
   run-to-run noise. At most ``ALONE_BODIES`` distinct bodies are built and cycled (a 1000-candidate body is
   ~190 KB).
+* **Transport floor** (``transport_floor``, on by default): the same arrivals and rank bodies once more, through
+  an API and an endpoint that do no ranking work on the same stacks (``serving.transport_floor``: FastAPI and
+  Starlette on uvicorn, the API's model client with canned inputs, canned answers of the load's sizes). It is
+  what the HTTP servers, the model client and this machine's scheduling cost at this rate: the part of the
+  API's latency that no change to the features, the model or the ranking can remove.
 
 The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
 count the latency percentiles of all answers (and of model-ranked and fallback answers apart), the achieved
@@ -642,6 +647,12 @@ def _where_time_goes(results: Sequence[dict[str, Any]]) -> list[str]:
                          f"{alone['latency_ms']['p50']} ms, p99 {alone['latency_ms']['p99']} ms ({alone['errors']} "
                          f"errors), against the API's p50 {result['latency_ms']['p50']} ms, p99 "
                          f"{result['latency_ms']['p99']} ms")
+        floor = result.get("transport_floor")
+        if floor and floor["latency_ms"]["p99"] is not None:
+            lines.append(f"{result['candidates']} candidates: through an API and an endpoint that do no ranking work "
+                         f"(the same stacks and arrivals, canned answers), requests take p50 "
+                         f"{floor['latency_ms']['p50']} ms, p99 {floor['latency_ms']['p99']} ms ({floor['errors']} "
+                         "errors): the transport floor")
         if result.get("estimated_utilization") is not None:
             unloaded_mean = result["unloaded"]["latency_ms"]["mean"]
             lines.append(f"{result['candidates']} candidates: {result['offered_rps']} req/s x unloaded mean "
@@ -662,6 +673,9 @@ def evaluate_target(results: Sequence[dict[str, Any]], rate: float) -> dict[str,
     alone = (match.get("endpoint_alone") or {}).get("latency_ms", {}).get("p99")
     if alone is not None:  # the model stage alone at this rate: a lower bound for the API's, up to noise
         target["endpoint_alone_p99_ms"] = alone
+    transport = (match.get("transport_floor") or {}).get("latency_ms", {}).get("p99")
+    if transport is not None:  # the stacks and the machine alone at this rate
+        target["transport_floor_p99_ms"] = transport
     return {**target, "met": met, "measured_p99_ms": p99, "measured_errors": match["errors"],
             "measured_fallbacks": match["fallbacks"], "measured_throughput_rps": match["throughput_rps"],
             "detail": f"p99 {p99} ms vs {TARGET['p99_ms']} ms, {match['errors']} errors, {match['fallbacks']} "
@@ -817,10 +831,12 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
                           budget_ms: float = 150.0, out: Path | None = None, seed: int = 7,
                           arrivals: str = "poisson", k: int | None = None, floor_calls: int = 200,
                           unloaded_requests: int = 50, client_process: bool = True, model_server: str = "thread",
-                          endpoint_alone: bool = True, progress: Callable[[str], None] | None = None
+                          endpoint_alone: bool = True, transport_floor: bool = True,
+                          progress: Callable[[str], None] | None = None
                           ) -> dict[str, Any]:
     """Benchmark the ranking API over the workspace ``home`` (see the module doc); the report dict.
     ``endpoint_alone``: after each load, the same arrivals straight to the model endpoint (``_endpoint_alone``).
+    ``transport_floor``: then through an API and an endpoint that do no ranking work (``_transport_floor``).
 
     Writes ``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given.
     """
@@ -888,7 +904,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             heap.settle("loading the floor models")
             servers = _Servers(api_url, api_app, servable, store, spec, catalogue, tmp, client_process, note,
                                model_pid, sidecar_pids, model_url if endpoint_alone else None,
-                               wire.predict_path(endpoint))
+                               wire.predict_path(endpoint), transport_floor)
             for requested in candidates:
                 n = min(requested, len(catalogue.items), settings.max_candidates)
                 plan = build_plan(catalogue, n, rate, seconds, warmup_seconds, seed, arrivals, k)
@@ -913,6 +929,7 @@ def run_serving_benchmark(home: Path, *, candidates: Sequence[int] = (50, 300, 1
             "candidates": list(candidates), "rate_rps": rate, "seconds": seconds, "warmup_seconds": warmup_seconds,
             "arrivals": arrivals, "seed": seed, "k": k, "floor_calls": floor_calls,
             "unloaded_requests": unloaded_requests, "endpoint": endpoint, "endpoint_alone": endpoint_alone,
+            "transport_floor": transport_floor,
             "budget_ms": budget_ms, "host": HOST,
             "client": {"process": "child process" if client_process else "in the servers' process",
                        "library": "aiohttp.ClientSession on uvloop", "keep_alive": True,
@@ -969,6 +986,7 @@ class _Servers:
     #: The endpoint's base URL and predict route: the endpoint-alone phase drives it with the API's bodies.
     model_url: str | None = None
     predict_path: str | None = None
+    transport_floor: bool = False  # also drive the no-work API and endpoint (``serving.transport_floor``)
 
     def wait_breaker_closed(self) -> float:
         """Seconds waited for an open breaker (a previous phase's) to reach half-open; the next request probes."""
@@ -1006,6 +1024,8 @@ def _run_phase(servers: _Servers, plan: Plan, requested: int, floor_calls: int, 
     result = summarize_phase(plan, requested, records, floor, servers.catalogue, unloaded)
     if servers.model_url and servers.predict_path:
         result["endpoint_alone"] = _endpoint_alone(servers, plan)
+    if servers.transport_floor:
+        result["transport_floor"] = _transport_floor(servers, plan)
     result["cpu"] = {**cpu, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
     result["breaker"] = {"state_after_load": breaker, "waited_s": waited}
     result["floor"]["quiet_wait_s"] = quiet
@@ -1046,6 +1066,42 @@ def _endpoint_alone(servers: _Servers, plan: Plan) -> dict[str, Any]:
                                      if r.get("status") != 200})[:3],
             "latency_ms": _stats([r["latency_ms"] for r in ok]), "distinct_bodies": len(pool),
             "request_body_kb": round(float(np.mean([len(b) for b in pool])) / 1024, 1)}
+
+
+def _transport_floor(servers: _Servers, plan: Plan) -> dict[str, Any]:
+    """The same open loop (arrivals and rank bodies) through the no-work API and endpoint of
+    ``serving.transport_floor``, answering with canned bodies of this load's sizes: one of the plan's requests
+    as the API answers it, and that request's model inputs and predict response. A failure is recorded in the
+    result instead of ending the benchmark."""
+    import httpx
+
+    from serving import transport_floor, wire
+
+    servers.note(f"{plan.candidates} candidates: the transport floor, {len(plan.requests) - plan.warmup} requests "
+                 "at the same arrival times through an API and an endpoint that do no ranking work")
+    out: dict[str, Any] = {"requests": len(plan.requests) - plan.warmup, "ok": 0, "errors": None,
+                           "latency_ms": _stats([])}
+    bodies = plan.bodies()
+    try:
+        batch = predict_body(servers.store, servers.spec, plan.requests[0], servers.api_app.state.runtime.now_ms())
+        model_answer = wire.encode(servers.servable.predict(wire.decode(batch["raw"])))
+        with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S) as client:
+            api_answer = client.post(f"{servers.api_url}/v1/rank", content=bodies[0],
+                                     headers={"Content-Type": wire.CONTENT_TYPE})
+        api_answer.raise_for_status()
+        out["quiet_wait_before_s"] = _wait_quiet()
+        with transport_floor.serving(batch["inputs"], model_answer, api_answer.content, servers.workdir,
+                                     HOST, REQUEST_TIMEOUT_S) as url:
+            records = run_load(url, bodies, plan.offsets, servers.workdir, servers.client_process)[plan.warmup:]
+    except Exception as err:  # noqa: BLE001 - a diagnostic phase: keep the API's results whatever happens here
+        log.exception("the transport-floor phase failed")
+        return {**out, "error": f"{type(err).__name__}: {err}"[:300]}
+    ok = [r for r in records if r.get("status") == 200]
+    return {**out, "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
+            "error_samples": sorted({r.get("error") or str(r.get("status")) for r in records
+                                     if r.get("status") != 200})[:3],
+            "latency_ms": _stats([r["latency_ms"] for r in ok]), "predict_body_kb": round(len(batch["raw"]) / 1024, 1),
+            "answer_kb": round(len(api_answer.content) / 1024, 1)}
 
 
 def _endpoint_environ(model_server: str) -> dict[str, str]:
@@ -1128,7 +1184,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 def format_table(report: dict[str, Any]) -> str:
     header = (f"{'cands':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'req/s':>7} {'err':>4} {'fb':>5} "
               f"{'un-p50':>7} {'un-p99':>7} {'feat':>7} {'model':>7} {'rank':>7} {'floor50':>8} {'floor99':>8} "
-              f"{'x50':>7} {'x99':>7} {'alone50':>8} {'alone99':>8}")
+              f"{'x50':>7} {'x99':>7} {'alone50':>8} {'alone99':>8} {'trans50':>8} {'trans99':>8}")
     lines = [header]
     def cell(value: Any, width: int) -> str:
         return f"{'-' if value is None else value:>{width}}"
@@ -1137,13 +1193,15 @@ def format_table(report: dict[str, Any]) -> str:
         lat, st, fl = r["latency_ms"], r["stages_ms"], r["floor"]["signature_ms"]
         unloaded = (r.get("unloaded") or {}).get("latency_ms") or {}
         alone = (r.get("endpoint_alone") or {}).get("latency_ms") or {}
+        transport = (r.get("transport_floor") or {}).get("latency_ms") or {}
         lines.append(" ".join([cell(r["candidates"], 5), *(cell(lat[key], 8) for key in ("p50", "p95", "p99", "max")),
                                cell(r["throughput_rps"], 7), cell(r["errors"], 4), cell(r["fallbacks"], 5),
                                cell(unloaded.get("p50"), 7), cell(unloaded.get("p99"), 7),
                                *(cell(st[key]["mean"], 7) for key in ("features", "model", "rank")),
                                cell(fl["p50"], 8), cell(fl["p99"], 8), cell(r["ratio_to_floor"]["p50"], 7),
                                cell(r["ratio_to_floor"]["p99"], 7),
-                               *(cell(alone.get(key), 8) for key in ("p50", "p99"))]))
+                               *(cell(alone.get(key), 8) for key in ("p50", "p99")),
+                               *(cell(transport.get(key), 8) for key in ("p50", "p99"))]))
     target = report["target"]
     verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
     lines.append(f"target (p99 <= {target['p99_ms']:g} ms at {target['rate_rps']:g} req/s, {target['candidates']} "
@@ -1172,6 +1230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "process (as production's separate model server)")
     parser.add_argument("--no-endpoint-alone", action="store_true",
                         help="skip driving the endpoint alone at the same arrivals after each load")
+    parser.add_argument("--no-transport-floor", action="store_true",
+                        help="skip driving an API and an endpoint that do no ranking work at the same arrivals")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -1182,7 +1242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds, warmup_seconds=args.warmup_seconds, endpoint=args.endpoint, budget_ms=args.budget_ms,
         out=args.out, seed=args.seed, arrivals=args.arrivals, k=args.k, floor_calls=args.floor_calls,
         unloaded_requests=args.unloaded_requests, client_process=not args.inline_client,
-        model_server=args.model_server, endpoint_alone=not args.no_endpoint_alone)
+        model_server=args.model_server, endpoint_alone=not args.no_endpoint_alone,
+        transport_floor=not args.no_transport_floor)
     print(format_table(report))
     for line in report["where_time_goes"]:
         print(line)

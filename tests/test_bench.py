@@ -76,6 +76,25 @@ def test_target_needs_its_conditions():
     assert bench.evaluate_target([{**result, "candidates": 50}], 100.0)["met"] is None
 
 
+def test_transport_floor_servers_answer_canned_bodies_through_the_model_client(tmp_path):
+    import httpx
+
+    from serving import transport_floor, wire
+
+    inputs = {"price": np.ones((1, 3), np.float32), "mask": np.ones((1, 3), bool)}
+    rank_body = json.dumps({"request_id": "r1", "user_id": "u1", "surface": "feed", "candidates": ["a", "b", "c"]})
+    answer = b'{"items": [{"item_id": "a", "score": 0.5, "rank": 1}]}'
+    with transport_floor.serving(inputs, wire.encode({"outputs": [[0.1, 0.2, 0.3]]}), answer, tmp_path) as url:
+        response = httpx.post(f"{url}/v1/rank", content=rank_body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 200 and response.content == answer
+        records = bench.run_load(url, [rank_body] * 5, [0.0, 0.01, 0.02, 0.03, 0.04], tmp_path)
+        assert [r["status"] for r in records] == [200] * 5 and all(r["latency_ms"] > 0 for r in records)
+    # the API checks the endpoint's answer as the real one does: 2 scores for 3 items is a model error
+    with transport_floor.serving(inputs, wire.encode({"outputs": [[0.1, 0.2]]}), answer, tmp_path) as url:
+        response = httpx.post(f"{url}/v1/rank", content=rank_body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 500
+
+
 @pytest.mark.slow
 def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
     home = tmp_path / "workspace"
@@ -138,9 +157,18 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
     assert alone["quiet_wait_after_s"] >= 0 and "error" not in alone
     assert report["target"].get("endpoint_alone_p99_ms") is None  # not at the target's conditions
     assert any("the endpoint alone" in line for line in report["where_time_goes"])
+    # and through an API and an endpoint that do no ranking work, on the same stacks
+    transport = result["transport_floor"]
+    assert transport["requests"] == 40 and transport["ok"] == 40 and transport["errors"] == 0, transport
+    assert 0 < transport["latency_ms"]["p50"] <= transport["latency_ms"]["p99"] and transport["latency_ms"]["n"] == 40
+    assert transport["predict_body_kb"] == pytest.approx(alone["request_body_kb"], rel=0.5)
+    assert transport["answer_kb"] > 0 and report["settings"]["transport_floor"] is True
+    assert report["target"].get("transport_floor_p99_ms") is None
+    assert any(line.endswith("the transport floor") for line in report["where_time_goes"])
     table = bench.format_table(report).splitlines()
-    assert table[0].split()[-2:] == ["alone50", "alone99"]
-    assert table[1].split()[-2:] == [str(alone["latency_ms"]["p50"]), str(alone["latency_ms"]["p99"])]
+    assert table[0].split()[-4:] == ["alone50", "alone99", "trans50", "trans99"]
+    assert table[1].split()[-4:] == [str(alone["latency_ms"]["p50"]), str(alone["latency_ms"]["p99"]),
+                                     str(transport["latency_ms"]["p50"]), str(transport["latency_ms"]["p99"])]
     assert result["cpu"]["servers_process_cores"] > 0
     assert 0 < result["mix"]["search_share"] < 1
 

@@ -334,10 +334,12 @@ def test_report_renders_every_row_from_the_json(results, tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         assert f"{ranker['overall']['ndcg@10']['value']:.4f}" in row
     rows = {c: next(line for line in text.splitlines() if line.startswith(f"| {c} |")) for c in (50, 300, 1000)}
-    # the paced floor, the API's ratio to it and the endpoint alone at the same arrivals
-    assert rows[300].endswith("| 1.10 / 2.00 | 8.2x / 15.0x | 3.0 / 7.5 |")
-    assert rows[1000].endswith("| 9.0 / 40.0 (2 errors) |")
-    assert rows[50].endswith("| n/a | n/a | n/a |")  # a result from before the paced floor was measured
+    # the paced floor, the API's ratio to it, the endpoint alone and the transport floor at the same arrivals
+    assert rows[300].endswith("| 1.10 / 2.00 | 8.2x / 15.0x | 3.0 / 7.5 | 2.5 / 6.2 |")
+    assert rows[1000].endswith("| 9.0 / 40.0 (2 errors) | n/a |")
+    assert rows[50].endswith("| n/a | n/a | n/a | n/a |")  # a result from before the paced floor was measured
+    goal = next(line for line in text.splitlines() if line.startswith("| serving p99 <= 10 ms"))
+    assert "p99 too high (endpoint alone p99 7.5 ms, transport floor p99 6.2 ms) | **NOT met** |" in goal
     assert "| `small` | 3,500 |" in text and "1.05x (0.980 to 1.080) **met**" in text
     assert "1.50x (1.300 to 1.700) **NOT met**" in text and "in each of 15 rounds" in text
     assert "the cached step time varied across rounds by `tiny` 30%, `small` 2% ((max - min) / median)" in text
@@ -449,12 +451,14 @@ def _serving() -> dict:
     return {"benchmark": "serving", "created": "2026-01-01T00:00:00Z",
             "machine": {"cores": 2, "cpu_model": "test", "ram_gib": 1, "platform": "test"},
             "versions": {"python": "3.11"}, "settings": {"rate_rps": 100.0, "seconds": 20.0, "arrivals": "poisson"},
-            "target": {"p99_ms": 10.0, "rate_rps": 100.0, "candidates": 300, "met": False, "detail": "p99 too high"},
+            "target": {"p99_ms": 10.0, "rate_rps": 100.0, "candidates": 300, "met": False, "detail": "p99 too high",
+                       "endpoint_alone_p99_ms": 7.5, "transport_floor_p99_ms": 6.2},
             "results": [row(50, 12.0), {**row(300, 30.0), "latency_ms": {"p50": 9.0, "p95": 20.0, "p99": 30.0},
                                         "floor": {"signature_ms": {"p50": 0.5, "p99": 0.9},
                                                   "paced": {"signature_ms": {"p50": 1.1, "p99": 2.0}}},
                                         "ratio_to_paced_floor": {"p50": 8.2, "p99": 15.0},
-                                        "endpoint_alone": {"errors": 0, "latency_ms": {"p50": 3.0, "p99": 7.5}}},
+                                        "endpoint_alone": {"errors": 0, "latency_ms": {"p50": 3.0, "p99": 7.5}},
+                                        "transport_floor": {"errors": 0, "latency_ms": {"p50": 2.5, "p99": 6.2}}},
                         {**row(1000, 60.0), "endpoint_alone": {"errors": 2, "latency_ms": {"p50": 9.0, "p99": 40.0}}}]}
 
 

@@ -379,10 +379,14 @@ def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mappin
     columns.update({name: _state_column([value] * n, True) if name in NUMERIC_RAW_COLUMNS else _repeat(value, n)
                     for name, value in shared.items()})
     maps = {name: dict(user.get(name) or {}) for name, _, _ in USER_MAP_LOOKUPS}  # JSON objects or (key, value)s
-    keys = {key: _keys(columns[key]) for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
+    # Each key column factorised once (candidates repeat a few brands, styles, categories): a lookup then reads
+    # the distinct keys only, instead of one Python pass over the rows per counter.
+    coded = {key: pd.factorize(np.asarray(_keys(columns[key]), dtype=object), use_na_sentinel=False)
+             for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
     for name, key, column in USER_MAP_LOOKUPS:
-        counts = maps[name]
-        columns[column] = np.array([counts.get(value, 0) for value in keys[key]], dtype=np.float64)
+        counts, (codes, distinct) = maps[name], coded[key]
+        columns[column] = np.array([counts.get(value, 0) for value in distinct], dtype=np.float64)[codes] \
+            if n else np.zeros(0, dtype=np.float64)
     return {c: columns[c] for c in RAW_COLUMNS}
 
 
