@@ -266,8 +266,8 @@ def serving_section(result: dict[str, Any], out_dir: Path) -> list[str]:
         rows.append([str(r["candidates"]), _f(lat["p50"], 1), _f(lat["p95"], 1), _f(lat["p99"], 1),
                      _f(r["throughput_rps"], 1), f"{r['errors']} ({_pct(r.get('error_rate'))})",
                      f"{r['fallbacks']} ({_pct(r.get('fallback_rate'))})", _f(floor["p50"], 2), _f(floor["p99"], 2),
-                     f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x", *_paced_cells(r), _phase_cell(r, "endpoint_alone"),
-                     _phase_cell(r, "transport_floor")])
+                     f"{_f(ratio['p50'], 1)}x / {_f(ratio['p99'], 1)}x", *_paced_cells(r),
+                     _phase_cell(r, "endpoint_alone"), _phase_cell(r, "transport_floor")])
     header = ["candidates", "p50 ms", "p95 ms", "p99 ms", "throughput req/s", "errors", "fallbacks",
               "raw model p50 ms", "raw model p99 ms", "overhead vs raw model p50 / p99",
               "raw model paced p50 / p99 ms", "overhead vs paced p50 / p99", "endpoint alone p50 / p99 ms",

@@ -32,9 +32,10 @@ materialised first when it is empty. Then, per candidate count:
   ~190 KB).
 * **Transport floor** (``transport_floor``, on by default): the same arrivals and rank bodies once more, through
   an API and an endpoint that do no ranking work on the same stacks (``serving.transport_floor``: FastAPI and
-  Starlette on uvicorn, the API's model client with canned inputs, canned answers of the load's sizes). It is
-  what the HTTP servers, the model client and this machine's scheduling cost at this rate: the part of the
-  API's latency that no change to the features, the model or the ranking can remove.
+  Starlette on uvicorn, the API's model client with one request's inputs, canned answers of the load's sizes).
+  It is what the HTTP servers, the JSON parses, the model client's encoding and call, and this machine's
+  scheduling cost at this rate, without features, model, ranking, validation, logging, metrics, capture or
+  shadow: a part of the API's latency that no change to that work can remove.
 
 The report (``out/serving.json`` and ``out/serving_latency.png`` when ``out`` is given) holds per candidate
 count the latency percentiles of all answers (and of model-ranked and fallback answers apart), the achieved
@@ -650,7 +651,8 @@ def _where_time_goes(results: Sequence[dict[str, Any]]) -> list[str]:
         floor = result.get("transport_floor")
         if floor and floor["latency_ms"]["p99"] is not None:
             lines.append(f"{result['candidates']} candidates: through an API and an endpoint that do no ranking work "
-                         f"(the same stacks and arrivals, canned answers), requests take p50 "
+                         f"(the same stacks and arrivals, the API's model client, {floor['predict_body_kb']} KB "
+                         f"predict bodies, canned answers), requests take p50 "
                          f"{floor['latency_ms']['p50']} ms, p99 {floor['latency_ms']['p99']} ms ({floor['errors']} "
                          "errors): the transport floor")
         if result.get("estimated_utilization") is not None:
@@ -1070,38 +1072,44 @@ def _endpoint_alone(servers: _Servers, plan: Plan) -> dict[str, Any]:
 
 def _transport_floor(servers: _Servers, plan: Plan) -> dict[str, Any]:
     """The same open loop (arrivals and rank bodies) through the no-work API and endpoint of
-    ``serving.transport_floor``, answering with canned bodies of this load's sizes: one of the plan's requests
-    as the API answers it, and that request's model inputs and predict response. A failure is recorded in the
-    result instead of ending the benchmark."""
-    import httpx
-
+    ``serving.transport_floor`` (the endpoint in a process or a thread, as the real one runs; the model call
+    within the API's budget), answering with canned bodies of this load's sizes: the first request's model
+    inputs and the model's predict response to them, and a rank answer of its candidates. A failure is recorded
+    in the result instead of ending the benchmark."""
     from serving import transport_floor, wire
+    from serving.backends import scores_from_body
 
     servers.note(f"{plan.candidates} candidates: the transport floor, {len(plan.requests) - plan.warmup} requests "
                  "at the same arrival times through an API and an endpoint that do no ranking work")
     out: dict[str, Any] = {"requests": len(plan.requests) - plan.warmup, "ok": 0, "errors": None,
-                           "latency_ms": _stats([])}
-    bodies = plan.bodies()
+                           "latency_ms": _stats([]), "endpoint": "child process" if servers.model_pid else "thread"}
+    runtime = servers.api_app.state.runtime
     try:
-        batch = predict_body(servers.store, servers.spec, plan.requests[0], servers.api_app.state.runtime.now_ms())
+        request = plan.requests[0]
+        batch = predict_body(servers.store, servers.spec, request, runtime.now_ms())
         model_answer = wire.encode(servers.servable.predict(wire.decode(batch["raw"])))
-        with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S) as client:
-            api_answer = client.post(f"{servers.api_url}/v1/rank", content=bodies[0],
-                                     headers={"Content-Type": wire.CONTENT_TYPE})
-        api_answer.raise_for_status()
-        out["quiet_wait_before_s"] = _wait_quiet()
-        with transport_floor.serving(batch["inputs"], model_answer, api_answer.content, servers.workdir,
-                                     HOST, REQUEST_TIMEOUT_S) as url:
-            records = run_load(url, bodies, plan.offsets, servers.workdir, servers.client_process)[plan.warmup:]
+        scores = scores_from_body(wire.decode(model_answer), len(batch["inputs"]["mask"][0]))
+        items = [{"item_id": item, "score": float(score), "rank": rank + 1}
+                 for rank, (item, score) in enumerate(zip(request["candidates"], scores, strict=False))]
+        api_answer = wire.encode({"request_id": "transport-floor", "items": items,
+                                  "model": {"name": servers.servable.name, "version": str(servers.servable.version),
+                                            "variant": "AllTraffic"}, "fallback": False, "reason": None,
+                                  "unknown_items": [], "timings_ms": dict.fromkeys(STAGES, 0.0)})
+        with transport_floor.serving(batch["inputs"], model_answer, api_answer, servers.workdir, HOST,
+                                     runtime.settings.budget_ms / 1000, endpoint_process=bool(servers.model_pid)
+                                     ) as url:
+            out["quiet_wait_before_s"] = _wait_quiet()
+            records = run_load(url, plan.bodies(), plan.offsets, servers.workdir, servers.client_process)
     except Exception as err:  # noqa: BLE001 - a diagnostic phase: keep the API's results whatever happens here
         log.exception("the transport-floor phase failed")
         return {**out, "error": f"{type(err).__name__}: {err}"[:300]}
+    records = records[plan.warmup:]
     ok = [r for r in records if r.get("status") == 200]
     return {**out, "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
             "error_samples": sorted({r.get("error") or str(r.get("status")) for r in records
                                      if r.get("status") != 200})[:3],
             "latency_ms": _stats([r["latency_ms"] for r in ok]), "predict_body_kb": round(len(batch["raw"]) / 1024, 1),
-            "answer_kb": round(len(api_answer.content) / 1024, 1)}
+            "answer_kb": round(len(api_answer) / 1024, 1)}
 
 
 def _endpoint_environ(model_server: str) -> dict[str, str]:

@@ -84,15 +84,18 @@ def test_transport_floor_servers_answer_canned_bodies_through_the_model_client(t
     inputs = {"price": np.ones((1, 3), np.float32), "mask": np.ones((1, 3), bool)}
     rank_body = json.dumps({"request_id": "r1", "user_id": "u1", "surface": "feed", "candidates": ["a", "b", "c"]})
     answer = b'{"items": [{"item_id": "a", "score": 0.5, "rank": 1}]}'
-    with transport_floor.serving(inputs, wire.encode({"outputs": [[0.1, 0.2, 0.3]]}), answer, tmp_path) as url:
+    with transport_floor.serving(inputs, wire.encode({"outputs": [[0.1, 0.2, 0.3]]}), answer, tmp_path,
+                                 timeout_s=5.0) as url:
         response = httpx.post(f"{url}/v1/rank", content=rank_body, headers={"Content-Type": "application/json"})
         assert response.status_code == 200 and response.content == answer
         records = bench.run_load(url, [rank_body] * 5, [0.0, 0.01, 0.02, 0.03, 0.04], tmp_path)
         assert [r["status"] for r in records] == [200] * 5 and all(r["latency_ms"] > 0 for r in records)
-    # the API checks the endpoint's answer as the real one does: 2 scores for 3 items is a model error
-    with transport_floor.serving(inputs, wire.encode({"outputs": [[0.1, 0.2]]}), answer, tmp_path) as url:
+    # the API checks the endpoint's answer as the real one does: 2 scores for 3 items is a model error (the
+    # endpoint in a thread this time, as with the benchmark's model_server="thread")
+    with transport_floor.serving(inputs, wire.encode({"outputs": [[0.1, 0.2]]}), answer, tmp_path, timeout_s=5.0,
+                                 endpoint_process=False) as url:
         response = httpx.post(f"{url}/v1/rank", content=rank_body, headers={"Content-Type": "application/json"})
-        assert response.status_code == 500
+        assert response.status_code == 502 and "expected [1, 3]" in response.json()["error"]
 
 
 @pytest.mark.slow
@@ -163,6 +166,7 @@ def test_smoke_run_on_the_tiny_workspace(tiny_run, tmp_path):
     assert 0 < transport["latency_ms"]["p50"] <= transport["latency_ms"]["p99"] and transport["latency_ms"]["n"] == 40
     assert transport["predict_body_kb"] == pytest.approx(alone["request_body_kb"], rel=0.5)
     assert transport["answer_kb"] > 0 and report["settings"]["transport_floor"] is True
+    assert transport["endpoint"] == "thread" and transport["quiet_wait_before_s"] >= 0  # as the real one ran
     assert report["target"].get("transport_floor_p99_ms") is None
     assert any(line.endswith("the transport floor") for line in report["where_time_goes"])
     table = bench.format_table(report).splitlines()

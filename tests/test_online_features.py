@@ -139,6 +139,27 @@ def test_profile_counts_are_distinct_catalogue_names_online_and_offline():
     assert offline["followed_brands"].tolist() == [1.0, 0.0] and offline["declared_styles"].tolist() == [3.0, 0.0]
 
 
+def test_user_counters_read_each_row_s_own_key():
+    """The counters are looked up once per distinct key and spread back to the rows: each row still gets its own
+    key's count, for keys pandas' string hashing would confuse (NUL), empty and missing ones, and no rows."""
+    from training.features import USER_MAP_LOOKUPS, online_raw_columns
+
+    item = {"title": "t", "category": "coats", "brand_tier": "mid", "size": "M", "condition": "good", "price": 20.0,
+            "photos": 3, "category_median_price": 20.0, "listed_ms": 0, "seller_rating": 4.5, "seller_sales": 10,
+            "seller_country": "FR", "views": 9, "likes": 1, "bags": 0}
+    brands = ["acme\x00a", "acme\x00b", "Zeta", "", None, "zeta", "acme\x00a", "\x00", "ACME"]
+    items = [{**item, "brand": brand, "style": ["vintage", "boho"][i % 2]} for i, brand in enumerate(brands)]
+    user = {"brand_clicks": {"acme\x00a": 1, "acme\x00b": 2, "zeta": 3, "\x00": 4, "acme": 5},
+            "brand_views": {"acme\x00b": 7}, "style_clicks": {"boho": 6}}
+    raw = online_raw_columns("feed", None, 86_400_000, user, items)
+    assert raw["user_brand_clicks"].tolist() == [1, 2, 3, 0, 0, 3, 1, 4, 5]
+    assert raw["user_brand_views"].tolist() == [0, 7, 0, 0, 0, 0, 0, 0, 0]
+    assert raw["user_style_clicks"].tolist() == [0, 6] * 4 + [0]
+    empty = online_raw_columns("feed", None, 86_400_000, user, [])
+    for _, _, column in USER_MAP_LOOKUPS:
+        assert empty[column].dtype == np.float64 and empty[column].shape == (0,)
+
+
 def test_named_keys_finds_every_catalogue_name_a_query_holds():
     index = index_keys(["tommy hilfiger", "tommy", "classic", "boho chic", "zeta"])
     assert named_keys(query_terms("Hilfiger tommy classic"), index) == ["classic", "tommy", "tommy hilfiger"]

@@ -361,6 +361,13 @@ def item_state_columns(items: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarr
     return {c: _state_column([item.get(c) for item in items], c in NUMERIC_RAW_COLUMNS) for c in ITEM_STATE_COLUMNS}
 
 
+def _codes(values: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """(each value's index in ``distinct``, the distinct values in first-seen order)."""
+    index: dict[Any, int] = {}
+    codes = np.fromiter((index.setdefault(value, len(index)) for value in values), np.intp, count=len(values))
+    return codes, list(index)
+
+
 def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mapping[str, Any] | None,
                        items: Sequence[Mapping[str, Any]] | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """RAW_COLUMNS for one request from feature-store state (``USER_STATE_COLUMNS``, and ``ITEM_STATE_COLUMNS``
@@ -379,14 +386,13 @@ def online_raw_columns(surface: str, query: str | None, ts_ms: int, user: Mappin
     columns.update({name: _state_column([value] * n, True) if name in NUMERIC_RAW_COLUMNS else _repeat(value, n)
                     for name, value in shared.items()})
     maps = {name: dict(user.get(name) or {}) for name, _, _ in USER_MAP_LOOKUPS}  # JSON objects or (key, value)s
-    # Each key column factorised once (candidates repeat a few brands, styles, categories): a lookup then reads
-    # the distinct keys only, instead of one Python pass over the rows per counter.
-    coded = {key: pd.factorize(np.asarray(_keys(columns[key]), dtype=object), use_na_sentinel=False)
-             for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
+    # Each key column coded once (candidates repeat a few brands, styles, categories): a counter then looks up
+    # the distinct keys only, instead of one Python pass over the rows per counter. A dict, not pd.factorize:
+    # pandas' string hashing stops at a NUL, and a key is whatever the catalogue holds.
+    coded = {key: _codes(_keys(columns[key])) for key in {key for _, key, _ in USER_MAP_LOOKUPS}}
     for name, key, column in USER_MAP_LOOKUPS:
         counts, (codes, distinct) = maps[name], coded[key]
-        columns[column] = np.array([counts.get(value, 0) for value in distinct], dtype=np.float64)[codes] \
-            if n else np.zeros(0, dtype=np.float64)
+        columns[column] = np.array([counts.get(value, 0) for value in distinct], dtype=np.float64)[codes]
     return {c: columns[c] for c in RAW_COLUMNS}
 
 
