@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from serving.wire import INTER_OP_THREADS, INTRA_OP_THREADS
@@ -63,53 +63,68 @@ def running_process(models_dir: str | Path, endpoint_manifest: Path | None, capt
                     host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
                     timeout_s: float = 180.0) -> Iterator[tuple[str, int]]:
     """The local endpoint in a child process, as production runs TF Serving apart from the API (its own GIL and
-    TensorFlow pools), with ``process_environ()``. Yields ``(base URL, pid)`` once ``/ping`` answers 200.
+    TensorFlow pools), with ``process_environ()`` (``child_server``: yields ``(base URL, pid)`` once ready)."""
+    def command(fd: int) -> list[str]:
+        argv = ["-m", "serving.local_endpoint", "--models", str(Path(models_dir).resolve()), "--fd", str(fd),
+                "--parent-pid", str(os.getpid()), "--log-level", log_level]
+        if endpoint_manifest is not None:
+            argv += ["--manifest", str(Path(endpoint_manifest).resolve())]
+        if capture_dir is not None:
+            argv += ["--capture", str(Path(capture_dir).resolve())]
+        return argv
 
-    The listening socket is bound here and handed to the child, so a busy port fails at once (OSError) and no
-    other server can answer the readiness probe. The child stops by itself if this process dies; on exit it is
-    stopped (SIGTERM, then SIGKILL after 15 s), and an exit before that is logged as an error. Port 0: a free
-    one. RuntimeError if the child exits or is not ready within ``timeout_s``.
+    with child_server(command, "the local endpoint", host, port, environ=process_environ(),
+                      timeout_s=timeout_s) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def child_server(command: Callable[[int], list[str]], what: str, host: str = "127.0.0.1", port: int = 0, *,
+                 environ: Mapping[str, str] | None = None, timeout_s: float = 180.0) -> Iterator[tuple[str, int]]:
+    """A server in a child Python process: ``command(fd)`` is its argv after the interpreter, to serve on the
+    listening socket ``fd``. Yields ``(base URL, pid)`` once its ``/ping`` answers 200.
+
+    The socket is bound here and handed to the child, so a busy port fails at once (OSError) and no other server
+    can answer the readiness probe. The child runs from the repository root with it on ``PYTHONPATH``, in
+    ``environ`` (default: this process's), and should stop itself when this process dies
+    (``stop_with_parent``). On exit it is stopped (SIGTERM, then SIGKILL after 15 s), and an exit before that is
+    logged as an error. RuntimeError if the child exits or is not ready within ``timeout_s``.
     """
     import httpx
 
     listener = socket.create_server((host, port))
     url = f"http://{host}:{listener.getsockname()[1]}"
     repo = str(Path(__file__).resolve().parents[1])
-    env = {**process_environ(), "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "serving.local_endpoint", "--models", str(Path(models_dir).resolve()),
-               "--fd", str(listener.fileno()), "--parent-pid", str(os.getpid()), "--log-level", log_level]
-    if endpoint_manifest is not None:
-        command += ["--manifest", str(Path(endpoint_manifest).resolve())]
-    if capture_dir is not None:
-        command += ["--capture", str(Path(capture_dir).resolve())]
+    environ = os.environ if environ is None else environ
+    env = {**environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, environ.get("PYTHONPATH")]))}
     stopping = threading.Event()
     try:
         # From the repository root (a serving/ or training/ folder in the caller's directory must not shadow it),
         # in a session of its own: a terminal's Ctrl-C reaches this process only, which stops the API first and
-        # then the endpoint.
-        process = subprocess.Popen(command, env=env, cwd=repo, pass_fds=(listener.fileno(),),
-                                   start_new_session=True)
+        # then the child.
+        process = subprocess.Popen([sys.executable, *command(listener.fileno())], env=env, cwd=repo,
+                                   pass_fds=(listener.fileno(),), start_new_session=True)
     finally:
         listener.close()  # the child holds it now
     try:
         def watch() -> None:
             code = process.wait()
             if not stopping.is_set():
-                log.error("the local endpoint process %d exited with %s: model calls fail until it is started "
-                          "again", process.pid, code)
+                log.error("%s (process %d) exited with %s: calls to it fail until it is started again", what,
+                          process.pid, code)
 
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=url, trust_env=False, timeout=2.0) as client:
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"the local endpoint process exited with {process.returncode} (see its log)")
+                    raise RuntimeError(f"{what} process exited with {process.returncode} (see its log)")
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get("/ping").status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the local endpoint process did not become ready in {timeout_s:.0f} s")
+                    raise RuntimeError(f"{what} process did not become ready in {timeout_s:.0f} s")
                 time.sleep(0.2)
-        threading.Thread(target=watch, name="local-endpoint-watch", daemon=True).start()
+        threading.Thread(target=watch, name="child-server-watch", daemon=True).start()
         yield url, process.pid
     finally:
         stopping.set()

@@ -19,9 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from starlette.routing import Route
 
 from serving import wire
 from serving.errors import ModelError
-from serving.servers import running
+from serving.servers import child_server, running
 
 MODEL_NAME = "transport-floor"
 READY_TIMEOUT_S = 60.0
@@ -66,46 +63,14 @@ def _endpoint_main(fd: int, answer_path: str, parent_pid: int) -> None:
 
 @contextlib.contextmanager
 def _endpoint_process(answer: bytes, workdir: Path, host: str) -> Iterator[str]:
-    """The null endpoint in a child process (as ``servers.running_process`` starts the local endpoint)."""
-    import httpx
-
+    """The null endpoint in a child process, started as the local endpoint is (``servers.child_server``)."""
     answer_path = workdir / "transport-floor-answer.json"
     answer_path.write_bytes(answer)
-    listener = socket.create_server((host, 0))
-    url = f"http://{host}:{listener.getsockname()[1]}"
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     code = ("import sys; from serving.transport_floor import _endpoint_main; "
             "_endpoint_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))")
-    try:
-        process = subprocess.Popen([sys.executable, "-c", code, str(listener.fileno()), str(answer_path),
-                                    str(os.getpid())], cwd=repo, env=env, pass_fds=(listener.fileno(),),
-                                   start_new_session=True)
-    finally:
-        listener.close()  # the child holds it now
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with httpx.Client(base_url=url, trust_env=False, timeout=2.0) as client:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the transport floor's endpoint exited with {process.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get("/ping").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the transport floor's endpoint was not ready in {READY_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
+    with child_server(lambda fd: ["-c", code, str(fd), str(answer_path), str(os.getpid())],
+                      "the transport floor's endpoint", host, timeout_s=READY_TIMEOUT_S) as (url, _):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        except BaseException:  # interrupted again while it stops: make sure it is gone
-            process.kill()
-            raise
 
 
 def api_app(model_url: str, inputs: Mapping[str, np.ndarray], answer: bytes, timeout_s: float) -> FastAPI:
