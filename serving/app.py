@@ -474,6 +474,12 @@ class Ranker:
                 reason = "no_known_items"
             elif spec is None:
                 reason = "no_spec"
+            elif self.breaker.state == CircuitBreaker.OPEN:
+                # No model call will be made, so no features either: under overload (the breaker opens on
+                # budget timeouts) that CPU is what the fallback answers behind this one wait for.
+                err = self.breaker.open_error(self.backend)
+                reason = err.reason
+                log.warning("model failed for request %s (%s): %s", request.request_id, reason, err)
             else:
                 try:
                     inputs = build_inputs(spec, RequestContext(request.surface, request.query, request.ts_ms),

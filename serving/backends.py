@@ -327,6 +327,11 @@ class CircuitBreaker:
             self._probe_started = now
             return True
 
+    def open_error(self, backend: ModelBackend) -> BreakerOpen:
+        """What a request the breaker turns away is told."""
+        return BreakerOpen(f"circuit breaker open after {self.failures} consecutive failures of "
+                           f"{backend.describe()}")
+
     def release(self) -> None:
         """A request that was allowed made no call after all (no budget left): free the half-open probe."""
         with self._lock:
@@ -357,8 +362,7 @@ async def score_within_budget(backend: ModelBackend, breaker: CircuitBreaker, in
     and a bad response would come back the same. The breaker sees one outcome per request.
     """
     if not breaker.allow():
-        raise BreakerOpen(f"circuit breaker open after {breaker.failures} consecutive failures of "
-                          f"{backend.describe()}")
+        raise breaker.open_error(backend)
     attempts, last = 0, None
     try:
         while True:

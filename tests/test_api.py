@@ -365,6 +365,28 @@ def test_breaker_opens_on_any_unusable_answer(store_url, model_server, catalogue
     assert sample(samples, "marketrank_model_calls_total", outcome="bad_response") == 2
 
 
+def test_open_breaker_builds_no_features(store_url, model_server, catalogue, monkeypatch):
+    """With the breaker open no model call is made, so no features are built for one: under overload that CPU
+    is what the fallback answers wait for. Half-open, the probe request builds them again."""
+    from serving import app as app_module
+
+    built = []
+    real = app_module.build_inputs
+    monkeypatch.setattr(app_module, "build_inputs", lambda *args: built.append(1) or real(*args))
+    model_server.mode = "not_json"
+    request = {"user_id": catalogue["users"][0], "surface": "feed", "candidates": catalogue["items"][:10]}
+    with api(store_url, model_server.url, breaker_failures=2, breaker_reset_s=0.5) as client:
+        bodies = [rank(client, **request) for _ in range(4)]
+        assert [b["reason"] for b in bodies] == ["bad_response"] * 2 + ["breaker_open"] * 2
+        assert len(built) == 2 and model_server.calls == 2
+        assert all(b["fallback"] and len(b["items"]) == 10 and b["model"]["name"] == "fallback:popularity_recency"
+                   for b in bodies)
+        model_server.mode = "ok"
+        time.sleep(0.55)
+        probe = rank(client, **request)
+    assert probe["fallback"] is False and len(built) == 3 and model_server.calls == 3
+
+
 def test_server_errors_are_retried_within_the_budget(store_url, model_server, catalogue):
     model_server.mode = "error"
     with api(store_url, model_server.url, model_attempts=3) as client:
