@@ -672,12 +672,11 @@ def evaluate_target(results: Sequence[dict[str, Any]], rate: float) -> dict[str,
                                                  f"candidates at {TARGET['rate_rps']:.0f} req/s)"}
     p99 = match["latency_ms"]["p99"]
     met = p99 is not None and p99 <= TARGET["p99_ms"] and match["errors"] == 0 and match["fallbacks"] == 0
-    alone = (match.get("endpoint_alone") or {}).get("latency_ms", {}).get("p99")
-    if alone is not None:  # the model stage alone at this rate: a lower bound for the API's, up to noise
-        target["endpoint_alone_p99_ms"] = alone
-    transport = (match.get("transport_floor") or {}).get("latency_ms", {}).get("p99")
-    if transport is not None:  # the stacks and the machine alone at this rate
-        target["transport_floor_p99_ms"] = transport
+    # the model stage alone, and the stacks and the machine alone, at this rate: lower bounds for the API's
+    for phase in ("endpoint_alone", "transport_floor"):
+        bound = (match.get(phase) or {}).get("latency_ms", {}).get("p99")
+        if bound is not None:
+            target[f"{phase}_p99_ms"] = bound
     return {**target, "met": met, "measured_p99_ms": p99, "measured_errors": match["errors"],
             "measured_fallbacks": match["fallbacks"], "measured_throughput_rps": match["throughput_rps"],
             "detail": f"p99 {p99} ms vs {TARGET['p99_ms']} ms, {match['errors']} errors, {match['fallbacks']} "
@@ -1062,11 +1061,7 @@ def _endpoint_alone(servers: _Servers, plan: Plan) -> dict[str, Any]:
     out["quiet_wait_after_s"] = _wait_quiet()  # the sidecar's shadow copies drain before the next phase
     if records is None:
         return out
-    ok = [r for r in records if r.get("status") == 200]
-    return {**out, "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
-            "error_samples": sorted({r.get("error") or str(r.get("status")) for r in records
-                                     if r.get("status") != 200})[:3],
-            "latency_ms": _stats([r["latency_ms"] for r in ok]), "distinct_bodies": len(pool),
+    return {**out, **_answered(records), "distinct_bodies": len(pool),
             "request_body_kb": round(float(np.mean([len(b) for b in pool])) / 1024, 1)}
 
 
@@ -1103,13 +1098,17 @@ def _transport_floor(servers: _Servers, plan: Plan) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - a diagnostic phase: keep the API's results whatever happens here
         log.exception("the transport-floor phase failed")
         return {**out, "error": f"{type(err).__name__}: {err}"[:300]}
-    records = records[plan.warmup:]
+    return {**out, **_answered(records[plan.warmup:]), "predict_body_kb": round(len(batch["raw"]) / 1024, 1),
+            "answer_kb": round(len(api_answer) / 1024, 1)}
+
+
+def _answered(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A diagnostic phase's counts and the latency of its 200 answers (the endpoint alone, the transport floor)."""
     ok = [r for r in records if r.get("status") == 200]
-    return {**out, "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
+    return {"requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
             "error_samples": sorted({r.get("error") or str(r.get("status")) for r in records
                                      if r.get("status") != 200})[:3],
-            "latency_ms": _stats([r["latency_ms"] for r in ok]), "predict_body_kb": round(len(batch["raw"]) / 1024, 1),
-            "answer_kb": round(len(api_answer) / 1024, 1)}
+            "latency_ms": _stats([r["latency_ms"] for r in ok])}
 
 
 def _endpoint_environ(model_server: str) -> dict[str, str]:

@@ -74,6 +74,11 @@ def test_target_needs_its_conditions():
     assert bench.evaluate_target([{**result, "latency_ms": {"p99": 10.5}}], 100.0)["met"] is False
     assert bench.evaluate_target([result], 50.0)["met"] is None
     assert bench.evaluate_target([{**result, "candidates": 50}], 100.0)["met"] is None
+    # the phases' p99 are reported beside the API's, which alone decides
+    bounded = bench.evaluate_target([{**result, "endpoint_alone": {"latency_ms": {"p99": 12.0}},
+                                      "transport_floor": {"latency_ms": {"p99": 6.0}}}], 100.0)
+    assert (bounded["measured_p99_ms"], bounded["met"]) == (8.0, True) and "p99 8.0 ms" in bounded["detail"]
+    assert (bounded["endpoint_alone_p99_ms"], bounded["transport_floor_p99_ms"]) == (12.0, 6.0)
 
 
 def test_transport_floor_servers_answer_canned_bodies_through_the_model_client(tmp_path):
